@@ -1,0 +1,23 @@
+"""Fused ops of segppo: entropy, segment rewards, sequence scores and GAE.
+
+Each op dispatches to its Triton kernel for CUDA tensors and to the plain-torch reference in
+`segppo.kernels.reference` otherwise; `SEGPPO_KERNELS=torch|triton` forces a path. Imports torch
+and triton only.
+"""
+
+from ._checks import DISTRIBUTES, GRANULARITIES, resolve_granularity
+from .entropy import entropy_logprobs
+from .gae import gae
+from .reference import SegmentRewards
+from .segments import segment_rewards, sequence_scores
+
+__all__ = [
+    "DISTRIBUTES",
+    "GRANULARITIES",
+    "SegmentRewards",
+    "entropy_logprobs",
+    "gae",
+    "resolve_granularity",
+    "segment_rewards",
+    "sequence_scores",
+]

@@ -1,0 +1,39 @@
+"""Shared test set-up.
+
+Without CUDA, the Triton path runs under the interpreter: TRITON_INTERPRET must be set before
+triton is first imported, which is why it is set here, at collection time.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from segppo.kernels._dispatch import HAS_TRITON  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def kernel_path(request, monkeypatch):
+    """Run a test once on the torch reference path and once on the Triton path."""
+    if request.param == "triton" and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("SEGPPO_KERNELS", request.param)
+    return request.param
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests put their tensors: CUDA when present, else CPU (interpreted Triton)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
