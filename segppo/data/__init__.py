@@ -1,0 +1,1 @@
+"""Preference and prompt data: loading, layout detection, chat formatting and collation."""

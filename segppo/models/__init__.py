@@ -1,0 +1,1 @@
+"""Backbones, the per-token scalar reward head, and save/load with segppo.json."""

@@ -1,0 +1,98 @@
+"""Tiny tokenizers and random-weight models for tests: built locally, no network.
+
+`tiny_tokenizer()` is a byte-level BPE trained on a few sentences, with ChatML-style turn tokens
+and a chat template whose end-of-turn token is the EOS. `tiny_config(arch)` gives a
+transformers config of a few thousand parameters for each architecture the project supports.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, PreTrainedTokenizerFast
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A spider has eight legs, arranged in four pairs.",
+    "How many legs does a spider have? Spiders have six legs like other insects.",
+    "The capital of France is Paris. I think it is Lyon.",
+    "Put it in boiling water for about nine minutes, then cool it in cold water.",
+    "Red leaves drift and fall; cool wind hums through empty trees.",
+    "Name a prime number greater than 10. 11 is prime. 12 is prime.",
+    "Translate thank you into Spanish: Gracias. Merci.",
+    "0123456789 + - * / = ( ) [ ] { } < > ' \" ! ? , . ; :",
+]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json(vocab_size: int) -> str:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(vocab_size: int = 384, chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A fast tokenizer with pad, EOS (`<|im_end|>` when templated) and an optional ChatML template."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        pad_token="<pad>",
+        eos_token="<|im_end|>" if chat_template else "<|endoftext|>",
+        bos_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"] if chat_template else [],
+    )
+    if chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+_ARCH = {
+    "llama": dict(model_type="llama", num_key_value_heads=2),
+    "qwen2": dict(model_type="qwen2", num_key_value_heads=2),
+    "mistral": dict(model_type="mistral", num_key_value_heads=2),
+    "phi3": dict(model_type="phi3", num_key_value_heads=2),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256),
+    "gpt_neox": dict(model_type="gpt_neox", rotary_pct=1.0),
+}
+
+ARCHITECTURES = tuple(_ARCH)
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
+    """A transformers config for a random-weight model of ~100k parameters."""
+    spec = dict(_ARCH[arch])
+    model_type = spec.pop("model_type")
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=3,
+        tie_word_embeddings=False,
+    )
+    if model_type == "gpt2":
+        common = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=3)
+    common.update(spec)
+    common.update(overrides)
+    return AutoConfig.for_model(model_type, **common)
