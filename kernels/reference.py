@@ -10,6 +10,7 @@ Shapes: `B` rows, `T` response positions, `V` vocabulary entries. A row's respon
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -80,8 +81,28 @@ def segment_ends(
         if granularity == "token":
             ends |= pos <= last[:, None]
         else:
-            ends |= (entropy > threshold) & (pos < last[:, None])
+            ends |= _spikes(entropy, threshold) & (pos < last[:, None])
     return ends, ends.sum(-1)
+
+
+def float32_floor(threshold: float) -> float:
+    """The largest float32 not above `threshold`: a float32 `x` exceeds it exactly when `x > threshold`.
+
+    A Python float compared with a float32 (or bf16) tensor is rounded to the tensor's precision
+    first, which can turn a value just above the threshold into a tie; rounding down keeps §3.1's
+    strict `>` exact for every dtype float32 holds.
+    """
+    below = torch.tensor(threshold, dtype=torch.float32)
+    if below.item() > threshold:
+        below = torch.nextafter(below, torch.tensor(-math.inf))
+    return below.item()
+
+
+def _spikes(entropy: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`entropy > threshold`, exact whatever the dtype of `entropy`."""
+    if entropy.dtype == torch.float64:
+        return entropy > threshold
+    return entropy.float() > float32_floor(threshold)
 
 
 def _normalize(raw, k, num, normalizer, sigma_floor):
@@ -170,11 +191,13 @@ def gae(
     recurrence `A_t = δ_t + γλ A_{t+1}` runs as a doubling scan: log2(T) steps whose weights
     (γλ)^(2^j) never exceed 1, so it keeps float32 accuracy at any T (no (γλ)^-t rescaling).
     """
-    mask = response_mask.float()
-    r = rewards.float() * mask
+    mask = response_mask.bool()
+    zero = torch.zeros((), device=mask.device)
+    # where, not multiply: padding may hold NaN/inf, and NaN·0 is NaN
+    r = torch.where(mask, rewards.float(), zero)
     if mask.shape[1] == 0:
         return r, r.clone()
-    v = values.float() * mask
+    v = torch.where(mask, values.float(), zero)
     v_next = torch.nn.functional.pad(v[:, 1:], (0, 1))
     adv = r + gamma * v_next - v
     decay = gamma * lam
@@ -183,5 +206,5 @@ def gae(
         adv = adv + decay * torch.nn.functional.pad(adv[:, shift:], (0, shift))
         shift *= 2
         decay *= decay
-    adv = adv * mask
+    adv = torch.where(mask, adv, zero)
     return adv, adv + v
