@@ -1,0 +1,112 @@
+"""Loading rows: local files (.json, .jsonl, .parquet), folders of them, or hub datasets.
+
+Everything goes through `datasets.load_dataset`, so a folder's splits come from its file names
+(`train.jsonl`, `test.jsonl`, `data/train_prefs-00000-of-00001.parquet`, ...) or from the YAML
+configs of a hub snapshot's README. A single file is the split "train".
+
+`split_train_eval` gives the rows evaluation uses: the dataset's own test/validation split when
+it has one, otherwise a seeded held-out fraction that is never part of the training rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, DatasetDict, load_dataset
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+# Suffixes that mark a source as a file the user meant, rather than a hub dataset name.
+_FILE_LIKE_SUFFIXES = {*FILE_BUILDERS, ".csv", ".tsv", ".txt", ".arrow", ".gz"}
+
+# Split names tried, in order, as a dataset's own evaluation split.
+EVAL_SPLIT_NAMES = ("test", "validation", "valid", "eval", "dev")
+
+
+def _looks_like_path(source: str) -> bool:
+    # Hub names are "name" or "owner/name"; anything else that is not on disk was meant as a path.
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in _FILE_LIKE_SUFFIXES
+    )
+
+
+def load_splits(source: str | Path, cache_dir: str | None = None) -> DatasetDict:
+    """All splits of a local file, a local folder, or a hub dataset (by name)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"{path}: unsupported file type {path.suffix!r}; supported: {sorted(FILE_BUILDERS)}"
+            )
+        return load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir)
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        if not any(p.suffix.lower() in FILE_BUILDERS for p in files):
+            found = sorted(str(p.relative_to(path)) for p in files)[:10]
+            raise FileNotFoundError(f"{path} holds no {sorted(FILE_BUILDERS)} files; found {found}")
+        return load_dataset(str(path), cache_dir=cache_dir)
+    if _looks_like_path(str(source)):
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    return load_dataset(str(source), cache_dir=cache_dir)  # a hub dataset name
+
+
+def select_split(splits: DatasetDict, split: str, source: str | Path = "the dataset") -> Dataset:
+    if split not in splits:
+        raise ValueError(f"{source} has no split {split!r}; its splits are {sorted(splits)}")
+    return splits[split]
+
+
+def load_rows(
+    source: str | Path, split: str = "train", max_samples: int | None = None, cache_dir: str | None = None
+) -> Dataset:
+    """One split of `source` (see `load_splits`), limited to its first `max_samples` rows."""
+    dataset = select_split(load_splits(source, cache_dir), split, source)
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    return dataset
+
+
+def _own_eval_split(splits: DatasetDict, train_split: str) -> str | None:
+    # A split family such as UltraFeedback's train_prefs/test_prefs keeps its suffix.
+    suffix = train_split[len("train") :] if train_split.startswith("train") else ""
+    for name in EVAL_SPLIT_NAMES:
+        for candidate in (name + suffix, name):
+            if candidate in splits and candidate != train_split:
+                return candidate
+    return None
+
+
+def split_train_eval(
+    dataset: Dataset | DatasetDict,
+    eval_split: str | None = None,
+    eval_fraction: float = 0.02,
+    seed: int = 0,
+    train_split: str = "train",
+) -> tuple[Dataset, Dataset]:
+    """(train rows, eval rows), never overlapping.
+
+    With a DatasetDict, `eval_split` (or else the dataset's own test/validation split) is the eval
+    part. Otherwise a seeded `eval_fraction` of the rows (at least one) is held out; both parts
+    keep the original row order.
+    """
+    if isinstance(dataset, DatasetDict):
+        train = select_split(dataset, train_split)
+        name = eval_split or _own_eval_split(dataset, train_split)
+        if name is not None:
+            return train, select_split(dataset, name)
+        dataset = train
+    elif eval_split is not None:
+        raise ValueError(f"eval_split={eval_split!r} needs a dataset with splits, got a single Dataset")
+
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    if len(dataset) < 2:
+        raise ValueError(f"cannot hold out eval rows from a dataset of {len(dataset)} rows")
+    num_eval = min(max(1, round(eval_fraction * len(dataset))), len(dataset) - 1)
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    eval_rows, train_rows = np.sort(order[:num_eval]), np.sort(order[num_eval:])
+    return dataset.select(train_rows), dataset.select(eval_rows)
