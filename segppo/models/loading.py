@@ -1,0 +1,120 @@
+"""Loading tokenizers and causal-LM backbones from the hub or local folders.
+
+`trust_remote_code` is False unless a caller passes True: a checkpoint's `auto_map` must never
+run code from the checkpoint by default (one of the paper code's defects, DESIGN §3.6).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "auto": "auto",
+}
+
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """Map "bf16"/"fp16"/"fp32"/"auto" (or a torch.dtype) to what `from_pretrained` takes.
+
+    None means "auto": the checkpoint's own dtype, whatever the transformers version's default.
+    """
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def use_safetensors_for(name_or_path: str | os.PathLike) -> bool | None:
+    """True for a local folder holding safetensors weights, so a stray .bin is never unpickled.
+
+    A local folder with only .bin weights and a hub name get None: transformers then prefers
+    safetensors itself and falls back to .bin (loaded with `weights_only=True`).
+    """
+    path = Path(name_or_path)
+    if path.is_dir() and any((path / name).is_file() for name in SAFETENSORS_FILES):
+        return True
+    return None
+
+
+def pretrained_kwargs(name_or_path, dtype, trust_remote_code: bool) -> dict:
+    """The keyword arguments every segppo `from_pretrained` of a model shares."""
+    return dict(
+        dtype=resolve_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=use_safetensors_for(name_or_path),
+    )
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, add_pad_token: bool = False
+) -> PreTrainedTokenizerBase:
+    """A tokenizer with a pad token.
+
+    Without one, EOS becomes the pad token: batches are masked by `attention_mask`, never by
+    comparing ids with the pad id, so sharing the id is harmless. A tokenizer with neither pad nor
+    EOS is an error unless `add_pad_token=True`, because adding a token changes the vocabulary and
+    the caller must then resize the model's embeddings.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        elif add_pad_token:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        else:
+            raise ValueError(
+                f"tokenizer of {name_or_path} has neither a pad nor an EOS token; pass add_pad_token=True "
+                "to add '<pad>' (and resize the model's embeddings)"
+            )
+    return tokenizer
+
+
+def load_policy(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """A causal LM (`AutoModelForCausalLM`) for the policy, the reference or the segmenter."""
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, **pretrained_kwargs(name_or_path, dtype, trust_remote_code)
+    )
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    # Non-reentrant checkpointing works with frozen inputs (embeddings) and with DeepSpeed; a KV
+    # cache is useless while recomputing activations and only costs memory.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Turn every dropout layer off: RLHF's models (RM, critic, policy) train without it, which
+    also makes a step independent of how many ranks share it."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

@@ -1,0 +1,67 @@
+"""Saving checkpoints as Hugging Face folders (safetensors) with `segppo.json`, atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from segppo.io import atomic_folder
+
+from .metadata import METADATA_FILE, MetadataError, SegppoMetadata, segppo_version
+from .reward_model import scalar_head
+
+
+def save_reward_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | os.PathLike,
+    metadata: SegppoMetadata,
+    *,
+    state_dict: dict | None = None,
+) -> Path:
+    """Write a reward model folder loadable by plain `AutoModelForTokenClassification`.
+
+    `state_dict` overrides the model's own tensors (a ZeRO-3 engine's gathered weights).
+    """
+    if metadata.kind != "reward_model":
+        raise MetadataError(
+            f"field 'kind' must be 'reward_model' to save a reward model, got {metadata.kind!r}"
+        )
+    scalar_head(model)  # refuses anything but a one-label token-classification model
+    return _save(model, tokenizer, out_dir, metadata, state_dict)
+
+
+def save_policy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | os.PathLike,
+    metadata: SegppoMetadata | None = None,
+    *,
+    state_dict: dict | None = None,
+) -> Path:
+    """Write a policy folder loadable by plain `AutoModelForCausalLM`."""
+    metadata = metadata or SegppoMetadata(kind="policy")
+    if metadata.kind != "policy":
+        raise MetadataError(f"field 'kind' must be 'policy' to save a policy, got {metadata.kind!r}")
+    return _save(model, tokenizer, out_dir, metadata, state_dict)
+
+
+def _save(model, tokenizer, out_dir, metadata: SegppoMetadata, state_dict: dict | None = None) -> Path:
+    model = getattr(model, "module", model)  # a DDP/DeepSpeed wrapper's HF model
+    # The version is the writer's, even when re-saving metadata read from an older folder.
+    metadata = dataclasses.replace(metadata, segppo_version=segppo_version())
+    template = getattr(tokenizer, "chat_template", None)
+    if metadata.chat_template is None and isinstance(template, str):
+        metadata = dataclasses.replace(metadata, chat_template=template)
+    # Serialise first: bad metadata must fail before anything touches the disk.
+    text = metadata.to_json()
+    with atomic_folder(out_dir) as tmp:
+        # transformers 5 always writes safetensors; the flag keeps 4.x from writing .bin.
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / METADATA_FILE).write_text(text, encoding="utf-8")
+    return Path(out_dir)
