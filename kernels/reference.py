@@ -41,11 +41,14 @@ def entropy_logprobs(
     entropies, logprobs = [], []
     for start in range(0, flat.shape[0], rows):  # chunks of rows, not tokens: bounds memory only
         x = flat[start : start + rows].float() / temperature
+        # Centred on the row max: float32 keeps its accuracy at any logit offset. A fully masked
+        # row (max -inf) turns into NaN here, as does any row holding a NaN.
+        x = x - x.amax(-1, keepdim=True).detach()
         log_z = torch.logsumexp(x, dim=-1, keepdim=True)
         probs = torch.exp(x - log_z)
-        # p·x is 0 for masked (-inf) entries; NaN entries still poison the sum.
-        px = torch.where(x == float("-inf"), torch.zeros_like(x), probs * x)
-        entropies.append(log_z.squeeze(-1) - px.sum(-1))
+        # Masked (-inf) entries contribute p·x = 0; zeroing x (not p·x) keeps their gradient finite.
+        finite_x = torch.where(x == float("-inf"), torch.zeros_like(x), x)
+        entropies.append(log_z.squeeze(-1) - (probs * finite_x).sum(-1))
         if flat_targets is not None:
             tgt = flat_targets[start : start + rows, None]
             logprobs.append((x.gather(-1, tgt) - log_z).squeeze(-1))

@@ -34,7 +34,7 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json(vocab_size: int) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
