@@ -6,18 +6,26 @@ import typer
 
 app = typer.Typer(
     name="segppo",
-    help="RLHF with segment-level rewards: reward models, normalizer, PPO and evaluation.",
+    help="RLHF with segment-level rewards: reward models, a location-aware normalizer, PPO and evaluation.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
 
 
-@app.command()
-def version() -> None:
-    """Print the installed segppo version."""
-    from importlib.metadata import version as pkg_version
+@app.callback()
+def root() -> None:
+    """segppo: RLHF with segment-level rewards."""
 
-    typer.echo(pkg_version("segppo"))
+
+@app.command()
+def info() -> None:
+    """Show versions, devices and which kernel path each op takes here."""
+    from rich.console import Console
+
+    from segppo.info import environment_table
+
+    Console().print(environment_table())
 
 
 def main() -> None:

@@ -1,0 +1,3 @@
+from segppo.cli.main import main
+
+main()
