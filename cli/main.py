@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from . import rm
+
 app = typer.Typer(
     name="segppo",
     help="RLHF with segment-level rewards: reward models, a location-aware normalizer, PPO and evaluation.",
@@ -16,6 +18,13 @@ app = typer.Typer(
 @app.callback()
 def root() -> None:
     """segppo: RLHF with segment-level rewards."""
+    # segppo draws its own progress; the libraries' per-file bars and load reports are noise here.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 @app.command()
@@ -26,6 +35,9 @@ def info() -> None:
     from segppo.info import environment_table
 
     Console().print(environment_table())
+
+
+app.add_typer(rm.app, name="rm")
 
 
 def main() -> None:

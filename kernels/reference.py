@@ -22,8 +22,179 @@ class SegmentRewards(NamedTuple):
     num_segments: torch.Tensor  # [B] int64, K (0 only for an empty response)
 
 
-# Rows of logits turned into float32 at a time; bounds the reference's extra memory.
-_ENTROPY_CHUNK_ELEMENTS = 1 << 24
+# Float32 elements of one chunk of rows (each of the two working buffers): bounds the reference's
+# extra memory. Small enough that a chunk's passes run out of the CPU's L2/L3 cache rather than
+# DRAM, large enough that the per-op overhead of a chunk stays small next to its work.
+_ENTROPY_CHUNK_ELEMENTS = 1 << 18
+
+
+def _centred_rows(x: torch.Tensor, row_max: torch.Tensor, inv_temp: float, out: torch.Tensor) -> None:
+    """out = x·inv_temp − row_max in float32; x [r, V] any float dtype, row_max [r, 1] float32.
+
+    Half-precision chunks are converted by a plain copy first: a mixed-dtype elementwise op takes
+    a slow path on CPU. The forward and the backward use this same function, so they see the same
+    float32 values.
+    """
+    if x.dtype == torch.float32:
+        if inv_temp == 1.0:
+            torch.sub(x, row_max, out=out)
+            return
+        torch.mul(x, inv_temp, out=out)
+    else:
+        out.copy_(x)
+        if inv_temp != 1.0:
+            out.mul_(inv_temp)
+    out.sub_(row_max)
+
+
+def _row_max(x: torch.Tensor, inv_temp: float) -> torch.Tensor:
+    """max(x·inv_temp) per row as float32 [r, 1], rounded exactly as `_centred_rows` rounds x."""
+    row_max = x.amax(-1, keepdim=True).float()
+    return row_max.mul_(inv_temp) if inv_temp != 1.0 else row_max
+
+
+def _zero_masked(xc: torch.Tensor) -> torch.Tensor:
+    """Masked entries (xc = -inf, p = 0) to 0 so that p·xc is 0, not NaN; NaN stays NaN."""
+    return xc.nan_to_num_(nan=math.nan, posinf=math.inf, neginf=0.0)
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, _ENTROPY_CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _entropy_forward(
+    flat: torch.Tensor, targets: torch.Tensor | None, inv_temp: float
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """flat [N, V] any float dtype, targets [N] int64 or None.
+
+    Returns float32 `(entropy [N], logprobs [N] | None, stats [N, 3], masked [N] bool)`: stats are
+    (max x, logZ − max x, E[x] − max x) of x = flat·inv_temp, as the Triton kernel stores them, and
+    `masked` flags the rows whose entropy needed -inf entries zeroed (or that hold a NaN).
+    """
+    n_rows, vocab = flat.shape
+    stats = torch.empty(n_rows, 3, dtype=torch.float32, device=flat.device)
+    entropy = torch.empty(n_rows, dtype=torch.float32, device=flat.device)
+    logprobs = torch.empty_like(entropy) if targets is not None else None
+    masked = torch.zeros(n_rows, dtype=torch.bool, device=flat.device)
+    rows = max(1, min(_chunk_rows(vocab), n_rows))
+    xc_buf = flat.new_empty(rows, vocab, dtype=torch.float32)
+    p_buf = torch.empty_like(xc_buf)
+    for start in range(0, n_rows, rows):  # chunks of rows, not tokens: bounds memory only
+        x = flat[start : start + rows]
+        r = x.shape[0]
+        xc, p = xc_buf[:r], p_buf[:r]
+        # Centred on the row max: float32 keeps its accuracy at any logit offset. A fully masked
+        # row (max -inf) turns into NaN here, as does any row holding a NaN.
+        row_max = _row_max(x, inv_temp)
+        _centred_rows(x, row_max, inv_temp, out=xc)
+        torch.softmax(xc, -1, out=p)
+        # p at the max is exactly 1/Σexp(xc), so log Z − max = −log max p: no second exp pass.
+        log_s = p.amax(-1).log_().neg_()
+        if targets is not None:
+            tgt = targets[start : start + r, None]
+            logprobs[start : start + r] = xc.gather(-1, tgt).squeeze(-1) - log_s
+        mean_c = xc.mul_(p).sum(-1)  # E[xc] = Σ p·xc; xc is spent from here on
+        # A masked entry made p·xc = 0·(-inf) = NaN: redo just those rows with it zeroed. Rows
+        # without -inf (the usual case) pay nothing for this check.
+        bad = torch.isnan(mean_c).nonzero().squeeze(-1)
+        if bad.numel():
+            masked[start + bad] = True
+            xc_bad = torch.empty(bad.numel(), vocab, dtype=torch.float32, device=flat.device)
+            _centred_rows(x[bad], row_max[bad], inv_temp, out=xc_bad)
+            mean_c[bad] = _zero_masked(xc_bad).mul_(p[bad]).sum(-1)
+        stats[start : start + r, 0] = row_max.squeeze(-1)
+        stats[start : start + r, 1] = log_s
+        stats[start : start + r, 2] = mean_c
+        entropy[start : start + r] = log_s - mean_c
+    return entropy, logprobs, stats, masked
+
+
+def _entropy_backward(
+    flat: torch.Tensor,
+    targets: torch.Tensor | None,
+    stats: torch.Tensor,
+    masked: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    grad_logprobs: torch.Tensor | None,
+    inv_temp: float,
+) -> torch.Tensor:
+    """dL/dflat [N, V] in flat's dtype, with p = softmax(x) recomputed chunk by chunk:
+
+    dH/dx_i = −p_i (x_i − E[x]),  dlogp/dx_i = δ(i, target) − p_i,  dx/dflat = inv_temp, so
+    grad_i = p_i·(a·xc_i + b) + c·δ(i, target) with per-row a = −g_H·inv_temp,
+    b = (g_H·(E[x] − max) − g_lp)·inv_temp, c = g_lp·inv_temp.
+    """
+    n_rows, vocab = flat.shape
+    grad = torch.empty(n_rows, vocab, dtype=flat.dtype, device=flat.device)
+    rows = max(1, min(_chunk_rows(vocab), n_rows))
+    xc_buf = flat.new_empty(rows, vocab, dtype=torch.float32)
+    p_buf = torch.empty_like(xc_buf)
+    g_h = grad_entropy.reshape(-1, 1).float() if grad_entropy is not None else None
+    g_lp = grad_logprobs.reshape(-1, 1).float() if grad_logprobs is not None else None
+    if g_lp is not None and targets is None:
+        g_lp = None  # no logprobs output: nothing flows back through it
+    for start in range(0, n_rows, rows):
+        stop = min(start + rows, n_rows)
+        x, out = flat[start:stop], grad[start:stop]
+        r = stop - start
+        xc, p = xc_buf[:r], p_buf[:r]
+        _centred_rows(x, stats[start:stop, 0:1], inv_temp, out=xc)
+        torch.softmax(xc, -1, out=p)
+        if g_h is None:
+            coeff = p.mul_(g_lp[start:stop] * -inv_temp)  # grad = c·(δ − p)
+        else:
+            if masked[start:stop].any():
+                _zero_masked(xc)  # p = 0 there: the entropy term must be 0, not 0·inf
+            a = g_h[start:stop] * -inv_temp
+            b = g_h[start:stop] * stats[start:stop, 2:3]
+            if g_lp is not None:
+                b = b - g_lp[start:stop]
+            coeff = xc.mul_(a).add_(b.mul_(inv_temp))
+        if g_lp is None:
+            if g_h is not None:
+                torch.mul(p, coeff, out=out)
+            else:
+                out.copy_(coeff)
+            continue
+        tgt = targets[start:stop, None]
+        # The target entry, summed in float32 before the one rounding to the output dtype.
+        at_target = g_lp[start:stop] * inv_temp
+        if g_h is not None:
+            at_target = at_target + p.gather(-1, tgt) * coeff.gather(-1, tgt)
+            torch.mul(p, coeff, out=out)
+        else:
+            at_target = at_target + coeff.gather(-1, tgt)
+            out.copy_(coeff)
+        out.scatter_(-1, tgt, at_target.to(out.dtype))
+    return grad
+
+
+class _EntropyLogprobs(torch.autograd.Function):
+    """Saves the logits (no copy), the targets and a few numbers per row; the backward recomputes
+    softmax chunk by chunk instead of keeping float32 copies of the logits alive."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        flat_targets = targets.reshape(-1).long() if targets is not None else None
+        entropy, logprobs, stats, masked = _entropy_forward(flat, flat_targets, 1.0 / temperature)
+        ctx.save_for_backward(logits, flat_targets, stats, masked)
+        ctx.temperature = temperature
+        ctx.set_materialize_grads(False)  # an unused output's grad arrives as None and is skipped
+        lead = logits.shape[:-1]
+        return entropy.view(lead), logprobs.view(lead) if logprobs is not None else None
+
+    @staticmethod
+    def backward(ctx, grad_entropy, grad_logprobs):
+        logits, targets, stats, masked = ctx.saved_tensors
+        if grad_entropy is None and (grad_logprobs is None or targets is None):
+            return None, None, None
+        flat = logits.reshape(-1, logits.shape[-1])
+        grad = _entropy_backward(
+            flat, targets, stats, masked, grad_entropy, grad_logprobs, 1.0 / ctx.temperature
+        )
+        return grad.view(logits.shape), None, None
 
 
 def entropy_logprobs(
@@ -33,30 +204,10 @@ def entropy_logprobs(
 
     logits [..., V] any float dtype; targets [...] int64 or None. Returns float32 `[...]` tensors;
     both are differentiable w.r.t. logits. NaN logits give NaN; -inf logits are masked entries.
+    Works on chunks of rows with float32 working memory of a few chunk buffers, whatever N; the
+    logits are saved for the backward as they are (no float32 copy).
     """
-    lead, vocab = logits.shape[:-1], logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
-    flat_targets = targets.reshape(-1) if targets is not None else None
-    rows = max(1, _ENTROPY_CHUNK_ELEMENTS // max(vocab, 1))
-    entropies, logprobs = [], []
-    for start in range(0, flat.shape[0], rows):  # chunks of rows, not tokens: bounds memory only
-        x = flat[start : start + rows].float() / temperature
-        # Centred on the row max: float32 keeps its accuracy at any logit offset. A fully masked
-        # row (max -inf) turns into NaN here, as does any row holding a NaN.
-        x = x - x.amax(-1, keepdim=True).detach()
-        log_z = torch.logsumexp(x, dim=-1, keepdim=True)
-        probs = torch.exp(x - log_z)
-        # Masked (-inf) entries contribute p·x = 0; zeroing x (not p·x) keeps their gradient finite.
-        finite_x = torch.where(x == float("-inf"), torch.zeros_like(x), x)
-        entropies.append(log_z.squeeze(-1) - (probs * finite_x).sum(-1))
-        if flat_targets is not None:
-            tgt = flat_targets[start : start + rows, None]
-            logprobs.append((x.gather(-1, tgt) - log_z).squeeze(-1))
-    empty = logits.new_zeros(0, dtype=torch.float32)
-    entropy = (torch.cat(entropies) if entropies else empty).reshape(lead)
-    if flat_targets is None:
-        return entropy, None
-    return entropy, (torch.cat(logprobs) if logprobs else empty).reshape(lead)
+    return _EntropyLogprobs.apply(logits, targets, float(temperature))
 
 
 def segment_ends(

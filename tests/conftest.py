@@ -37,3 +37,18 @@ def kernel_path(request, monkeypatch):
 def device():
     """Where kernel tests put their tensors: CUDA when present, else CPU (interpreted Triton)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A saved random-weight Llama-style causal LM with the tiny tokenizer."""
+    from tiny import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture(scope="session")
+def preferences_file(tmp_path_factory):
+    from tiny import write_preferences
+
+    return write_preferences(tmp_path_factory.mktemp("data") / "prefs.jsonl")

@@ -2,8 +2,9 @@
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,10 +20,13 @@ def test_every_subpackage_is_installed():
     assert setuptools["package-dir"]["segppo.cli"] == "cli"
 
 
+FIND_TOP_LEVEL = "import importlib.util as u; print(u.find_spec('kernels'), u.find_spec('cli'))"
+
+
 def test_no_top_level_kernels_or_cli_module():
     # transformers imports a top-level `kernels` package when one is importable
     out = subprocess.run(
-        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('kernels'), u.find_spec('cli'))"],
+        [sys.executable, "-c", FIND_TOP_LEVEL],
         capture_output=True, text=True, cwd="/", check=True,
     )
     assert out.stdout.strip() == "None None"

@@ -96,3 +96,39 @@ def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
     common.update(spec)
     common.update(overrides)
     return AutoConfig.for_model(model_type, **common)
+
+
+FILLER = ["the", "fox", "dog", "legs", "water", "cold", "red", "trees", "wind"]
+
+
+def write_preferences(path, n: int = 400, seed: int = 0, words: int = 8) -> str:
+    """A preference set whose label depends on local content: the chosen response says "Paris"
+    where the rejected one says "Lyon", somewhere among random filler words."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        filler = [rng.choice(FILLER) for _ in range(words)]
+        at = rng.randrange(words)
+        chosen, rejected = list(filler), list(filler)
+        chosen[at], rejected[at] = "Paris", "Lyon"
+        rows.append(
+            {"prompt": "Name the capital.", "chosen": " ".join(chosen), "rejected": " ".join(rejected)}
+        )
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def save_tiny_lm(folder, arch: str = "llama", seed: int = 0) -> str:
+    """Save a random-weight causal LM and the tiny tokenizer as a model folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)

@@ -39,7 +39,7 @@ from .layouts import (
     to_preference_examples,
     to_prompt_examples,
 )
-from .sources import load_rows, load_splits, split_train_eval
+from .sources import load_rows, load_splits, select_split, split_train_eval
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
@@ -67,6 +67,7 @@ __all__ = [
     "load_splits",
     "parse_hh",
     "resolve_chat_template",
+    "select_split",
     "split_train_eval",
     "to_preference_examples",
     "to_prompt_examples",

@@ -245,11 +245,18 @@ def load_reward_model(
     return model, metadata
 
 
+def run_model_folder(path: Path) -> Path:
+    """A training run's output folder stands for its final model (`run/model`)."""
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        return path / "model"
+    return path
+
+
 def _local_folder(name_or_path, trust_remote_code: bool) -> Path:
     """A local folder holding the checkpoint: the path itself, or a hub snapshot."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path
+        return run_model_folder(path)
     text = str(name_or_path)
     if path.exists() or path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"{name_or_path}: no such folder")

@@ -1,0 +1,280 @@
+"""DeepSpeed set-up: ranks, engines, checkpoints and resume.
+
+One process needs no launcher: `init_distributed` makes a one-rank process group itself.
+`--nproc N` spawns N local ranks (`launch`); under an outer `deepspeed`/`torchrun` launcher the
+environment already names the rank and world size and segppo simply joins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from segppo.io import atomic_write_text, replace_folder
+
+if not torch.cuda.is_available():
+    # DeepSpeed probes for accelerators noisily; on a CPU-only machine say it up front.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# True once this process made its own one-rank group: the rank variables it then set in the
+# environment do not mean that an outer launcher is in charge.
+_OWN_GROUP = False
+
+
+def under_launcher() -> bool:
+    """True when an outer launcher (or `launch`) already set up this process's rank."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and not _OWN_GROUP
+
+
+def _quiet_deepspeed() -> None:
+    import deepspeed  # noqa: F401  (configures its logger on import)
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create) the process group and pick this rank's device."""
+    import deepspeed
+
+    global _OWN_GROUP
+    _quiet_deepspeed()
+    if not under_launcher() and not dist.is_initialized():
+        _OWN_GROUP = True
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shutdown() -> None:
+    """Tear a multi-rank process group down (gloo aborts at exit otherwise).
+
+    A one-rank group stays up: DeepSpeed caches its groups, so a second run in the same process
+    (a notebook, a test, the demo's stages) reuses the group rather than a destroyed one.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _spawned_worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    fn(*args)
+
+
+def launch(fn: Callable, *args: Any, nproc: int = 1) -> None:
+    """Run `fn(*args)` on `nproc` local ranks; in-process when `nproc == 1` or under a launcher."""
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    if nproc == 1 or under_launcher():
+        fn(*args)
+        return
+    if torch.cuda.is_available() and torch.cuda.device_count() < nproc:
+        raise ValueError(
+            f"--nproc {nproc} asks for more ranks than the {torch.cuda.device_count()} GPUs here"
+        )
+    torch.multiprocessing.start_processes(
+        _spawned_worker, args=(nproc, _free_port(), fn, args), nprocs=nproc, start_method="spawn"
+    )
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states in plain types, loadable with `torch.load(weights_only=True)`."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def deepspeed_config(
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    zero_stage: int,
+    bf16: bool,
+    grad_clip: float | None,
+    offload: bool = False,
+) -> dict[str, Any]:
+    """A DeepSpeed config for a trained model; the optimizer and scheduler are passed in as objects."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload and zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if grad_clip:
+        config["gradient_clipping"] = grad_clip
+    return config
+
+
+def frozen_on_device(model: torch.nn.Module, info: DistInfo, *, zero_stage: int, bf16: bool):
+    """Put a frozen model (segmenter, reference, reward) on the device; ZeRO-3 partitions it."""
+    model.requires_grad_(False)
+    model.eval()
+    if zero_stage != 3:
+        return model.to(info.device)
+    import deepspeed
+
+    config = deepspeed_config(micro_batch_size=1, grad_accum=1, zero_stage=3, bf16=bf16, grad_clip=None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's state dict on rank 0 (gathered under ZeRO-3), None on other ranks."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return state if dist.get_rank() == 0 else None
+    if dist.get_rank() != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def gather_params(model: torch.nn.Module):
+    """Context in which a ZeRO-3-partitioned model's parameters are whole (a no-op otherwise)."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+LATEST = "latest"
+
+
+def save_training_state(engines: dict[str, Any], state_dir: Path, tag: str, client_state: dict) -> Path:
+    """Save every engine's full training state under `state_dir/tag`, atomically.
+
+    Each engine writes into `state_dir/.tag.tmp/<name>/`; rank 0 then renames the folder to
+    `state_dir/tag` and points `state_dir/latest` at it, so an interrupted save leaves the
+    previous state and pointer intact.
+    """
+    state_dir = Path(state_dir)
+    tmp = state_dir / f".{tag}.tmp"
+    if dist.get_rank() == 0:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+    dist.barrier()
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(tmp / name), tag="state", client_state=client_state, save_latest=False)
+    (tmp / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank{dist.get_rank()}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        replace_folder(tmp, state_dir / tag)
+        atomic_write_text(state_dir / LATEST, tag + "\n")
+    dist.barrier()
+    return state_dir / tag
+
+
+def latest_state(state_dir: Path) -> Path | None:
+    pointer = Path(state_dir) / LATEST
+    if not pointer.exists():
+        return None
+    folder = Path(state_dir) / pointer.read_text().strip()
+    return folder if folder.is_dir() else None
+
+
+def load_training_state(engines: dict[str, Any], folder: Path) -> dict:
+    """Restore every engine from `folder` (written by `save_training_state`); returns the client state."""
+    client_state: dict = {}
+    for name, engine in engines.items():
+        path, client_state = engine.load_checkpoint(
+            str(Path(folder) / name), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint for {name!r} in {folder}")
+    rng_file = Path(folder) / "rng" / f"rank{dist.get_rank()}.pt"
+    if not rng_file.exists():
+        raise FileNotFoundError(
+            f"{rng_file} is missing: the state was saved with a different number of ranks"
+        )
+    set_rng_state(torch.load(rng_file, weights_only=True))
+    return client_state
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,383 @@
+"""`segppo rm train`: a segment-, token- or bandit-level reward model from preference pairs.
+
+Reads top to bottom: prepare data → build models → DeepSpeed engine → for each optimizer step,
+score chosen and rejected responses (mean RM value at segment ends, DESIGN.md §3.2) and take a
+Bradley-Terry step → evaluate and checkpoint → save a Hugging Face folder with `segppo.json`.
+
+Output folder:
+    model/            the final reward model (safetensors + tokenizer + segppo.json)
+    checkpoints/step-N/  the same, every `save_every` steps
+    state/            DeepSpeed training state for `--resume` (optimizer, scheduler, RNG, position)
+    metrics.jsonl     one row per step and per evaluation
+    run_config.json   the resolved configuration
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segppo.config import RMConfig
+from segppo.data import (
+    ChatFormat,
+    EncodedPair,
+    LayoutOptions,
+    SkipReport,
+    collate_preferences,
+    encode_preferences,
+    load_splits,
+    split_train_eval,
+)
+from segppo.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    deepspeed_config,
+    frozen_on_device,
+    full_state_dict,
+    init_distributed,
+    latest_state,
+    launch,
+    load_training_state,
+    save_training_state,
+    set_seed,
+    shutdown,
+)
+from segppo.kernels import segment_rewards
+from segppo.models import (
+    SegppoMetadata,
+    create_reward_model,
+    disable_dropout,
+    load_policy,
+    load_tokenizer,
+    save_reward_model,
+)
+from segppo.optim import adamw, cosine_schedule
+from segppo.rm.loss import bradley_terry_loss
+from segppo.rm.scoring import Segmentation, score_responses
+from segppo.tracking import LiveProgress, Tracker, console, truncate_metrics, write_config
+
+StepCallback = Callable[[int, dict], None]
+
+
+@dataclass
+class PreferenceData:
+    train: list[EncodedPair]
+    eval: list[EncodedPair]
+    train_report: SkipReport
+    eval_report: SkipReport
+
+
+def prepare_preferences(cfg: RMConfig, tokenizer) -> PreferenceData:
+    """Load, split, format and tokenize the preference data (the held-out part is never trained on)."""
+    options = LayoutOptions(
+        prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key
+    )
+    # The dataset's own eval split when it has one (or --eval-split names one), else a held-out fraction.
+    train_rows, eval_rows = split_train_eval(
+        load_splits(cfg.dataset),
+        eval_split=cfg.eval_split,
+        eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed,
+        train_split=cfg.split,
+    )
+    if cfg.max_samples is not None:
+        train_rows = train_rows.select(range(min(cfg.max_samples, len(train_rows))))
+    encode = dict(
+        tokenizer=tokenizer,
+        layout_options=options,
+        max_len=cfg.max_len,
+        max_prompt_len=cfg.max_prompt_len,
+        chat_template=cfg.chat_template,
+    )
+    train, train_report = encode_preferences(train_rows, **encode)
+    evaluation, eval_report = encode_preferences(eval_rows, **encode)
+    return PreferenceData(train, evaluation, train_report, eval_report)
+
+
+def batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    reward_model,
+    segmenter,
+    pairs: Sequence[EncodedPair],
+    segmentation: Segmentation,
+    *,
+    micro_batch_size: int,
+    pad_token_id: int,
+    info: DistInfo,
+    use_margin: bool = False,
+) -> dict[str, float]:
+    """Pairwise accuracy, loss and score/segment statistics over `pairs`, split across ranks."""
+    fields = (
+        "pairs",
+        "correct",
+        "loss",
+        "chosen",
+        "rejected",
+        "responses",
+        "segments",
+        "segment_tokens",
+        "length",
+        "score",
+        "score_sq",
+    )
+    sums = torch.zeros(len(fields), dtype=torch.float64, device=info.device)
+    for chunk in batches(list(pairs[info.rank :: info.world_size]), micro_batch_size):
+        batch = collate_preferences(chunk, pad_token_id).to(info.device)
+        scored = score_responses(reward_model, segmenter, batch, segmentation)
+        n = batch.num_pairs
+        chosen, rejected = scored.scores[:n], scored.scores[n:]
+        margin = batch.margin if use_margin else None
+        ends = segment_rewards(
+            scored.rm_values,
+            scored.entropy,
+            batch.response_mask,
+            granularity=segmentation.granularity,
+            threshold=segmentation.threshold,
+            has_eos=batch.has_eos,
+            distribute="end",
+        )
+        positions = torch.arange(1, ends.ends.shape[1] + 1, device=info.device)
+        covered = (
+            (ends.ends * positions).amax(-1) if ends.ends.shape[1] else torch.zeros(2 * n, device=info.device)
+        )
+        sums += torch.stack(
+            [
+                torch.tensor(float(n), device=info.device),
+                (chosen > rejected).sum().float(),
+                bradley_terry_loss(chosen, rejected, margin) * n,
+                chosen.sum(),
+                rejected.sum(),
+                torch.tensor(2.0 * n, device=info.device),
+                ends.num_segments.sum().float(),
+                covered.sum().float(),
+                batch.response_mask.sum().float(),
+                scored.scores.sum(),
+                scored.scores.pow(2).sum(),
+            ]
+        ).double()
+    all_reduce_sum(sums)
+    total = dict(zip(fields, sums.tolist(), strict=True))
+    pairs_n, responses = max(total["pairs"], 1.0), max(total["responses"], 1.0)
+    mean = total["score"] / responses
+    return {
+        "accuracy": total["correct"] / pairs_n,
+        "loss": total["loss"] / pairs_n,
+        "chosen_score": total["chosen"] / pairs_n,
+        "rejected_score": total["rejected"] / pairs_n,
+        "score_mean": mean,
+        "score_std": math.sqrt(max(total["score_sq"] / responses - mean * mean, 0.0)),
+        "segments_per_response": total["segments"] / responses,
+        "segment_length": total["segment_tokens"] / max(total["segments"], 1.0),
+        "response_length": total["length"] / responses,
+        "num_pairs": int(total["pairs"]),
+    }
+
+
+def _check_output(cfg: RMConfig) -> None:
+    out = cfg.output_dir
+    if cfg.resume:
+        if latest_state(out / "state") is None:
+            raise FileNotFoundError(f"--resume: no training state in {out / 'state'} to resume from")
+        return
+    if (out / "state").exists() or (out / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --output"
+        )
+
+
+def train_reward_model(cfg: RMConfig, *, step_callback: StepCallback | None = None) -> Path:
+    """Train on `cfg.nproc` local ranks (or the ranks of an outer launcher); returns the model folder."""
+    _check_output(cfg)
+    launch(_train, cfg, step_callback, nproc=cfg.nproc)
+    return cfg.output_dir / "model"
+
+
+def _train(cfg: RMConfig, step_callback: StepCallback | None) -> None:
+    info = init_distributed()
+    try:
+        _train_on_rank(cfg, info, step_callback)
+    finally:
+        shutdown()
+
+
+def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | None) -> None:
+    import deepspeed
+
+    set_seed(cfg.seed)
+    out = cfg.output_dir
+    segmentation = Segmentation.resolve(cfg.granularity, cfg.entropy_threshold)
+
+    # Data: identical on every rank; each rank then takes its own slice of every global batch.
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    data = prepare_preferences(cfg, tokenizer)
+    if info.is_main:
+        console.print(f"[bold]train[/] {data.train_report}\n[bold]eval[/]  {data.eval_report}")
+    steps_per_epoch = len(data.train) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{cfg.dataset}: {len(data.train)} usable training pairs, fewer than one --batch-size "
+            f"({cfg.batch_size})"
+        )
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    grad_accum = cfg.grad_accum(info.world_size)
+
+    # Models: the trained RM, and a frozen segmenter (by default a copy of the initial model).
+    model = create_reward_model(
+        cfg.model, trust_remote_code=cfg.trust_remote_code, gradient_checkpointing=cfg.gradient_checkpointing
+    )
+    disable_dropout(model)
+    segmenter = None
+    if segmentation.needs_entropy:
+        segmenter_name = cfg.segmenter or cfg.model
+        segmenter = load_policy(
+            segmenter_name, dtype="bf16" if cfg.bf16 else "fp32", trust_remote_code=cfg.trust_remote_code
+        )
+        vocab = segmenter.get_input_embeddings().num_embeddings
+        if vocab < len(tokenizer):
+            raise ValueError(
+                f"segmenter {segmenter_name} has a vocabulary of {vocab} but the reward model's "
+                f"tokenizer has {len(tokenizer)} tokens; they must share a tokenizer"
+            )
+        segmenter = frozen_on_device(segmenter, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
+
+    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = cosine_schedule(
+        optimizer, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio
+    )
+    ds_config = deepspeed_config(
+        micro_batch_size=cfg.micro_batch_size,
+        grad_accum=grad_accum,
+        zero_stage=cfg.zero_stage,
+        bf16=cfg.bf16,
+        grad_clip=cfg.grad_clip,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    start_step = 0
+    if cfg.resume:
+        state = load_training_state({"reward_model": engine}, latest_state(out / "state"))
+        start_step = int(state["step"])
+        if info.is_main:
+            truncate_metrics(out, start_step)
+            console.print(f"resumed from step {start_step} of {total_steps}")
+    tracker = Tracker(
+        out,
+        enabled=info.is_main,
+        tensorboard=cfg.tensorboard,
+        wandb_project=cfg.wandb_project,
+        run_name=out.name,
+        config=cfg,
+    )
+    if info.is_main:
+        write_config(cfg, out, "run_config.json")
+
+    evaluate = lambda: evaluate_pairs(  # noqa: E731
+        engine,
+        segmenter,
+        data.eval,
+        segmentation,
+        micro_batch_size=cfg.micro_batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        info=info,
+        use_margin=cfg.margin,
+    )
+    metadata = SegppoMetadata(
+        kind="reward_model",
+        granularity=segmentation.granularity,
+        threshold=cfg.entropy_threshold,
+        segmenter=(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
+        chat_template=ChatFormat(tokenizer, cfg.chat_template).template,
+        base_model=cfg.model,
+        data={
+            "dataset": cfg.dataset,
+            "split": cfg.split,
+            "eval_split": cfg.eval_split,
+            "eval_fraction": cfg.eval_fraction,
+            "seed": cfg.seed,
+            "train_pairs": len(data.train),
+            "eval_pairs": len(data.eval),
+            "skipped_rows": data.train_report.skipped + data.eval_report.skipped,
+        },
+    )
+
+    engine.train()
+    with LiveProgress(total_steps, "rm train", enabled=info.is_main, completed=start_step) as progress:
+        for step in range(start_step, total_steps):
+            epoch, index = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            global_batch = order[index * cfg.batch_size : (index + 1) * cfg.batch_size].tolist()
+            per_rank = cfg.batch_size // info.world_size
+            mine = global_batch[info.rank * per_rank : (info.rank + 1) * per_rank]
+            sums = torch.zeros(3, device=info.device)  # loss·n, correct, n
+            for micro in batches(mine, cfg.micro_batch_size):
+                batch = collate_preferences([data.train[i] for i in micro], tokenizer.pad_token_id).to(
+                    info.device
+                )
+                scored = score_responses(engine, segmenter, batch, segmentation)
+                n = batch.num_pairs
+                chosen, rejected = scored.scores[:n], scored.scores[n:]
+                loss = bradley_terry_loss(chosen, rejected, batch.margin if cfg.margin else None)
+                engine.backward(loss)
+                engine.step()
+                sums += torch.stack(
+                    [loss.detach() * n, (chosen > rejected).sum().float(), loss.new_tensor(float(n))]
+                )
+            all_reduce_sum(sums)
+            loss_value = (sums[0] / sums[2]).item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"step {step + 1}: the loss is {loss_value}; the last saved state is in {out / 'state'}"
+                )
+            metrics = {
+                "loss": loss_value,
+                "accuracy": (sums[1] / sums[2]).item(),
+                "lr": scheduler.get_last_lr()[0],
+                "epoch": epoch,
+            }
+            done = step + 1
+            tracker.log(done, metrics)
+            progress.update(1, loss=metrics["loss"], acc=metrics["accuracy"])
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+                engine.eval()
+                tracker.log(done, evaluate(), split="eval")
+                engine.train()
+            if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+                save_training_state({"reward_model": engine}, out / "state", f"step-{done}", {"step": done})
+                _export(engine, tokenizer, out / "checkpoints" / f"step-{done}", metadata, info)
+            if step_callback is not None:
+                step_callback(done, metrics)
+
+    engine.eval()
+    final = evaluate()
+    tracker.log(total_steps, final, split="eval")
+    metadata = dataclasses.replace(metadata, score_mean=final["score_mean"], score_std=final["score_std"])
+    save_training_state({"reward_model": engine}, out / "state", f"step-{total_steps}", {"step": total_steps})
+    _export(engine, tokenizer, out / "model", metadata, info)
+    tracker.close()
+    if info.is_main:
+        console.print(
+            f"[bold green]done[/]: eval accuracy {final['accuracy']:.3f}, loss {final['loss']:.4f} "
+            f"on {final['num_pairs']} pairs → {out / 'model'}"
+        )
+
+
+def _export(engine, tokenizer, folder: Path, metadata: SegppoMetadata, info: DistInfo) -> None:
+    """Write a Hugging Face folder of the engine's model (rank 0; gathered under ZeRO-3)."""
+    state = full_state_dict(engine)
+    if info.is_main:
+        save_reward_model(engine.module, tokenizer, folder, metadata, state_dict=state)
+    torch.distributed.barrier()

@@ -1,0 +1,162 @@
+"""Run tracking: `metrics.jsonl`, the resolved config, a rich live progress bar, optional TensorBoard/W&B.
+
+Only rank 0 writes or draws; on other ranks every method is a no-op, so trainers call them
+unconditionally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from segppo.io import atomic_write_text
+
+console = Console(stderr=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible rather than crash
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):
+        return _jsonable(value.item())
+    return value
+
+
+def write_config(config: Any, output_dir: Path, name: str = "config.json") -> Path:
+    """Write the resolved config (a dataclass) as JSON into `output_dir`."""
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    path = Path(output_dir) / name
+    atomic_write_text(path, json.dumps({k: _jsonable(v) for k, v in data.items()}, indent=2) + "\n")
+    return path
+
+
+class Tracker:
+    """Appends metrics to `output_dir/metrics.jsonl` and mirrors them to TensorBoard/W&B when asked."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = False,
+        wandb_project: str | None = None,
+        run_name: str | None = None,
+        config: Any = None,
+    ):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = None
+        self._wandb = None
+        self._start = time.time()
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:  # tensorboard is optional
+                raise RuntimeError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from err
+            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as err:
+                raise RuntimeError("--wandb-project needs the wandb package: pip install wandb") from err
+            cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+            self._wandb = wandb.init(project=wandb_project, name=run_name, config=cfg)
+
+    def log(self, step: int, metrics: dict[str, Any], *, split: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "split": split, "time": round(time.time() - self._start, 3)}
+        row.update({k: _jsonable(v) for k, v in metrics.items()})
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        numbers = {f"{split}/{k}": float(v) for k, v in row.items() if isinstance(v, (int, float))}
+        if self._tb is not None:
+            for key, value in numbers.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(output_dir: Path, split: str | None = None) -> list[dict[str, Any]]:
+    """The rows of `output_dir/metrics.jsonl`, optionally only one split."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if split is None or r.get("split") == split]
+
+
+def truncate_metrics(output_dir: Path, after_step: int) -> None:
+    """Drop metric rows logged after `after_step` (a resumed run re-logs them)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= after_step
+    ]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+class LiveProgress:
+    """A rich progress bar whose description shows the latest metrics (rank 0 only)."""
+
+    def __init__(self, total: int, description: str, *, enabled: bool = True, completed: int = 0):
+        self.enabled = enabled
+        self._progress = None
+        if not enabled:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=console,
+            transient=False,
+        )
+        self._task = self._progress.add_task(description, total=total, completed=completed, metrics="")
+
+    def __enter__(self):
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, advance: int = 1, **metrics: float) -> None:
+        if self._progress is None:
+            return
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        self._progress.update(self._task, advance=advance, metrics=text)

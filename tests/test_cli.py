@@ -1,0 +1,163 @@
+"""The `segppo` command line: config files, presets, flags and error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from segppo.cli.main import app
+from typer.testing import CliRunner
+
+from segppo.config import RM_PRESETS
+from segppo.tracking import read_metrics
+
+runner = CliRunner()
+
+SMALL = [
+    "--lr",
+    "3e-3",
+    "--batch-size",
+    "16",
+    "--micro-batch-size",
+    "8",
+    "--max-len",
+    "64",
+    "--max-prompt-len",
+    "32",
+    "--zero-stage",
+    "0",
+    "--eval-fraction",
+    "0.2",
+]
+
+
+def plain(result) -> str:
+    """The output with rich's panel borders and line wrapping taken out."""
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_help_lists_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "rm" in result.stdout and "info" in result.stdout
+    assert invoke("rm", "--help").exit_code == 0
+
+
+def test_rm_train_eval_inspect_end_to_end(tiny_lm_dir, preferences_file, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "rm.yaml"
+    # keys are option names; the explicit --max-steps flag wins over the file's value
+    config.write_text(
+        f"model: {tiny_lm_dir}\ndataset: {preferences_file}\nmax-steps: 9\ngranularity: token\n"
+    )
+    result = invoke("rm", "train", "--config", str(config), "--output", str(out), "--max-steps", "4", *SMALL)
+    assert result.exit_code == 0, result.output
+    assert len(read_metrics(out, split="train")) == 4
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["granularity"] == "token" and run_config["max_steps"] == 4
+
+    result = invoke(
+        "rm", "eval", "--model", str(out), "--dataset", preferences_file, "--max-len", "64", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert stats["num_pairs"] == 80 and 0 <= stats["accuracy"] <= 1
+
+    result = invoke(
+        "rm", "inspect", "--model", str(out), "--prompt", "Name the capital.", "--response", "Paris"
+    )
+    assert result.exit_code == 0, result.output
+    assert "token segments" in result.stdout and "Paris"[:2] in result.stdout
+
+
+def test_preset_sets_the_papers_values():
+    preset = RM_PRESETS["llama3.1-instruct-8b-segment"]
+    assert preset["model"] == "meta-llama/Llama-3.1-8B-Instruct" and preset["entropy_threshold"] == 2.0
+    assert RM_PRESETS["phi3-mini-segment"]["entropy_threshold"] == 1.75
+    assert all(p["batch_size"] == 128 and p["lr"] == 1e-6 for p in RM_PRESETS.values())
+    assert len(RM_PRESETS) == 9
+
+
+def test_config_file_loads_into_defaults_and_flags_win(tmp_path, monkeypatch):
+    import segppo.rm.trainer as trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train_reward_model", lambda cfg: seen.setdefault("cfg", cfg))
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 5.0e-6\nmicro_batch_size: 4\nbatch-size: 64\n")
+    result = invoke(
+        "rm",
+        "train",
+        "--preset",
+        "phi3-mini-segment",
+        "--config",
+        str(config),
+        "--output",
+        "o",
+        "--lr",
+        "1e-5",
+    )
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert cfg.model == "microsoft/Phi-3-mini-4k-instruct"  # from the preset
+    assert cfg.entropy_threshold == 1.75 and cfg.zero_stage == 3  # preset
+    assert cfg.micro_batch_size == 4 and cfg.batch_size == 64  # the file beats the preset
+    assert cfg.lr == 1e-5  # the flag beats the file
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("lr: [1, 2\n", "not valid YAML"), ("learning_rate: 1\n", "unknown option"), ("- a\n", "mapping")],
+)
+def test_bad_config_files_are_usage_errors(tmp_path, content, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(content)
+    result = runner.invoke(app, ["rm", "train", "--config", str(config), "--output", "o"])
+    assert result.exit_code == 2
+    assert message in plain(result)
+
+
+def test_missing_config_file_and_unknown_preset():
+    result = runner.invoke(app, ["rm", "train", "--config", "/no/such.yaml"])
+    assert result.exit_code == 2 and "does not exist" in plain(result)
+    result = runner.invoke(app, ["rm", "train", "--preset", "gpt5", "--output", "o"])
+    assert result.exit_code == 2 and "unknown preset" in plain(result)
+
+
+def test_bad_values_name_the_option(tiny_lm_dir, preferences_file, tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "rm",
+            "train",
+            "--model",
+            tiny_lm_dir,
+            "--dataset",
+            preferences_file,
+            "--output",
+            str(tmp_path / "o"),
+            "--granularity",
+            "sentence",
+        ],
+    )
+    assert result.exit_code == 2 and "--granularity" in plain(result)
+    result = runner.invoke(
+        app,
+        [
+            "rm",
+            "train",
+            "--model",
+            tiny_lm_dir,
+            "--dataset",
+            "/no/data.jsonl",
+            "--output",
+            str(tmp_path / "o2"),
+            *SMALL,
+        ],
+    )
+    assert result.exit_code == 2 and "/no/data.jsonl" in plain(result)
+    assert not (tmp_path / "o2" / "model").exists()

@@ -1,0 +1,213 @@
+"""Reward-model training, evaluation and inspection on tiny models (CPU, DeepSpeed with gloo)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForTokenClassification
+
+from segppo.config import RMConfig, RMEvalConfig
+from segppo.models import SegppoMetadata
+from segppo.rm.evaluate import evaluate_reward_model, inspect_response
+from segppo.rm.scoring import load_scorer
+from segppo.rm.trainer import train_reward_model
+from segppo.tracking import read_metrics
+
+
+def rm_config(model, dataset, output, **overrides) -> RMConfig:
+    values = dict(
+        model=model,
+        dataset=dataset,
+        output=str(output),
+        lr=3e-3,
+        batch_size=16,
+        micro_batch_size=8,
+        epochs=1,
+        max_len=64,
+        max_prompt_len=32,
+        zero_stage=0,
+        eval_fraction=0.2,
+        warmup_ratio=0.0,
+        seed=0,
+    )
+    values.update(overrides)
+    return RMConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def trained_rm(tiny_lm_dir, preferences_file, tmp_path_factory):
+    """A segment RM trained for 2 epochs on the Paris/Lyon preference set (320 train, 80 held out)."""
+    cfg = rm_config(
+        tiny_lm_dir, preferences_file, tmp_path_factory.mktemp("rm") / "run", epochs=2, eval_every=10
+    )
+    train_reward_model(cfg)
+    return cfg
+
+
+def test_segment_rm_learns_local_content(trained_rm):
+    final = read_metrics(trained_rm.output_dir, split="eval")[-1]
+    assert final["num_pairs"] == 80  # 20% of 400 held out
+    assert final["accuracy"] >= 0.9
+    train = read_metrics(trained_rm.output_dir, split="train")
+    assert [row["step"] for row in train] == list(range(1, 41))
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert len(read_metrics(trained_rm.output_dir, split="eval")) == 4  # steps 10, 20, 30 and the end
+
+
+def test_checkpoint_loads_with_plain_transformers(trained_rm):
+    folder = trained_rm.output_dir / "model"
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    model = AutoModelForTokenClassification.from_pretrained(folder)
+    assert model.config.num_labels == 1
+    meta = SegppoMetadata.load(folder / "segppo.json")
+    assert meta.kind == "reward_model" and meta.granularity == "segment" and meta.threshold == 2.0
+    assert meta.segmenter == trained_rm.model
+    assert meta.data["train_pairs"] == 320 and meta.data["eval_pairs"] == 80
+    final = read_metrics(trained_rm.output_dir, split="eval")[-1]
+    assert meta.score_mean == pytest.approx(final["score_mean"])
+    assert meta.score_std == pytest.approx(final["score_std"]) and meta.score_std > 0
+    assert "<|im_start|>" in meta.chat_template
+    run_config = json.loads((trained_rm.output_dir / "run_config.json").read_text())
+    assert run_config["granularity"] == "segment" and run_config["lr"] == trained_rm.lr
+
+
+def test_rm_eval_uses_only_held_out_rows(trained_rm, preferences_file):
+    stats = evaluate_reward_model(
+        RMEvalConfig(
+            model=str(trained_rm.output_dir), dataset=preferences_file, max_len=64, max_prompt_len=32
+        )
+    )
+    assert stats["num_pairs"] == 80 and "held out" in stats["rows"]
+    final = read_metrics(trained_rm.output_dir, split="eval")[-1]
+    assert stats["accuracy"] == pytest.approx(final["accuracy"])
+    assert stats["chosen_score"] == pytest.approx(final["chosen_score"], rel=1e-4)
+
+
+def test_rm_eval_on_another_dataset_uses_all_rows(trained_rm, tmp_path):
+    from tiny import write_preferences
+
+    other = write_preferences(tmp_path / "other.jsonl", n=24, seed=7)
+    stats = evaluate_reward_model(RMEvalConfig(model=str(trained_rm.output_dir), dataset=other, max_len=64))
+    assert stats["num_pairs"] == 24 and stats["accuracy"] >= 0.9
+
+
+def test_rm_inspect_rewards_the_right_segment(trained_rm):
+    scorer = load_scorer(str(trained_rm.output_dir / "model"))
+    good = inspect_response(scorer, "Name the capital.", "the fox Paris red")
+    bad = inspect_response(scorer, "Name the capital.", "the fox Lyon red")
+    assert "".join(s.text for s in good).startswith("the fox Paris red")
+    assert good[-1].index == 0 and good[-1].text == "<|im_end|>"  # the trailing EOS is in no segment
+    segments = [s for s in good if s.index]
+    assert [s.index for s in segments] == list(range(1, len(segments) + 1))
+    assert all(s.start <= s.end for s in segments)
+    mean = lambda views: sum(s.reward for s in views if s.index) / sum(1 for s in views if s.index)  # noqa: E731
+    assert mean(good) > mean(bad)
+
+
+@pytest.mark.parametrize("granularity", ["token", "bandit"])
+def test_token_and_bandit_rms_train_without_a_segmenter(tiny_lm_dir, preferences_file, tmp_path, granularity):
+    cfg = rm_config(
+        tiny_lm_dir, preferences_file, tmp_path / granularity, granularity=granularity, max_steps=3
+    )
+    train_reward_model(cfg)
+    meta = SegppoMetadata.load(cfg.output_dir / "model" / "segppo.json")
+    assert meta.granularity == granularity and meta.segmenter is None
+    assert len(read_metrics(cfg.output_dir, split="train")) == 3
+
+
+def test_paper_threshold_sentinels_resolve(tiny_lm_dir, preferences_file, tmp_path):
+    cfg = rm_config(tiny_lm_dir, preferences_file, tmp_path / "r", entropy_threshold=1000.0, max_steps=1)
+    train_reward_model(cfg)
+    assert SegppoMetadata.load(cfg.output_dir / "model" / "segppo.json").granularity == "bandit"
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_lm_dir, preferences_file, tmp_path):
+    base = dict(max_steps=6, save_every=2, zero_stage=2)
+    straight = rm_config(tiny_lm_dir, preferences_file, tmp_path / "straight", **base)
+    train_reward_model(straight)
+
+    broken = rm_config(tiny_lm_dir, preferences_file, tmp_path / "broken", **base)
+
+    def interrupt_at_step_3(step, metrics):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_reward_model(broken, step_callback=interrupt_at_step_3)
+    assert not (broken.output_dir / "model").exists()
+    assert (broken.output_dir / "checkpoints" / "step-2" / "model.safetensors").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_reward_model(broken)  # a run is there: refuse to overwrite it
+    train_reward_model(dataclasses.replace(broken, resume=True))
+
+    want = read_metrics(straight.output_dir)
+    got = read_metrics(broken.output_dir)
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+    for w, g in zip(want, got, strict=True):
+        for key in ("loss", "accuracy", "lr"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
+    a = load_file(straight.output_dir / "model" / "model.safetensors")
+    b = load_file(broken.output_dir / "model" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_match_one_rank(tiny_lm_dir, preferences_file, tmp_path):
+    one = rm_config(tiny_lm_dir, preferences_file, tmp_path / "one", max_steps=3, zero_stage=2)
+    two = dataclasses.replace(one, output=str(tmp_path / "two"), nproc=2)
+    train_reward_model(one)
+    train_reward_model(two)
+    a = load_file(one.output_dir / "model" / "model.safetensors")
+    b = load_file(two.output_dir / "model" / "model.safetensors")
+    moved = sum((a[k] - load_file(f"{tiny_lm_dir}/model.safetensors").get(k, a[k])).abs().sum() for k in a)
+    assert moved > 0  # training changed the backbone
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    losses = lambda cfg: [r["loss"] for r in read_metrics(cfg.output_dir, split="train")]  # noqa: E731
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+
+
+def test_all_malformed_rows_is_a_clear_error(tiny_lm_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps({"question": "q", "answer": "a"}) for _ in range(10)) + "\n")
+    with pytest.raises(ValueError, match="question"):
+        train_reward_model(rm_config(tiny_lm_dir, str(bad), tmp_path / "out"))
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_too_few_pairs_for_a_batch(tiny_lm_dir, tmp_path):
+    from tiny import write_preferences
+
+    small = write_preferences(tmp_path / "small.jsonl", n=10)
+    with pytest.raises(ValueError, match="fewer than one --batch-size"):
+        train_reward_model(rm_config(tiny_lm_dir, small, tmp_path / "out"))
+
+
+def test_resume_without_state_is_an_error(tiny_lm_dir, preferences_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no training state"):
+        train_reward_model(rm_config(tiny_lm_dir, preferences_file, tmp_path / "none", resume=True))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(batch_size=12, micro_batch_size=8), "multiple of --micro-batch-size"),
+        (dict(granularity="sentence"), "--granularity"),
+        (dict(entropy_threshold=-1.0), "--entropy-threshold"),
+        (dict(max_prompt_len=64, max_len=64), "--max-prompt-len"),
+        (dict(micro_batch_size=0), "--micro-batch-size"),
+    ],
+)
+def test_bad_config_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cfg = rm_config("m", "d", "o", **overrides)
+        cfg.grad_accum(1)
