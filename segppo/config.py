@@ -114,6 +114,141 @@ class RMEvalConfig:
         check_positive(self, "batch_size", "max_len", "max_prompt_len")
 
 
+@dataclass
+class PPOConfig:
+    """`segppo ppo train`: PPO against dense segment (or token, or bandit) rewards."""
+
+    policy: str  # the SFT model: initial policy and, by default, the reference
+    reward_model: str
+    prompts: str
+    output: str
+    reference: str | None = None  # frozen reference for KL and segmentation entropy; default: policy
+    critic_init: str = "rm"  # rm | sft
+    split: str = "train"
+    max_samples: int | None = None
+    prompt_key: str | None = None
+    chat_template: str | None = None
+    max_prompt_len: int = 1024
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token: list[str] | None = None
+    reward_granularity: str | None = None  # default: the reward model's own
+    entropy_threshold: float | None = None  # default: the reward model's own
+    distribute: str = "interpolate"
+    normalizer: str | None = None  # normalizer.json; default: the reward model's own, if any
+    normalize: bool = True
+    reward_mean: float | None = None  # a bandit RM's global score statistics: the normalizer
+    reward_std: float | None = None  # [0, 0, mean, std] (default: recorded by the RM)
+    sigma_floor: float = 1e-2
+    reward_clip: float = 10.0
+    kl_coef: float = 0.01
+    kl_target: float | None = None  # adaptive KL control when set
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    missing_eos_penalty: float | None = None
+    overlong_penalty: float | None = None
+    max_response_len: int | None = None  # responses longer than this get --overlong-penalty
+    gamma: float = 1.0
+    lam: float = 0.95
+    policy_clip: float = 0.2
+    value_clip: float | None = None  # default: 0.25 for dense rewards, 0.2 for bandit
+    whiten_advantages: bool = True
+    rollout_batch_size: int = 1024  # prompts per rollout, over all ranks
+    micro_rollout_batch_size: int = 16  # prompts per generate call on one rank
+    train_batch_size: int = 128  # samples per optimizer step, over all ranks
+    micro_train_batch_size: int = 4
+    ppo_epochs: int = 1
+    num_episodes: int = 1
+    max_steps: int | None = None  # rollout/update rounds
+    actor_lr: float = 5e-7
+    critic_lr: float = 9e-6
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    save_every: int = 0
+    num_logged_samples: int = 4  # generations per step written to samples.jsonl
+    seed: int = 42
+    nproc: int = 1
+    resume: bool = False
+    trust_remote_code: bool = False
+    tensorboard: bool = False
+    wandb_project: str | None = None
+
+    def __post_init__(self) -> None:
+        check_positive(
+            self,
+            "max_prompt_len",
+            "max_new_tokens",
+            "rollout_batch_size",
+            "micro_rollout_batch_size",
+            "train_batch_size",
+            "micro_train_batch_size",
+            "ppo_epochs",
+            "num_episodes",
+            "nproc",
+        )
+        if self.reward_granularity is not None and self.reward_granularity not in GRANULARITIES:
+            raise ValueError(
+                f"--reward-granularity must be one of {GRANULARITIES}, got {self.reward_granularity!r}"
+            )
+        if self.entropy_threshold is not None and self.entropy_threshold < 0:
+            raise ValueError(f"--entropy-threshold must be >= 0, got {self.entropy_threshold}")
+        choices = {
+            "critic_init": ("rm", "sft"),
+            "kl_estimator": ("k1", "k3"),
+            "distribute": ("interpolate", "repeat", "end"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("kl_coef", "reward_clip", "policy_clip", "sigma_floor", "actor_lr", "critic_lr"):
+            if getattr(self, name) < 0 or (name != "kl_coef" and getattr(self, name) == 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.overlong_penalty is not None and self.max_response_len is None:
+            raise ValueError("--overlong-penalty needs --max-response-len")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(prompts per rank per rollout, gradient-accumulation steps) for `world_size` ranks."""
+        if self.rollout_batch_size % (self.micro_rollout_batch_size * world_size):
+            raise ValueError(
+                f"--rollout-batch-size {self.rollout_batch_size} must be a multiple of "
+                f"--micro-rollout-batch-size {self.micro_rollout_batch_size} × {world_size} rank(s)"
+            )
+        if self.rollout_batch_size % self.train_batch_size:
+            raise ValueError(
+                f"--rollout-batch-size {self.rollout_batch_size} must be a multiple of "
+                f"--train-batch-size {self.train_batch_size}"
+            )
+        if self.train_batch_size % (self.micro_train_batch_size * world_size):
+            raise ValueError(
+                f"--train-batch-size {self.train_batch_size} must be a multiple of "
+                f"--micro-train-batch-size {self.micro_train_batch_size} × {world_size} rank(s)"
+            )
+        return self.rollout_batch_size // world_size, self.train_batch_size // (
+            self.micro_train_batch_size * world_size
+        )
+
+
 def check_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
@@ -158,6 +293,86 @@ def _rm_presets() -> dict[str, dict[str, Any]]:
 RM_PRESETS: dict[str, dict[str, Any]] = _rm_presets()
 
 
+# The paper's nine PPO runs (train_ppo_segment.sh and README commands of its public code):
+# UltraFeedback prompts, rollout batch 1024, train batch 128, ZeRO-2, bf16, actor lr 5e-7,
+# critic lr 9e-6, prompts and responses up to 1024 tokens, value clip 0.25 (dense) / 0.2 (bandit).
+# Bandit runs normalize with the RM's global score mean/std; dense runs need a normalizer.json
+# (`segppo fit-normalizer`, or the paper's param.json imported with --from-param-json).
+_PAPER_PPO = dict(
+    prompts="argilla/ultrafeedback-binarized-preferences-cleaned",
+    max_samples=800000,
+    rollout_batch_size=1024,
+    train_batch_size=128,
+    max_prompt_len=1024,
+    max_new_tokens=1024,
+    zero_stage=2,
+    bf16=True,
+    gradient_checkpointing=True,
+    actor_lr=5e-7,
+    critic_lr=9e-6,
+    kl_coef=0.01,
+    reward_clip=10.0,
+    gamma=1.0,
+    lam=0.95,
+)
+_PPO_BACKBONES = {
+    # name: (policy, RM hub prefix, episodes, micro train batch, micro rollout batch, bandit mean/std)
+    "phi3-mini": (
+        "microsoft/Phi-3-mini-4k-instruct",
+        "yyqoni/Phi-3-mini-4k-instruct",
+        2,
+        4,
+        16,
+        (-0.51953125, 2.15625),
+    ),
+    "llama3-sft-8b": (
+        "RLHFlow/LLaMA3-SFT-v2",
+        "yyqoni/rlhflow-llama-3-sft-8b-v2",
+        1,
+        2,
+        4,
+        (-0.81640625, 2.953125),
+    ),
+    "llama3.1-instruct-8b": (
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "yyqoni/meta-llama-3-1-instruct-8b",
+        1,
+        2,
+        4,
+        (-0.828125, 2.9375),
+    ),
+}
+
+
+def _ppo_presets() -> dict[str, dict[str, Any]]:
+    presets = {}
+    for name, (policy, rm_prefix, episodes, micro_train, micro_rollout, _) in _PPO_BACKBONES.items():
+        for granularity in GRANULARITIES:
+            presets[f"{name}-{granularity}"] = dict(
+                _PAPER_PPO,
+                policy=policy,
+                reward_model=f"{rm_prefix}-{granularity}-rm-700k",
+                reward_granularity=granularity,
+                num_episodes=episodes,
+                micro_train_batch_size=micro_train,
+                micro_rollout_batch_size=micro_rollout,
+                value_clip=0.2 if granularity == "bandit" else 0.25,
+            )
+    for name, (*_, (mean, std)) in _PPO_BACKBONES.items():
+        presets[f"{name}-bandit"].update(reward_mean=mean, reward_std=std)
+    # The paper's Llama-3.1 segment RM is published under a slightly different name.
+    presets["llama3.1-instruct-8b-segment"]["reward_model"] = (
+        "yyqoni/meta-llama-3.1-instruct-8b-segment-rm-700k"
+    )
+    # The published Llama-3.1 segment run used an end-of-text penalty of -0.05 (encoded in its
+    # experiment name in the paper's code; an explicit option here).
+    presets["llama3.1-instruct-8b-segment"]["missing_eos_penalty"] = -0.05
+    return presets
+
+
+PPO_PRESETS: dict[str, dict[str, Any]] = _ppo_presets()
+
+
 def normalize_keys(values: dict[str, Any], config_cls: type, source: str) -> dict[str, Any]:
     """Map option names (`max-len` or `max_len`) to field names; unknown keys are an error."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
@@ -190,4 +405,13 @@ def preset_values(name: str, presets: dict[str, dict[str, Any]]) -> dict[str, An
     return dict(presets[name])
 
 
-__all__ = ["RMConfig", "RMEvalConfig", "RM_PRESETS", "load_config_file", "normalize_keys", "preset_values"]
+__all__ = [
+    "PPOConfig",
+    "PPO_PRESETS",
+    "RMConfig",
+    "RMEvalConfig",
+    "RM_PRESETS",
+    "load_config_file",
+    "normalize_keys",
+    "preset_values",
+]
