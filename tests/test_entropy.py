@@ -81,10 +81,8 @@ def test_online_rescaling_across_blocks(kernel_path, device, small_blocks, shape
         assert_close(logprobs, want_lp, rtol=1e-5, atol=ATOL[kernel_path])
 
 
-def test_large_offset_keeps_entropy_accurate(device, small_blocks, monkeypatch):
-    # Accumulating around the running max avoids cancelling m + log s against E[x] ~ 1e4; the
-    # torch reference computes logZ - Σp·x in float32 and loses ~1e-3 here, so Triton only.
-    monkeypatch.setenv("SEGPPO_KERNELS", "triton")
+def test_large_offset_keeps_entropy_accurate(kernel_path, device, small_blocks):
+    # Both paths centre on the row max, so nothing of the size of the logits (~1e4) cancels.
     logits, targets = make((5, 300), device=device)
     logits = logits + 1e4
     entropy, logprobs = entropy_logprobs(logits, targets)
@@ -354,3 +352,87 @@ class TestCuda:
         grad_bytes = logits.numel() * logits.element_size()
         extra = torch.cuda.max_memory_allocated() - before
         assert extra <= 1.01 * grad_bytes, extra
+
+
+# The torch reference on its own: chunked forward, recomputing backward, float32 only per chunk.
+
+
+def test_reference_large_offset_keeps_entropy_accurate(monkeypatch):
+    # The reference centres on the row max (p·(x − max), logZ − max), so it keeps the Triton
+    # kernel's accuracy at large offsets too.
+    monkeypatch.setenv("SEGPPO_KERNELS", "torch")
+    logits, targets = make((5, 300))
+    for offset in (1e4, -1e4):
+        shifted = logits + offset
+        entropy, logprobs = entropy_logprobs(shifted, targets, temperature=0.9)
+        want_h, want_lp = oracle(shifted, targets, 0.9)
+        assert_close(entropy, want_h, rtol=1e-5, atol=1e-5)
+        assert_close(logprobs, want_lp, rtol=1e-5, atol=1e-5)
+        got = _grads(shifted, targets, 0.9, 1.0, 1.0, "both", segppo_fn)
+        want = _grads(shifted.double(), targets, 0.9, 1.0, 1.0, "both", oracle)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=GRAD_ATOL["torch"])
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("which", GRAD_CASES)
+def test_reference_across_chunks(monkeypatch, dtype, which):
+    """Several row chunks, with masked and NaN rows in some chunks only."""
+    from segppo.kernels import reference
+
+    monkeypatch.setenv("SEGPPO_KERNELS", "torch")
+    V = 45
+    monkeypatch.setattr(reference, "_ENTROPY_CHUNK_ELEMENTS", 3 * V + 7)  # 3 rows per chunk
+    logits, targets = make((4, 5, V), dtype=dtype)
+    rows = logits.view(-1, V)
+    rows[1, ::4] = NEG_INF  # chunk 0
+    rows[7, 30:] = NEG_INF  # chunk 2
+    rows[8, :] = NEG_INF  # chunk 2: fully masked
+    rows[13, :] = NEG_INF  # chunk 4: a single entry left
+    rows[13, 9] = 2.0
+    rows[17, 3] = float("nan")  # chunk 5
+    flat_targets = targets.view(-1)
+    flat_targets[1], flat_targets[7], flat_targets[13] = 2, 11, 9  # unmasked targets
+    entropy, logprobs = entropy_logprobs(logits, targets, temperature=0.7)
+    want_h, want_lp = oracle(logits, targets, 0.7)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    flat_h, flat_lp = entropy.view(-1), logprobs.view(-1)
+    assert math.isnan(flat_h[8].item()) and math.isnan(flat_lp[8].item())
+    assert math.isnan(flat_h[17].item()) and math.isnan(flat_lp[17].item())
+    assert flat_h[13].item() == 0.0
+    good = [i for i in range(20) if i not in (8, 17)]
+    assert_close(flat_h[good], want_h.view(-1)[good], rtol=tol, atol=tol)
+    assert_close(flat_lp[good], want_lp.view(-1)[good], rtol=tol, atol=tol)
+
+    clean = logits.view(-1, V)[good].view(2, 9, V)  # gradients need rows with a distribution
+    clean_targets = targets.view(-1)[good].view(2, 9)
+    g1, g2 = torch.randn(2, 9), torch.randn(2, 9)
+    got = _grads(clean, clean_targets, 0.7, g1, g2, which, segppo_fn)
+    want = _grads(clean.double(), clean_targets, 0.7, g1.double(), g2.double(), which, oracle)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert (got[clean == NEG_INF] == 0).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=GRAD_ATOL["torch"])
+    else:
+        torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=2e-3)
+
+
+def test_saves_no_float32_copy(kernel_path, device):
+    """What the graph keeps for the backward: the logits themselves, plus O(rows) numbers."""
+    logits, targets = make((6, 4, 300), dtype=torch.bfloat16, device=device)
+    logits.requires_grad_()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        entropy, logprobs = entropy_logprobs(logits, targets)
+    rows = logits.shape[0] * logits.shape[1]
+    for tensor in saved:
+        if tensor.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+            continue  # the logits (or a view of them): no copy
+        assert tensor.numel() <= 4 * rows, (tensor.dtype, tuple(tensor.shape))
+    (entropy.sum() + logprobs.sum()).backward()
+    assert logits.grad.dtype == torch.bfloat16
