@@ -60,8 +60,12 @@ def make_rollout(B: int, T: int, device: str = "cpu", seed: int = 0) -> Rollout:
 def segppo_phase(batch: Rollout):
     """segppo's public API: what the PPO trainer calls."""
     seg = segment_rewards(
-        batch.rm_values, batch.entropy, batch.mask,
-        threshold=THRESHOLD, normalizer=NORMALIZER, sigma_floor=SIGMA_FLOOR,
+        batch.rm_values,
+        batch.entropy,
+        batch.mask,
+        threshold=THRESHOLD,
+        normalizer=NORMALIZER,
+        sigma_floor=SIGMA_FLOOR,
     )
     return (seg.rewards, *gae(seg.rewards, batch.values, batch.mask, gamma=GAMMA, lam=LAM))
 
@@ -69,8 +73,14 @@ def segppo_phase(batch: Rollout):
 def reference_phase(batch: Rollout):
     """The vectorized torch references, called directly."""
     seg = reference.segment_rewards(
-        batch.rm_values, batch.entropy, batch.mask, granularity="segment", threshold=THRESHOLD,
-        normalizer=NORMALIZER, sigma_floor=SIGMA_FLOOR, distribute="interpolate",
+        batch.rm_values,
+        batch.entropy,
+        batch.mask,
+        granularity="segment",
+        threshold=THRESHOLD,
+        normalizer=NORMALIZER,
+        sigma_floor=SIGMA_FLOOR,
+        distribute="interpolate",
     )
     return (seg.rewards, *reference.gae(seg.rewards, batch.values, batch.mask, gamma=GAMMA, lam=LAM))
 
@@ -179,8 +189,12 @@ def _cuda_ops(batch: Rollout):
     rewards = reference_phase(batch)[0]  # gae's input, whichever segment_rewards is timed
     return {
         "segment_rewards": lambda: segment_rewards(
-            batch.rm_values, batch.entropy, batch.mask,
-            threshold=THRESHOLD, normalizer=NORMALIZER, sigma_floor=SIGMA_FLOOR,
+            batch.rm_values,
+            batch.entropy,
+            batch.mask,
+            threshold=THRESHOLD,
+            normalizer=NORMALIZER,
+            sigma_floor=SIGMA_FLOOR,
         ),
         "gae": lambda: gae(rewards, batch.values, batch.mask, gamma=GAMMA, lam=LAM),
     }
@@ -205,4 +219,3 @@ def test_cuda_op(benchmark, medians, cuda_rollout, op, path, monkeypatch):
     benchmark(run)
     B, T = cuda_rollout.mask.shape
     _record(benchmark, medians, f"cuda/{op}/{path}", B=B, T=T)
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import rm
+from . import normalizer, ppo, rm
 
 app = typer.Typer(
     name="segppo",
@@ -38,6 +38,8 @@ def info() -> None:
 
 
 app.add_typer(rm.app, name="rm")
+app.add_typer(ppo.app, name="ppo")
+app.command("fit-normalizer")(normalizer.fit_normalizer)
 
 
 def main() -> None:

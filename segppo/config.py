@@ -115,6 +115,76 @@ class RMEvalConfig:
 
 
 @dataclass
+class FitNormalizerConfig:
+    """`segppo fit-normalizer`: the location-aware normalizer of a reward model (DESIGN.md §3.3).
+
+    Two modes: fit (`reward_model` + `dataset`: score the segments of `samples` preference pairs)
+    or import (`from_param_json` + `key`: the paper's published fits). Either writes `output`, and
+    with `into_rm` also the `normalizer` field of the reward model folder's `segppo.json`.
+    """
+
+    reward_model: str | None = None
+    dataset: str | None = None
+    output: str = "normalizer.json"
+    samples: int = 60000  # preference pairs scored (both responses); the paper fits on 60k
+    split: str = "train"
+    seed: int = 42  # the seeded shuffle that picks the pairs
+    prompt_key: str | None = None
+    chosen_key: str | None = None
+    rejected_key: str | None = None
+    max_len: int = 2048
+    max_prompt_len: int = 1728
+    batch_size: int = 8  # pairs per forward on one rank
+    min_bin_count: int = 10  # bins with fewer scores are left out of the fit
+    sigma_floor: float = 1e-2
+    plot: str | None = None  # a PNG of the fit (needs matplotlib)
+    into_rm: bool = False  # also write the normalizer into the RM folder's segppo.json
+    segmenter: str | None = None  # default: the one the RM records
+    granularity: str | None = None  # for imported RMs whose folder records none
+    threshold: float | None = None
+    bf16: bool = False
+    nproc: int = 1
+    trust_remote_code: bool = False
+    from_param_json: str | None = None  # import the paper's param.json instead of fitting
+    key: str | None = None  # model/dataset/method/agg/threshold path in that file
+
+    def __post_init__(self) -> None:
+        check_positive(self, "samples", "batch_size", "max_len", "max_prompt_len", "min_bin_count", "nproc")
+        if not self.sigma_floor > 0:
+            raise ValueError(f"--sigma-floor must be positive, got {self.sigma_floor}")
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.threshold is not None and self.threshold < 0:
+            raise ValueError(f"--threshold must be >= 0, got {self.threshold}")
+        if self.max_prompt_len >= self.max_len:
+            raise ValueError(
+                f"--max-prompt-len ({self.max_prompt_len}) must be below --max-len ({self.max_len}) "
+                "to leave room for the response"
+            )
+        if self.from_param_json is not None:
+            if self.key is None:
+                raise ValueError("--from-param-json needs --key (--list-keys shows the file's keys)")
+            if self.dataset is not None:
+                raise ValueError("--from-param-json imports a published fit; it takes no --dataset")
+            if self.reward_model is not None and not self.into_rm:
+                raise ValueError("with --from-param-json, --reward-model is only used by --into-rm")
+            if self.into_rm and self.reward_model is None:
+                raise ValueError("--into-rm needs --reward-model")
+            return
+        if self.key is not None:
+            raise ValueError("--key selects an entry of --from-param-json")
+        if self.reward_model is None or self.dataset is None:
+            raise ValueError(
+                "fitting needs --reward-model and --dataset "
+                "(or import a published fit with --from-param-json and --key)"
+            )
+
+    @property
+    def imports(self) -> bool:
+        return self.from_param_json is not None
+
+
+@dataclass
 class PPOConfig:
     """`segppo ppo train`: PPO against dense segment (or token, or bandit) rewards."""
 
@@ -129,6 +199,7 @@ class PPOConfig:
     prompt_key: str | None = None
     chat_template: str | None = None
     max_prompt_len: int = 1024
+    long_prompts: str = "error"  # error | truncate: a prompt over --max-prompt-len
     max_new_tokens: int = 1024
     temperature: float = 1.0
     top_p: float = 1.0
@@ -406,6 +477,7 @@ def preset_values(name: str, presets: dict[str, dict[str, Any]]) -> dict[str, An
 
 
 __all__ = [
+    "FitNormalizerConfig",
     "PPOConfig",
     "PPO_PRESETS",
     "RMConfig",

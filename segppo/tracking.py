@@ -113,16 +113,13 @@ def read_metrics(output_dir: Path, split: str | None = None) -> list[dict[str, A
     return [r for r in rows if split is None or r.get("split") == split]
 
 
-def truncate_metrics(output_dir: Path, after_step: int) -> None:
-    """Drop metric rows logged after `after_step` (a resumed run re-logs them)."""
-    path = Path(output_dir) / "metrics.jsonl"
+def truncate_metrics(output_dir: Path, after_step: int, name: str = "metrics.jsonl") -> None:
+    """Drop rows of `output_dir/name` logged after `after_step` (a resumed run logs them again)."""
+    path = Path(output_dir) / name
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= after_step
-    ]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= after_step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

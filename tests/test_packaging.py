@@ -12,9 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_subpackage_is_installed():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(setuptools["packages"])
-    found = {
-        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "segppo").rglob("__init__.py")
-    }
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "segppo").rglob("__init__.py")}
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
     assert setuptools["package-dir"]["segppo.kernels"] == "kernels"
     assert setuptools["package-dir"]["segppo.cli"] == "cli"
@@ -27,7 +25,10 @@ def test_no_top_level_kernels_or_cli_module():
     # transformers imports a top-level `kernels` package when one is importable
     out = subprocess.run(
         [sys.executable, "-c", FIND_TOP_LEVEL],
-        capture_output=True, text=True, cwd="/", check=True,
+        capture_output=True,
+        text=True,
+        cwd="/",
+        check=True,
     )
     assert out.stdout.strip() == "None None"
 

@@ -54,8 +54,9 @@ def oracle_ends(entropy, lengths, has_eos, granularity, threshold):
     return rows
 
 
-def oracle_rewards(rm, entropy, lengths, has_eos, granularity, threshold, normalizer, sigma_floor,
-                   distribute):
+def oracle_rewards(
+    rm, entropy, lengths, has_eos, granularity, threshold, normalizer, sigma_floor, distribute
+):
     """(rewards [B][T] floats, ends [B][T] bools, K per row) for lists of float64 values."""
     T = len(rm[0]) if rm else 0
     ends = oracle_ends(entropy, lengths, has_eos, granularity, threshold)
@@ -121,16 +122,33 @@ def as_lists(rm, entropy, mask, has_eos):
     return rm.double().tolist(), entropy.double().tolist(), lengths, eos
 
 
-def check_against_oracle(device, rm, entropy, mask, has_eos, *, granularity, threshold=2.0,
-                         normalizer=None, sigma_floor=SIGMA_FLOOR, distribute="interpolate"):
+def check_against_oracle(
+    device,
+    rm,
+    entropy,
+    mask,
+    has_eos,
+    *,
+    granularity,
+    threshold=2.0,
+    normalizer=None,
+    sigma_floor=SIGMA_FLOOR,
+    distribute="interpolate",
+):
     rm_l, ent_l, lengths, eos = as_lists(rm, entropy, mask, has_eos)
     want_rewards, want_ends, want_num = oracle_rewards(
         rm_l, ent_l, lengths, eos, granularity, threshold, normalizer, sigma_floor, distribute
     )
     out = segment_rewards(
-        rm.to(device), entropy.to(device), mask.to(device), granularity=granularity, threshold=threshold,
-        has_eos=None if has_eos is None else has_eos.to(device), normalizer=normalizer,
-        sigma_floor=sigma_floor, distribute=distribute,
+        rm.to(device),
+        entropy.to(device),
+        mask.to(device),
+        granularity=granularity,
+        threshold=threshold,
+        has_eos=None if has_eos is None else has_eos.to(device),
+        normalizer=normalizer,
+        sigma_floor=sigma_floor,
+        distribute=distribute,
     )
     B, T = mask.shape
     assert out.rewards.dtype == torch.float32 and out.rewards.shape == (B, T)
@@ -164,8 +182,15 @@ def test_segment_rewards_random(kernel_path, small_blocks, device, granularity, 
         rm, entropy, mask, has_eos = make_batch(B, T, seed=100 * i, eos=eos)
         for threshold in thresholds:
             check_against_oracle(
-                device, rm, entropy, mask, has_eos, granularity=granularity, threshold=threshold,
-                normalizer=NORMALIZERS[normalizer], distribute=distribute,
+                device,
+                rm,
+                entropy,
+                mask,
+                has_eos,
+                granularity=granularity,
+                threshold=threshold,
+                normalizer=NORMALIZERS[normalizer],
+                distribute=distribute,
             )
 
 
@@ -175,8 +200,16 @@ def test_thresholds(kernel_path, small_blocks, device, threshold):
     for i, (B, T) in enumerate(SHAPES):
         for eos in ("mixed", "none"):
             rm, entropy, mask, has_eos = make_batch(B, T, seed=7 * i + len(eos), eos=eos)
-            check_against_oracle(device, rm, entropy, mask, has_eos, granularity="segment",
-                                 threshold=threshold, normalizer=NORMALIZERS["floored"])
+            check_against_oracle(
+                device,
+                rm,
+                entropy,
+                mask,
+                has_eos,
+                granularity="segment",
+                threshold=threshold,
+                normalizer=NORMALIZERS["floored"],
+            )
 
 
 def test_floored_normalizer_hits_the_floor():
@@ -189,11 +222,18 @@ def test_floored_normalizer_hits_the_floor():
 def test_default_block_size(kernel_path, device, granularity):
     """The module's own block size, with a row longer than one small block."""
     rm, entropy, mask, has_eos = make_batch(5, 37, seed=7)
-    check_against_oracle(device, rm, entropy, mask, has_eos, granularity=granularity,
-                         normalizer=NORMALIZERS["plain"])
+    check_against_oracle(
+        device, rm, entropy, mask, has_eos, granularity=granularity, normalizer=NORMALIZERS["plain"]
+    )
     want = oracle_scores(*as_lists(rm, entropy, mask, has_eos), granularity, 2.0)
-    got = sequence_scores(rm.to(device), entropy.to(device), mask.to(device), granularity=granularity,
-                          threshold=2.0, has_eos=has_eos.to(device))
+    got = sequence_scores(
+        rm.to(device),
+        entropy.to(device),
+        mask.to(device),
+        granularity=granularity,
+        threshold=2.0,
+        has_eos=has_eos.to(device),
+    )
     torch.testing.assert_close(got.cpu().double(), torch.tensor(want, dtype=torch.float64), **TOL)
 
 
@@ -203,8 +243,16 @@ def test_half_precision_inputs(kernel_path, small_blocks, device, distribute):
     for rm_dtype, ent_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
         rm, entropy, mask, has_eos = make_batch(4, 21, seed=3, rm_dtype=rm_dtype, entropy_dtype=ent_dtype)
         for normalizer in (None, NORMALIZERS["floored"]):
-            check_against_oracle(device, rm, entropy, mask, has_eos, granularity="segment",
-                                 normalizer=normalizer, distribute=distribute)
+            check_against_oracle(
+                device,
+                rm,
+                entropy,
+                mask,
+                has_eos,
+                granularity="segment",
+                normalizer=normalizer,
+                distribute=distribute,
+            )
 
 
 def test_strict_threshold_in_low_precision(kernel_path, device):
@@ -217,10 +265,19 @@ def test_strict_threshold_in_low_precision(kernel_path, device):
         entropy = torch.tensor([[2.015625, 2.0, 2.015625, 0.0]], dtype=dtype)
         rm = torch.arange(4, dtype=torch.float32)[None]
         mask = torch.ones(1, 4, dtype=torch.bool)
-        for threshold, want in ((2.01, [1, 0, 1, 1]), (2.015625, [0, 0, 0, 1]), (2.0, [1, 0, 1, 1]),
-                                (math.nextafter(2.0, -math.inf), [1, 1, 1, 1])):
-            out = segment_rewards(rm.to(device), entropy.to(device), mask.to(device), threshold=threshold,
-                                  has_eos=torch.tensor([False], device=device))
+        for threshold, want in (
+            (2.01, [1, 0, 1, 1]),
+            (2.015625, [0, 0, 0, 1]),
+            (2.0, [1, 0, 1, 1]),
+            (math.nextafter(2.0, -math.inf), [1, 1, 1, 1]),
+        ):
+            out = segment_rewards(
+                rm.to(device),
+                entropy.to(device),
+                mask.to(device),
+                threshold=threshold,
+                has_eos=torch.tensor([False], device=device),
+            )
             assert out.ends.cpu().int().tolist() == [want], (dtype, threshold)
 
 
@@ -230,18 +287,34 @@ def test_sentinel_thresholds(kernel_path, small_blocks, device):
     entropy = entropy + 2000.0  # would be spikes everywhere if 1000 were a real threshold
     for distribute in DISTRIBUTES:
         for threshold, same_as in ((0.0, "token"), (1000.0, "bandit")):
-            out = check_against_oracle(device, rm, entropy, mask, has_eos, granularity=same_as,
-                                       threshold=threshold, distribute=distribute)
-            seg = segment_rewards(rm.to(device), entropy.to(device), mask.to(device), granularity="segment",
-                                  threshold=threshold, has_eos=has_eos.to(device), distribute=distribute)
+            out = check_against_oracle(
+                device,
+                rm,
+                entropy,
+                mask,
+                has_eos,
+                granularity=same_as,
+                threshold=threshold,
+                distribute=distribute,
+            )
+            seg = segment_rewards(
+                rm.to(device),
+                entropy.to(device),
+                mask.to(device),
+                granularity="segment",
+                threshold=threshold,
+                has_eos=has_eos.to(device),
+                distribute=distribute,
+            )
             for got, want in zip(seg, out, strict=True):
                 assert torch.equal(got, want)
 
 
 def test_non_contiguous_and_other_dtypes(kernel_path, small_blocks, device):
     """Strided views, float64 inputs, an integer mask and an integer has_eos column."""
-    rm, entropy, mask, has_eos = make_batch(5, 23, seed=5, rm_dtype=torch.float64,
-                                            entropy_dtype=torch.float64)
+    rm, entropy, mask, has_eos = make_batch(
+        5, 23, seed=5, rm_dtype=torch.float64, entropy_dtype=torch.float64
+    )
     rm_t = rm.t().contiguous().t()  # column-major
     ent_wide = torch.stack([entropy, entropy + 1], dim=-1)[..., 0]  # stride 2 along T
     mask_int = mask.long()
@@ -249,14 +322,27 @@ def test_non_contiguous_and_other_dtypes(kernel_path, small_blocks, device):
     assert not rm_t.is_contiguous() and not ent_wide.is_contiguous() and not eos_col.is_contiguous()
     rm_l, ent_l, lengths, eos = as_lists(rm, entropy, mask, has_eos)
     for normalizer in (None, NORMALIZERS["floored"]):
-        want, _, _ = oracle_rewards(rm_l, ent_l, lengths, eos, "segment", 1.5, normalizer, SIGMA_FLOOR,
-                                    "interpolate")
-        out = segment_rewards(rm_t.to(device), ent_wide.to(device), mask_int.to(device), threshold=1.5,
-                              has_eos=eos_col.to(device), normalizer=normalizer, sigma_floor=SIGMA_FLOOR)
-        torch.testing.assert_close(out.rewards.cpu().double(), torch.tensor(want, dtype=torch.float64),
-                                   **TOL)
-    scores = sequence_scores(rm_t.to(device), ent_wide.to(device), mask_int.to(device),
-                             granularity="segment", threshold=1.5, has_eos=eos_col.long().to(device))
+        want, _, _ = oracle_rewards(
+            rm_l, ent_l, lengths, eos, "segment", 1.5, normalizer, SIGMA_FLOOR, "interpolate"
+        )
+        out = segment_rewards(
+            rm_t.to(device),
+            ent_wide.to(device),
+            mask_int.to(device),
+            threshold=1.5,
+            has_eos=eos_col.to(device),
+            normalizer=normalizer,
+            sigma_floor=SIGMA_FLOOR,
+        )
+        torch.testing.assert_close(out.rewards.cpu().double(), torch.tensor(want, dtype=torch.float64), **TOL)
+    scores = sequence_scores(
+        rm_t.to(device),
+        ent_wide.to(device),
+        mask_int.to(device),
+        granularity="segment",
+        threshold=1.5,
+        has_eos=eos_col.long().to(device),
+    )
     want = oracle_scores(rm_l, ent_l, lengths, eos, "segment", 1.5)
     torch.testing.assert_close(scores.cpu().double(), torch.tensor(want, dtype=torch.float64), **TOL)
 
@@ -287,24 +373,63 @@ LN2 = math.log(2.0)
 LN3 = math.log(3.0)
 LN23 = math.log(2.0 / 3.0)
 HAND_CASES = [
-    ("segment", "interpolate", None, [[1, 3], [1, 3, 4], [0], []],
-     [[10, 10, 20, 20, 0, 0], [10, 10, 20, 20, 50, 0], [10, 0, 0, 0, 0, 0], [0] * 6]),
-    ("segment", "repeat", None, None,
-     [[20, 20, 40, 40, 0, 0], [20, 20, 40, 40, 50, 0], [10, 0, 0, 0, 0, 0], [0] * 6]),
-    ("segment", "end", None, None,
-     [[0, 20, 0, 40, 0, 0], [0, 20, 0, 40, 50, 0], [10, 0, 0, 0, 0, 0], [0] * 6]),
+    (
+        "segment",
+        "interpolate",
+        None,
+        [[1, 3], [1, 3, 4], [0], []],
+        [[10, 10, 20, 20, 0, 0], [10, 10, 20, 20, 50, 0], [10, 0, 0, 0, 0, 0], [0] * 6],
+    ),
+    (
+        "segment",
+        "repeat",
+        None,
+        None,
+        [[20, 20, 40, 40, 0, 0], [20, 20, 40, 40, 50, 0], [10, 0, 0, 0, 0, 0], [0] * 6],
+    ),
+    (
+        "segment",
+        "end",
+        None,
+        None,
+        [[0, 20, 0, 40, 0, 0], [0, 20, 0, 40, 50, 0], [10, 0, 0, 0, 0, 0], [0] * 6],
+    ),
     # μ = ln p, σ = 2: segment k of K gets (r_k - ln(k/K)) / 2.
-    ("segment", "end", (1.0, 0.0, 0.0, 2.0), None,
-     [[0, (20 + LN2) / 2, 0, 20, 0, 0], [0, (20 + LN3) / 2, 0, (40 - LN23) / 2, 25, 0],
-      [5, 0, 0, 0, 0, 0], [0] * 6]),
-    ("token", "interpolate", None, [[0, 1, 2, 3], [0, 1, 2, 3, 4], [0], []],
-     [[10, 20, 30, 40, 0, 0], [10, 20, 30, 40, 50, 0], [10, 0, 0, 0, 0, 0], [0] * 6]),
+    (
+        "segment",
+        "end",
+        (1.0, 0.0, 0.0, 2.0),
+        None,
+        [
+            [0, (20 + LN2) / 2, 0, 20, 0, 0],
+            [0, (20 + LN3) / 2, 0, (40 - LN23) / 2, 25, 0],
+            [5, 0, 0, 0, 0, 0],
+            [0] * 6,
+        ],
+    ),
+    (
+        "token",
+        "interpolate",
+        None,
+        [[0, 1, 2, 3], [0, 1, 2, 3, 4], [0], []],
+        [[10, 20, 30, 40, 0, 0], [10, 20, 30, 40, 50, 0], [10, 0, 0, 0, 0, 0], [0] * 6],
+    ),
     # Bandit: one reward at L - 1, whatever `distribute` says.
-    ("bandit", "interpolate", None, [[4], [4], [0], []],
-     [[0, 0, 0, 0, 50, 0], [0, 0, 0, 0, 50, 0], [10, 0, 0, 0, 0, 0], [0] * 6]),
+    (
+        "bandit",
+        "interpolate",
+        None,
+        [[4], [4], [0], []],
+        [[0, 0, 0, 0, 50, 0], [0, 0, 0, 0, 50, 0], [10, 0, 0, 0, 0, 0], [0] * 6],
+    ),
     # K = 1, p = 1: μ = c = 5 and σ = max(d, floor) = max(-1, 0.5); (50 - 5) / 0.5 = 90.
-    ("bandit", "repeat", (3.0, 7.0, 5.0, -1.0), None,
-     [[0, 0, 0, 0, 90, 0], [0, 0, 0, 0, 90, 0], [10, 0, 0, 0, 0, 0], [0] * 6]),
+    (
+        "bandit",
+        "repeat",
+        (3.0, 7.0, 5.0, -1.0),
+        None,
+        [[0, 0, 0, 0, 90, 0], [0, 0, 0, 0, 90, 0], [10, 0, 0, 0, 0, 0], [0] * 6],
+    ),
 ]
 
 
@@ -312,15 +437,20 @@ HAND_CASES = [
 def test_hand_examples(kernel_path, device, granularity, distribute, normalizer, ends, rewards):
     mask = torch.tensor([[t < L for t in range(6)] for L in HAND_LENGTHS], device=device)
     out = segment_rewards(
-        torch.tensor(HAND_RM, device=device), torch.tensor(HAND_ENTROPY, device=device), mask,
-        granularity=granularity, threshold=2.0, has_eos=torch.tensor(HAND_EOS, device=device),
-        normalizer=normalizer, sigma_floor=0.5, distribute=distribute,
+        torch.tensor(HAND_RM, device=device),
+        torch.tensor(HAND_ENTROPY, device=device),
+        mask,
+        granularity=granularity,
+        threshold=2.0,
+        has_eos=torch.tensor(HAND_EOS, device=device),
+        normalizer=normalizer,
+        sigma_floor=0.5,
+        distribute=distribute,
     )
     if ends is not None:
         assert [torch.nonzero(row).flatten().tolist() for row in out.ends.cpu()] == ends
         assert out.num_segments.cpu().tolist() == [len(row) for row in ends]
-    torch.testing.assert_close(out.rewards.cpu().double(), torch.tensor(rewards, dtype=torch.float64),
-                               **TOL)
+    torch.testing.assert_close(out.rewards.cpu().double(), torch.tensor(rewards, dtype=torch.float64), **TOL)
 
 
 def test_hand_scores(kernel_path, device):
@@ -332,9 +462,17 @@ def test_hand_scores(kernel_path, device):
     assert scores.cpu().tolist() == pytest.approx([30.0, 110.0 / 3, 10.0, 0.0])
     scores.sum().backward()
     third = 1.0 / 3
-    torch.testing.assert_close(rm.grad.cpu(), torch.tensor([
-        [0, 0.5, 0, 0.5, 0, 0], [0, third, 0, third, third, 0], [1, 0, 0, 0, 0, 0], [0] * 6,
-    ]))
+    torch.testing.assert_close(
+        rm.grad.cpu(),
+        torch.tensor(
+            [
+                [0, 0.5, 0, 0.5, 0, 0],
+                [0, third, 0, third, third, 0],
+                [1, 0, 0, 0, 0, 0],
+                [0] * 6,
+            ]
+        ),
+    )
     bandit = sequence_scores(rm.detach(), *args, granularity="bandit", threshold=2.0, **kwargs)
     assert bandit.cpu().tolist() == [50.0, 50.0, 10.0, 0.0]
 
@@ -354,14 +492,21 @@ def test_sequence_scores_random(kernel_path, small_blocks, device, granularity):
                 ends = oracle_ends(ent_l, lengths, eos, granularity, threshold)
                 # The oracle's gradient: autograd through the float64 mean over each row's ends.
                 rm64 = torch.tensor(rm_l, dtype=torch.float64, requires_grad=True).reshape(B, T)
-                want = torch.stack([rm64[b, row].mean() if row else rm64.new_zeros(())
-                                    for b, row in enumerate(ends)])
+                want = torch.stack(
+                    [rm64[b, row].mean() if row else rm64.new_zeros(()) for b, row in enumerate(ends)]
+                )
                 weights = torch.randn(B, dtype=torch.float64)
                 (want_grad,) = torch.autograd.grad((want * weights).sum(), rm64)
 
                 leaf = rm.to(device).clone().requires_grad_(True)
-                got = sequence_scores(leaf, entropy.to(device), mask.to(device), granularity=granularity,
-                                      threshold=threshold, has_eos=has_eos.to(device))
+                got = sequence_scores(
+                    leaf,
+                    entropy.to(device),
+                    mask.to(device),
+                    granularity=granularity,
+                    threshold=threshold,
+                    has_eos=has_eos.to(device),
+                )
                 assert got.dtype == torch.float32 and got.shape == (B,)
                 torch.testing.assert_close(got.detach().cpu().double(), want.detach(), **TOL)
                 (got * weights.float().to(device)).sum().backward()
@@ -379,19 +524,22 @@ def _valid():
     return {"rm_values": rm, "entropy": torch.rand(2, 5), "response_mask": torch.ones(2, 5, dtype=torch.bool)}
 
 
-@pytest.mark.parametrize("change,name", [
-    ({"rm_values": torch.randn(2, 4)}, "rm_values"),
-    ({"entropy": torch.rand(3, 5)}, "entropy"),
-    ({"response_mask": torch.ones(2, 5, 1, dtype=torch.bool)}, "response_mask"),
-    ({"rm_values": torch.ones(2, 5, dtype=torch.long)}, "rm_values"),
-    ({"entropy": torch.ones(2, 5, dtype=torch.int32)}, "entropy"),
-    ({"response_mask": torch.ones(2, 5)}, "response_mask"),
-    ({"has_eos": torch.ones(3, dtype=torch.bool)}, "has_eos"),
-    ({"has_eos": torch.ones(2, 1, dtype=torch.bool)}, "has_eos"),
-    ({"granularity": "sentence"}, "granularity"),
-    ({"threshold": -0.5}, "threshold"),
-    ({"threshold": float("nan")}, "threshold"),
-])
+@pytest.mark.parametrize(
+    "change,name",
+    [
+        ({"rm_values": torch.randn(2, 4)}, "rm_values"),
+        ({"entropy": torch.rand(3, 5)}, "entropy"),
+        ({"response_mask": torch.ones(2, 5, 1, dtype=torch.bool)}, "response_mask"),
+        ({"rm_values": torch.ones(2, 5, dtype=torch.long)}, "rm_values"),
+        ({"entropy": torch.ones(2, 5, dtype=torch.int32)}, "entropy"),
+        ({"response_mask": torch.ones(2, 5)}, "response_mask"),
+        ({"has_eos": torch.ones(3, dtype=torch.bool)}, "has_eos"),
+        ({"has_eos": torch.ones(2, 1, dtype=torch.bool)}, "has_eos"),
+        ({"granularity": "sentence"}, "granularity"),
+        ({"threshold": -0.5}, "threshold"),
+        ({"threshold": float("nan")}, "threshold"),
+    ],
+)
 @pytest.mark.parametrize("op", ["segment_rewards", "sequence_scores"])
 def test_argument_errors(op, change, name):
     kwargs = {"granularity": "segment", "threshold": 2.0, **_valid(), **change}
@@ -400,14 +548,17 @@ def test_argument_errors(op, change, name):
         fn(kwargs.pop("rm_values"), kwargs.pop("entropy"), kwargs.pop("response_mask"), **kwargs)
 
 
-@pytest.mark.parametrize("change,name", [
-    ({"distribute": "spread"}, "distribute"),
-    ({"normalizer": [1.0, 2.0, 3.0]}, "normalizer"),
-    ({"normalizer": torch.zeros(5)}, "normalizer"),
-    ({"normalizer": [0.0, 0.0, float("inf"), 1.0]}, "normalizer"),
-    ({"sigma_floor": 0.0}, "sigma_floor"),
-    ({"sigma_floor": -1e-2}, "sigma_floor"),
-])
+@pytest.mark.parametrize(
+    "change,name",
+    [
+        ({"distribute": "spread"}, "distribute"),
+        ({"normalizer": [1.0, 2.0, 3.0]}, "normalizer"),
+        ({"normalizer": torch.zeros(5)}, "normalizer"),
+        ({"normalizer": [0.0, 0.0, float("inf"), 1.0]}, "normalizer"),
+        ({"sigma_floor": 0.0}, "sigma_floor"),
+        ({"sigma_floor": -1e-2}, "sigma_floor"),
+    ],
+)
 def test_segment_rewards_option_errors(change, name):
     v = _valid()
     with pytest.raises(ValueError, match=name):
@@ -432,27 +583,33 @@ def test_gpu_large_batch(monkeypatch):
     rm_l, ent_l, lens, eos = as_lists(rm[rows], entropy[rows], mask[rows], has_eos[rows])
     for granularity in GRANULARITIES:
         for distribute in DISTRIBUTES:
-            kwargs = {"granularity": granularity, "threshold": 2.5, "has_eos": cuda[3],
-                      "normalizer": NORMALIZERS["floored"], "sigma_floor": SIGMA_FLOOR,
-                      "distribute": distribute}
+            kwargs = {
+                "granularity": granularity,
+                "threshold": 2.5,
+                "has_eos": cuda[3],
+                "normalizer": NORMALIZERS["floored"],
+                "sigma_floor": SIGMA_FLOOR,
+                "distribute": distribute,
+            }
             monkeypatch.setenv("SEGPPO_KERNELS", "triton")
             got = segment_rewards(*cuda[:3], **kwargs)
             monkeypatch.setenv("SEGPPO_KERNELS", "torch")
             want = segment_rewards(*cuda[:3], **kwargs)
             assert torch.equal(got.ends, want.ends) and torch.equal(got.num_segments, want.num_segments)
             torch.testing.assert_close(got.rewards, want.rewards, **TOL)
-            oracle, _, _ = oracle_rewards(rm_l, ent_l, lens, eos, granularity, 2.5,
-                                          NORMALIZERS["floored"], SIGMA_FLOOR, distribute)
-            torch.testing.assert_close(got.rewards[rows].cpu().double(),
-                                       torch.tensor(oracle, dtype=torch.float64), **TOL)
+            oracle, _, _ = oracle_rewards(
+                rm_l, ent_l, lens, eos, granularity, 2.5, NORMALIZERS["floored"], SIGMA_FLOOR, distribute
+            )
+            torch.testing.assert_close(
+                got.rewards[rows].cpu().double(), torch.tensor(oracle, dtype=torch.float64), **TOL
+            )
         leaf = cuda[0].clone().requires_grad_(True)
         monkeypatch.setenv("SEGPPO_KERNELS", "triton")
         scores = sequence_scores(leaf, *cuda[1:3], granularity=granularity, threshold=2.5, has_eos=cuda[3])
         scores.sum().backward()
         want_leaf = cuda[0].clone().requires_grad_(True)
         monkeypatch.setenv("SEGPPO_KERNELS", "torch")
-        want = sequence_scores(want_leaf, *cuda[1:3], granularity=granularity, threshold=2.5,
-                               has_eos=cuda[3])
+        want = sequence_scores(want_leaf, *cuda[1:3], granularity=granularity, threshold=2.5, has_eos=cuda[3])
         want.sum().backward()
         torch.testing.assert_close(scores, want, **TOL)
         torch.testing.assert_close(leaf.grad, want_leaf.grad)

@@ -1,0 +1,150 @@
+"""PPO's small pure functions: token rewards, KL, losses, whitening, KL control.
+
+Per-token tensors are `[B, T]` on response tokens with a `mask` of the same shape. Losses return
+the *sum* over the batch's tokens scaled by `scale`, so that a caller can normalise by the token
+count of the whole rollout (see `segppo.ppo.trainer`): a global token mean that does not depend on
+how samples are grouped into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from segppo.distributed import all_reduce_sum
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL estimate of π against π_ref at the sampled tokens (Schulman's k1 or k3)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # exp(ref − logπ) − (ref − logπ) − 1 ≥ 0
+    raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
+
+
+def token_rewards(
+    dense: torch.Tensor,
+    kl: torch.Tensor,
+    response_mask: torch.Tensor,
+    has_eos: torch.Tensor,
+    *,
+    kl_coef: float,
+    reward_clip: float,
+    missing_eos_penalty: float | None = None,
+    overlong_penalty: float | None = None,
+    max_response_len: int | None = None,
+) -> torch.Tensor:
+    """`clip(dense, ±reward_clip) − β·kl` per token, plus penalties once at the last response token.
+
+    The missing-EOS penalty applies to responses cut off without a stop token; the overlong
+    penalty to responses of more than `max_response_len` response tokens (their own length,
+    whatever the prompt's length or padding). Both are added (they are usually negative).
+    """
+    mask = response_mask.bool()
+    rewards = dense.clamp(-reward_clip, reward_clip) - kl_coef * kl
+    length = mask.sum(-1)
+    extra = torch.zeros_like(length, dtype=rewards.dtype)
+    if missing_eos_penalty is not None:
+        extra = extra + torch.where(has_eos.bool(), 0.0, missing_eos_penalty)
+    if overlong_penalty is not None:
+        if max_response_len is None:
+            raise ValueError("an overlong penalty needs max_response_len")
+        extra = extra + torch.where(length > max_response_len, overlong_penalty, 0.0)
+    last = (length - 1).clamp(min=0)
+    rewards = rewards.scatter_add(1, last[:, None], (extra * (length > 0))[:, None])
+    return torch.where(mask, rewards, torch.zeros((), device=rewards.device))
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.bool(), x, torch.zeros((), device=x.device)).sum()
+
+
+def global_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked mean and (population) variance of `x` over every rank's tokens."""
+    stats = torch.stack([masked_sum(x, mask), masked_sum(x * x, mask), mask.sum().to(x.dtype)]).double()
+    all_reduce_sum(stats)
+    total, total_sq, count = stats.tolist()
+    count = max(count, 1.0)
+    mean = total / count
+    return torch.tensor(mean), torch.tensor(max(total_sq / count - mean * mean, 0.0))
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    out = (x - mean.to(x)) * torch.rsqrt(var.to(x) + 1e-8)
+    return torch.where(mask.bool(), out, torch.zeros((), device=x.device))
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float,
+    scale: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate `max(−A·r, −A·clip(r, 1±ε))` summed over tokens × `scale`; sums for metrics."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = torch.maximum(unclipped, clipped)
+    log_ratio = (logprobs - old_logprobs).detach()
+    stats = {
+        "policy_loss": masked_sum(loss.detach(), mask),
+        "policy_clipfrac": masked_sum((clipped > unclipped).float(), mask),
+        "approx_kl": masked_sum(torch.expm1(log_ratio) - log_ratio, mask),
+    }
+    return masked_sum(loss, mask) * scale, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float,
+    scale: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss `½·max((V−R)², (V_clip−R)²)` summed over tokens × `scale`."""
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * torch.maximum(unclipped, clipped)
+    stats = {
+        "value_loss": masked_sum(loss.detach(), mask),
+        "value_clipfrac": masked_sum((clipped > unclipped).float(), mask),
+    }
+    return masked_sum(loss, mask) * scale, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(R − V) / Var(R) over every rank's tokens (1 is a perfect critic)."""
+    _, var_returns = global_mean_var(returns, mask)
+    _, var_error = global_mean_var(returns - values, mask)
+    return float("nan") if var_returns.item() == 0 else 1.0 - var_error.item() / var_returns.item()
+
+
+@dataclass
+class KLController:
+    """β for the KL penalty: fixed, or adaptive towards `target` (Ziegler et al., 2019)."""
+
+    coef: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, kl: float, num_samples: int) -> None:
+        if self.target is None or not math.isfinite(kl):
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.coef *= 1.0 + error * num_samples / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"coef": self.coef}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.coef = float(state["coef"])

@@ -1,0 +1,435 @@
+"""PPO end to end on tiny models (CPU, DeepSpeed with gloo), and the fixes of DESIGN.md §3.6."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from segppo.config import PPOConfig, RMConfig
+from segppo.data import ChatFormat, PreferenceExample, PromptExample
+from segppo.models import SegppoMetadata, load_tokenizer
+from segppo.ppo.rollout import SamplingConfig, generate
+from segppo.ppo.trainer import NonFiniteError, train_ppo
+from segppo.rm.scoring import load_scorer
+from segppo.rm.trainer import train_reward_model
+from segppo.tracking import read_metrics
+
+PROMPTS = ["Name the capital.", "What is the capital of France?", "Say a city.", "Which city?"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [{"prompt": p} for p in PROMPTS * 40]
+    rows.append(
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A city?"}]}
+    )
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reward_models(tiny_lm_dir, preferences_file, tmp_path_factory):
+    """A trained segment, token and bandit RM on the same tiny backbone."""
+    folders = {}
+    for granularity in ("segment", "token", "bandit"):
+        out = tmp_path_factory.mktemp(f"rm_{granularity}") / "run"
+        train_reward_model(
+            RMConfig(
+                model=tiny_lm_dir,
+                dataset=preferences_file,
+                output=str(out),
+                granularity=granularity,
+                lr=3e-3,
+                batch_size=16,
+                micro_batch_size=8,
+                max_steps=20,
+                max_len=64,
+                max_prompt_len=32,
+                zero_stage=0,
+                eval_fraction=0.2,
+                warmup_ratio=0.0,
+                seed=0,
+            )
+        )
+        folders[granularity] = str(out)
+    return folders
+
+
+def ppo_config(policy, reward_model, prompts, output, **overrides) -> PPOConfig:
+    values = dict(
+        policy=policy,
+        reward_model=reward_model,
+        prompts=prompts,
+        output=str(output),
+        rollout_batch_size=16,
+        micro_rollout_batch_size=8,
+        train_batch_size=16,
+        micro_train_batch_size=8,
+        max_new_tokens=12,
+        max_prompt_len=48,
+        actor_lr=1e-2,
+        critic_lr=1e-2,
+        critic_init="sft",
+        ppo_epochs=2,
+        zero_stage=0,
+        warmup_ratio=0.0,
+        max_steps=2,
+        seed=0,
+    )
+    values.update(overrides)
+    return PPOConfig(**values)
+
+
+def fresh_rollout_reward(policy_dir: str, rm_dir: str, n: int = 64, seed: int = 123) -> float:
+    """Mean RM score of new samples from `policy_dir`, on held-fixed prompts and sampling seed."""
+    scorer = load_scorer(rm_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    prompts = [scorer.chat.encode_prompt(PromptExample([{"role": "user", "content": p}])) for p in PROMPTS]
+    prompts = (prompts * n)[:n]
+    sampling = SamplingConfig(max_new_tokens=12, stop_token_ids=tuple(scorer.chat.stop_token_ids))
+    torch.manual_seed(seed)
+    batch = generate(policy, prompts, sampling, scorer.tokenizer.pad_token_id, "cpu")
+    return scorer.score(batch).scores.mean().item()
+
+
+@pytest.mark.parametrize("granularity", ["segment", "token", "bandit"])
+def test_twenty_steps_raise_the_reward_of_fresh_rollouts(
+    tiny_lm_dir, reward_models, prompts_file, tmp_path, granularity
+):
+    rm = reward_models[granularity]
+    cfg = ppo_config(
+        tiny_lm_dir, rm, prompts_file, tmp_path / "ppo", max_steps=20, num_episodes=2, normalize=False
+    )
+    policy_dir = train_ppo(cfg)
+    before = fresh_rollout_reward(tiny_lm_dir, rm)
+    after = fresh_rollout_reward(str(policy_dir), rm)
+    assert after > before + 0.5, (before, after)
+    metrics = read_metrics(cfg.output_dir, split="train")
+    assert len(metrics) == 20
+    for key in (
+        "reward",
+        "normalized_reward",
+        "kl",
+        "entropy",
+        "response_length",
+        "segments",
+        "segment_length",
+        "policy_loss",
+        "value_loss",
+        "policy_clipfrac",
+        "value_clipfrac",
+        "approx_kl",
+        "explained_variance",
+        "tokens_per_s",
+        "time_generation",
+        "time_scoring",
+        "time_training",
+    ):
+        assert key in metrics[-1], key
+    if granularity == "token":
+        assert metrics[0]["segment_length"] == pytest.approx(1.0, abs=0.1)
+    if granularity == "bandit":
+        assert metrics[0]["segments"] == 1.0
+
+
+def test_policy_checkpoint_and_samples(tiny_lm_dir, reward_models, prompts_file, tmp_path):
+    cfg = ppo_config(tiny_lm_dir, reward_models["segment"], prompts_file, tmp_path / "run", save_every=1)
+    train_ppo(cfg)
+    model = AutoModelForCausalLM.from_pretrained(cfg.output_dir / "policy")
+    assert model.config.vocab_size == 384
+    assert (cfg.output_dir / "checkpoints" / "step-1" / "model.safetensors").exists()
+    meta = SegppoMetadata.load(cfg.output_dir / "policy" / "segppo.json")
+    assert meta.kind == "policy" and meta.granularity == "segment"
+    samples = [json.loads(line) for line in (cfg.output_dir / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2}
+    sample = samples[0]
+    assert "".join(seg["text"] for seg in sample["segments"]) in sample["response"]
+    assert sample["segments"] and all("reward" in seg for seg in sample["segments"])
+
+
+def test_two_ranks_match_one_rank(tiny_lm_dir, reward_models, prompts_file, tmp_path):
+    one = ppo_config(
+        tiny_lm_dir,
+        reward_models["segment"],
+        prompts_file,
+        tmp_path / "one",
+        max_steps=1,
+        ppo_epochs=1,
+        zero_stage=2,
+    )
+    two = dataclasses.replace(one, output=str(tmp_path / "two"), nproc=2)
+    train_ppo(one)
+    train_ppo(two)
+    a, b = read_metrics(one.output_dir, split="train")[0], read_metrics(two.output_dir, split="train")[0]
+    for key in (
+        "reward",
+        "normalized_reward",
+        "kl",
+        "response_length",
+        "policy_loss",
+        "value_loss",
+        "entropy",
+    ):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    wa = load_file(one.output_dir / "policy" / "model.safetensors")
+    wb = load_file(two.output_dir / "policy" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_lm_dir, reward_models, prompts_file, tmp_path):
+    base = dict(max_steps=4, save_every=2, kl_target=0.1)  # adaptive KL: its state must resume too
+    straight = ppo_config(tiny_lm_dir, reward_models["segment"], prompts_file, tmp_path / "straight", **base)
+    train_ppo(straight)
+    broken = ppo_config(tiny_lm_dir, reward_models["segment"], prompts_file, tmp_path / "broken", **base)
+
+    def interrupt(step, metrics):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_ppo(broken, step_callback=interrupt)
+    train_ppo(dataclasses.replace(broken, resume=True))
+    want, got = read_metrics(straight.output_dir), read_metrics(broken.output_dir)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for w, g in zip(want, got, strict=True):
+        for key in ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "actor_lr"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
+    wa = load_file(straight.output_dir / "policy" / "model.safetensors")
+    wb = load_file(broken.output_dir / "policy" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
+
+
+# -- DESIGN.md §3.6: defects of the paper's code ----------------------------------------------
+
+
+def test_each_row_keeps_its_own_eos(tiny_lm_dir):
+    from segppo.ppo.rollout import cut_at_stop
+
+    eos, pad = 3, 0
+    generated = torch.tensor([[5, 6, eos, pad, pad], [7, 8, 9, 10, 11], [eos, pad, pad, pad, pad]])
+    responses, has_eos = cut_at_stop(generated, [eos])
+    assert responses == [[5, 6, eos], [7, 8, 9, 10, 11], [eos]]
+    assert has_eos == [True, False, True]
+    from segppo.data import collate_responses
+
+    batch = collate_responses([[1, 2], [1], [1, 2, 4]], responses, has_eos, pad)
+    assert batch.response_mask.sum(-1).tolist() == [3, 5, 1]
+    assert batch.attention_mask.sum(-1).tolist() == [5, 6, 4]
+    assert batch.has_eos.tolist() == [True, False, True]
+
+
+def test_rm_reads_ppo_responses_as_it_read_its_training_data(reward_models):
+    """The same prompt and response text give the same token ids and the same RM score."""
+    from segppo.data import collate_preferences, collate_responses
+    from segppo.ppo.rollout import shared_rm_values
+
+    rm_dir = reward_models["segment"]
+    scorer = load_scorer(rm_dir)
+    messages = [{"role": "user", "content": "Name the capital."}]
+    pair = scorer.chat.encode_pair(PreferenceExample(messages, "the fox Paris red", "x"), max_len=64)
+    # PPO's path: the policy's chat format (the RM's recorded template) and generated ids + EOS.
+    policy_tokenizer = load_tokenizer(SegppoMetadata.load(f"{rm_dir}/model/segppo.json").base_model)
+    chat = ChatFormat(policy_tokenizer, scorer.metadata.chat_template)
+    prompt_ids = chat.encode_prompt(PromptExample(messages)).prompt_ids
+    generated = policy_tokenizer.encode("the fox Paris red", add_special_tokens=False) + [chat.end_of_turn_id]
+    assert prompt_ids == pair.prompt_ids and generated == pair.chosen_ids
+    ppo_batch = collate_responses([prompt_ids], [generated], [True], policy_tokenizer.pad_token_id)
+    rm_batch = collate_preferences([pair], policy_tokenizer.pad_token_id)
+    ppo_values = shared_rm_values(scorer.model)(ppo_batch)
+    rm_values = scorer.score(rm_batch).rm_values[:1, : ppo_values.shape[1]]
+    torch.testing.assert_close(ppo_values, rm_values)
+
+
+def test_penalties_are_options_in_response_coordinates():
+    from segppo.ppo.losses import token_rewards
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]).bool()
+    has_eos = torch.tensor([True, False, False])
+    zeros = torch.zeros(3, 5)
+    rewards = token_rewards(
+        zeros,
+        zeros,
+        mask,
+        has_eos,
+        kl_coef=0.1,
+        reward_clip=10.0,
+        missing_eos_penalty=-1.0,
+        overlong_penalty=-0.5,
+        max_response_len=4,
+    )
+    # row 0: EOS, 3 tokens; row 1: no EOS and 5 > 4 tokens; row 2: no EOS, exactly 4 tokens
+    assert rewards[0].tolist() == [0, 0, 0, 0, 0]
+    assert rewards[1].tolist() == [0, 0, 0, 0, -1.5]
+    assert rewards[2].tolist() == [0, 0, 0, -1.0, 0]
+    plain = token_rewards(zeros, zeros, mask, has_eos, kl_coef=0.1, reward_clip=10.0)
+    assert plain.abs().sum() == 0  # no penalty unless asked for, whatever the run is called
+
+
+def test_dense_rewards_are_clipped_and_kl_penalised():
+    from segppo.ppo.losses import kl_penalty, token_rewards
+
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    logp, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, -1.0, -0.5]])
+    kl = kl_penalty(logp, ref, "k1")
+    out = token_rewards(
+        torch.tensor([[20.0, -20.0, 1.0]]), kl, mask, torch.tensor([True]), kl_coef=0.1, reward_clip=10.0
+    )
+    torch.testing.assert_close(out, torch.tensor([[10.0 - 0.05, -10.0 + 0.1, 1.0]]))
+    k3 = kl_penalty(logp, ref, "k3")
+    assert (k3 >= 0).all() and k3[0, 2] == 0
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def test_prompt_longer_than_the_limit(tiny_lm_dir, reward_models, tmp_path):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(json.dumps({"prompt": "word " * 200}) + "\n" + json.dumps({"prompt": "short"}) + "\n")
+    with pytest.raises(ValueError, match="max_prompt_len|longer"):
+        train_ppo(ppo_config(tiny_lm_dir, reward_models["segment"], str(prompts), tmp_path / "o"))
+
+
+def test_empty_prompt_set(tiny_lm_dir, reward_models, tmp_path):
+    prompts = tmp_path / "empty.jsonl"
+    prompts.write_text(json.dumps({"prompt": ""}) + "\n")
+    with pytest.raises(ValueError):
+        train_ppo(ppo_config(tiny_lm_dir, reward_models["segment"], str(prompts), tmp_path / "o"))
+
+
+def test_fewer_prompts_than_a_rollout_batch(tiny_lm_dir, reward_models, tmp_path):
+    prompts = tmp_path / "few.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
+    with pytest.raises(ValueError, match="fewer than one --rollout-batch-size"):
+        train_ppo(ppo_config(tiny_lm_dir, reward_models["segment"], str(prompts), tmp_path / "o"))
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_lm(tmp_path_factory):
+    """A tiny LM whose tokenizer differs from the policy's (another BPE vocabulary)."""
+    from tiny import tiny_config, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("other_lm")
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(tiny_config("gpt2", vocab_size=300)).save_pretrained(folder)
+    tiny_tokenizer(vocab_size=300).save_pretrained(folder)
+    return str(folder)
+
+
+def test_dense_rm_with_another_tokenizer_is_refused(
+    tiny_lm_dir, other_tokenizer_lm, preferences_file, prompts_file, tmp_path
+):
+    rm = tmp_path / "rm"
+    train_reward_model(
+        RMConfig(
+            model=other_tokenizer_lm,
+            dataset=preferences_file,
+            output=str(rm),
+            granularity="token",
+            batch_size=16,
+            micro_batch_size=8,
+            max_steps=1,
+            max_len=64,
+            max_prompt_len=32,
+            zero_stage=0,
+            eval_fraction=0.2,
+        )
+    )
+    with pytest.raises(ValueError, match="different tokenizer"):
+        train_ppo(ppo_config(tiny_lm_dir, str(rm), prompts_file, tmp_path / "o"))
+
+
+def test_bandit_rm_with_another_tokenizer_scores_decoded_text(
+    tiny_lm_dir, other_tokenizer_lm, preferences_file, prompts_file, tmp_path
+):
+    rm = tmp_path / "rm"
+    train_reward_model(
+        RMConfig(
+            model=other_tokenizer_lm,
+            dataset=preferences_file,
+            output=str(rm),
+            granularity="bandit",
+            batch_size=16,
+            micro_batch_size=8,
+            max_steps=5,
+            lr=3e-3,
+            max_len=64,
+            max_prompt_len=32,
+            zero_stage=0,
+            eval_fraction=0.2,
+        )
+    )
+    with pytest.raises(ValueError, match="critic-init rm"):
+        train_ppo(ppo_config(tiny_lm_dir, str(rm), prompts_file, tmp_path / "a", critic_init="rm"))
+    cfg = ppo_config(tiny_lm_dir, str(rm), prompts_file, tmp_path / "b", max_steps=1)
+    train_ppo(cfg)
+    row = read_metrics(cfg.output_dir, split="train")[0]
+    assert row["segments"] == 1.0 and row["reward"] != 0.0
+
+
+def test_non_finite_rewards_stop_after_saving_the_last_good_state(
+    tiny_lm_dir, reward_models, prompts_file, tmp_path
+):
+    broken_rm = tmp_path / "broken_rm"
+    shutil.copytree(f"{reward_models['token']}/model", broken_rm)
+    weights = load_file(broken_rm / "model.safetensors")
+    weights["score.weight"] = torch.full_like(weights["score.weight"], float("nan"))
+    save_file(weights, broken_rm / "model.safetensors", metadata={"format": "pt"})
+    cfg = ppo_config(tiny_lm_dir, str(broken_rm), prompts_file, tmp_path / "run")
+    with pytest.raises(NonFiniteError, match="not finite"):
+        train_ppo(cfg)
+    assert (cfg.output_dir / "state" / "latest").read_text().strip() == "step-0"
+
+
+def test_ppo_cli(tiny_lm_dir, reward_models, prompts_file, tmp_path):
+    from segppo.cli.main import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "cli"
+    args = [
+        "ppo",
+        "train",
+        "--policy",
+        tiny_lm_dir,
+        "--reward-model",
+        reward_models["bandit"],
+        "--prompts",
+        prompts_file,
+        "--output",
+        str(out),
+        "--rollout-batch-size",
+        "16",
+        "--micro-rollout-batch-size",
+        "8",
+        "--train-batch-size",
+        "16",
+        "--micro-train-batch-size",
+        "8",
+        "--max-new-tokens",
+        "8",
+        "--max-prompt-len",
+        "48",
+        "--max-steps",
+        "1",
+        "--zero-stage",
+        "0",
+        "--missing-eos-penalty",
+        "-1",
+    ]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run_config.json").read_text())["missing_eos_penalty"] == -1.0
+    result = CliRunner().invoke(app, ["ppo", "train", "--preset", "nope", "--output", "x"])
+    assert result.exit_code == 2
