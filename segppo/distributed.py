@@ -248,6 +248,18 @@ def save_training_state(engines: dict[str, Any], state_dir: Path, tag: str, clie
     return state_dir / tag
 
 
+def check_run_folder(output_dir: Path, *, resume: bool) -> None:
+    """A new run needs a fresh folder; `--resume` needs a saved state. Nothing saved is overwritten."""
+    if resume:
+        if latest_state(output_dir / "state") is None:
+            raise FileNotFoundError(f"--resume: no training state in {output_dir / 'state'} to resume from")
+        return
+    if (output_dir / "state").exists() or (output_dir / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"{output_dir} already holds a run; pass --resume to continue it or choose another --output"
+        )
+
+
 def latest_state(state_dir: Path) -> Path | None:
     pointer = Path(state_dir) / LATEST
     if not pointer.exists():

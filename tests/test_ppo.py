@@ -9,9 +9,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import tiny_rm_config
 from transformers import AutoModelForCausalLM
 
-from segppo.config import PPOConfig, RMConfig
+from segppo.config import PPOConfig
 from segppo.data import ChatFormat, PreferenceExample, PromptExample
 from segppo.models import SegppoMetadata, load_tokenizer
 from segppo.ppo.rollout import SamplingConfig, generate
@@ -40,24 +41,8 @@ def reward_models(tiny_lm_dir, preferences_file, tmp_path_factory):
     folders = {}
     for granularity in ("segment", "token", "bandit"):
         out = tmp_path_factory.mktemp(f"rm_{granularity}") / "run"
-        train_reward_model(
-            RMConfig(
-                model=tiny_lm_dir,
-                dataset=preferences_file,
-                output=str(out),
-                granularity=granularity,
-                lr=3e-3,
-                batch_size=16,
-                micro_batch_size=8,
-                max_steps=20,
-                max_len=64,
-                max_prompt_len=32,
-                zero_stage=0,
-                eval_fraction=0.2,
-                warmup_ratio=0.0,
-                seed=0,
-            )
-        )
+        cfg = tiny_rm_config(tiny_lm_dir, preferences_file, out, granularity=granularity, max_steps=20)
+        train_reward_model(cfg)
         folders[granularity] = str(out)
     return folders
 
@@ -333,19 +318,7 @@ def test_dense_rm_with_another_tokenizer_is_refused(
 ):
     rm = tmp_path / "rm"
     train_reward_model(
-        RMConfig(
-            model=other_tokenizer_lm,
-            dataset=preferences_file,
-            output=str(rm),
-            granularity="token",
-            batch_size=16,
-            micro_batch_size=8,
-            max_steps=1,
-            max_len=64,
-            max_prompt_len=32,
-            zero_stage=0,
-            eval_fraction=0.2,
-        )
+        tiny_rm_config(other_tokenizer_lm, preferences_file, rm, granularity="token", max_steps=1)
     )
     with pytest.raises(ValueError, match="different tokenizer"):
         train_ppo(ppo_config(tiny_lm_dir, str(rm), prompts_file, tmp_path / "o"))
@@ -356,20 +329,7 @@ def test_bandit_rm_with_another_tokenizer_scores_decoded_text(
 ):
     rm = tmp_path / "rm"
     train_reward_model(
-        RMConfig(
-            model=other_tokenizer_lm,
-            dataset=preferences_file,
-            output=str(rm),
-            granularity="bandit",
-            batch_size=16,
-            micro_batch_size=8,
-            max_steps=5,
-            lr=3e-3,
-            max_len=64,
-            max_prompt_len=32,
-            zero_stage=0,
-            eval_fraction=0.2,
-        )
+        tiny_rm_config(other_tokenizer_lm, preferences_file, rm, granularity="bandit", max_steps=5, lr=3e-3)
     )
     with pytest.raises(ValueError, match="critic-init rm"):
         train_ppo(ppo_config(tiny_lm_dir, str(rm), prompts_file, tmp_path / "a", critic_init="rm"))

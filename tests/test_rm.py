@@ -8,34 +8,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_rm_config as rm_config
 from transformers import AutoModelForTokenClassification
 
-from segppo.config import RMConfig, RMEvalConfig
+from segppo.config import RMEvalConfig
 from segppo.models import SegppoMetadata
 from segppo.rm.evaluate import evaluate_reward_model, inspect_response
 from segppo.rm.scoring import load_scorer
 from segppo.rm.trainer import train_reward_model
 from segppo.tracking import read_metrics
-
-
-def rm_config(model, dataset, output, **overrides) -> RMConfig:
-    values = dict(
-        model=model,
-        dataset=dataset,
-        output=str(output),
-        lr=3e-3,
-        batch_size=16,
-        micro_batch_size=8,
-        epochs=1,
-        max_len=64,
-        max_prompt_len=32,
-        zero_stage=0,
-        eval_fraction=0.2,
-        warmup_ratio=0.0,
-        seed=0,
-    )
-    values.update(overrides)
-    return RMConfig(**values)
 
 
 @pytest.fixture(scope="module")

@@ -132,3 +132,26 @@ def save_tiny_lm(folder, arch: str = "llama", seed: int = 0) -> str:
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+def tiny_rm_config(model, dataset, output, **overrides):
+    """An RMConfig sized for tests: the Paris/Lyon set trains to >90% held-out accuracy in seconds."""
+    from segppo.config import RMConfig
+
+    values = dict(
+        model=model,
+        dataset=dataset,
+        output=str(output),
+        lr=3e-3,
+        batch_size=16,
+        micro_batch_size=8,
+        epochs=1,
+        max_len=64,
+        max_prompt_len=32,
+        zero_stage=0,
+        eval_fraction=0.2,
+        warmup_ratio=0.0,
+        seed=0,
+    )
+    values.update(overrides)
+    return RMConfig(**values)

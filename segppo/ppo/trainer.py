@@ -31,6 +31,7 @@ from segppo.data import ChatFormat, EncodedPrompt, LayoutOptions, collate_respon
 from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
+    check_run_folder,
     deepspeed_config,
     frozen_on_device,
     full_state_dict,
@@ -244,21 +245,9 @@ def collate_samples(samples: list[Sample], pad_token_id: int, device):
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_output(cfg: PPOConfig) -> None:
-    out = cfg.output_dir
-    if cfg.resume:
-        if latest_state(out / "state") is None:
-            raise FileNotFoundError(f"--resume: no training state in {out / 'state'} to resume from")
-        return
-    if (out / "state").exists() or (out / "metrics.jsonl").exists():
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --output"
-        )
-
-
 def train_ppo(cfg: PPOConfig, *, step_callback: StepCallback | None = None) -> Path:
     """Run PPO on `cfg.nproc` local ranks (or an outer launcher's); returns the policy folder."""
-    _check_output(cfg)
+    check_run_folder(cfg.output_dir, resume=cfg.resume)
     launch(_train, cfg, step_callback, nproc=cfg.nproc)
     return cfg.output_dir / "policy"
 

@@ -36,6 +36,7 @@ from segppo.data import (
 from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
+    check_run_folder,
     deepspeed_config,
     frozen_on_device,
     full_state_dict,
@@ -183,21 +184,9 @@ def evaluate_pairs(
     }
 
 
-def _check_output(cfg: RMConfig) -> None:
-    out = cfg.output_dir
-    if cfg.resume:
-        if latest_state(out / "state") is None:
-            raise FileNotFoundError(f"--resume: no training state in {out / 'state'} to resume from")
-        return
-    if (out / "state").exists() or (out / "metrics.jsonl").exists():
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --output"
-        )
-
-
 def train_reward_model(cfg: RMConfig, *, step_callback: StepCallback | None = None) -> Path:
     """Train on `cfg.nproc` local ranks (or the ranks of an outer launcher); returns the model folder."""
-    _check_output(cfg)
+    check_run_folder(cfg.output_dir, resume=cfg.resume)
     launch(_train, cfg, step_callback, nproc=cfg.nproc)
     return cfg.output_dir / "model"
 
