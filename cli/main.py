@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from . import eval as eval_cli
 from . import normalizer, ppo, rm
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ def info() -> None:
 app.add_typer(rm.app, name="rm")
 app.add_typer(ppo.app, name="ppo")
 app.command("fit-normalizer")(normalizer.fit_normalizer)
+app.command("eval")(eval_cli.eval_command)
 
 
 def main() -> None:

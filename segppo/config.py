@@ -320,6 +320,90 @@ class PPOConfig:
         )
 
 
+@dataclass
+class EvalConfig:
+    """`segppo eval`: sample responses from one or more policies, score them, compare, export.
+
+    Exactly one scorer: `reward_model` (a segppo RM folder or run folder; scores are its sequence
+    score and the PPO-normalized reward) or `scorer` (`module:function`, a Python callable
+    `f(prompts, responses) -> list[float]`). `baseline` names (or is the path of) the policy the
+    others are compared against; default: the first policy when there are several.
+    """
+
+    policy: list[str]
+    prompts: str
+    output: str
+    reward_model: str | None = None
+    scorer: str | None = None  # module:function
+    baseline: str | None = None  # a --name, a --policy path, or another policy path (evaluated too)
+    name: list[str] | None = None  # one per --policy; default: each folder's last path component
+    num_samples: int = 1  # responses per prompt per policy
+    turns: int = 1  # 2: MT-Bench-style rows with a `turns` list of two user messages
+    split: str = "train"
+    max_samples: int | None = None
+    prompt_key: str | None = None
+    chat_template: str | None = None  # default: the RM's when it shares the policy's tokenizer
+    max_prompt_len: int = 1024
+    long_prompts: str = "error"  # error | truncate: a first-turn prompt over --max-prompt-len
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token: list[str] | None = None
+    batch_size: int = 16  # prompts per generate call, responses per scoring forward
+    seed: int = 42
+    normalizer: str | None = None  # normalizer.json; default: the RM's own, if any
+    sigma_floor: float | None = None  # default: the normalizer's own, else 1e-2
+    segmenter: str | None = None  # override the RM's recorded segmenter
+    granularity: str | None = None  # for imported RMs that record none
+    threshold: float | None = None
+    bf16: bool = False
+    plot: bool = True
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.policy, str):
+            self.policy = [self.policy]
+        if isinstance(self.name, str):
+            self.name = [self.name]
+        if isinstance(self.stop_token, str):
+            self.stop_token = [self.stop_token]
+        if not self.policy:
+            raise ValueError("--policy is required (repeat it to compare several policies)")
+        check_positive(self, "num_samples", "max_prompt_len", "max_new_tokens", "batch_size")
+        if self.reward_model is not None and self.scorer is not None:
+            raise ValueError("pass either --reward-model or --scorer, not both")
+        if self.scorer is not None:
+            module, _, function = self.scorer.partition(":")
+            if not module or not function:
+                raise ValueError(
+                    f"--scorer must be module:function (e.g. mypkg.rewards:score), got {self.scorer!r}"
+                )
+        if self.turns not in (1, 2):
+            raise ValueError(f"--turns must be 1 or 2, got {self.turns}")
+        if self.long_prompts not in ("error", "truncate"):
+            raise ValueError(f"--long-prompts must be error or truncate, got {self.long_prompts!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.name is not None and len(self.name) != len(self.policy):
+            raise ValueError(
+                f"give one --name per --policy: {len(self.name)} names for {len(self.policy)} policies"
+            )
+        if self.sigma_floor is not None and not self.sigma_floor > 0:
+            raise ValueError(f"--sigma-floor must be positive, got {self.sigma_floor}")
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.threshold is not None and self.threshold < 0:
+            raise ValueError(f"--threshold must be >= 0, got {self.threshold}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"--max-samples must be at least 1, got {self.max_samples}")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+
 def check_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
@@ -477,6 +561,7 @@ def preset_values(name: str, presets: dict[str, dict[str, Any]]) -> dict[str, An
 
 
 __all__ = [
+    "EvalConfig",
     "FitNormalizerConfig",
     "PPOConfig",
     "PPO_PRESETS",

@@ -1,0 +1,139 @@
+"""Generating the responses of one policy to an evaluation set: batched, seeded, one or two turns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from segppo.data import ChatFormat, PromptExample
+from segppo.ppo.rollout import SamplingConfig
+
+from .prompts import EvalPrompt
+from .sampling import generate_seeded, row_seed
+
+
+@dataclass
+class Generation:
+    """One response (sample `sample` of `prompt`), its turns and, once scored, its scores.
+
+    For two turns, `turns` holds both responses and `messages`/`prompt_ids` are the final turn's
+    prompt (first question, first answer, second question); `response_ids`, `has_eos` and
+    `length` are the final turn's, in the policy's tokens (stop token included).
+    """
+
+    prompt: EvalPrompt
+    sample: int
+    turns: list[str] = field(default_factory=list)  # response text of each turn (stripped)
+    messages: list[dict] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)
+    response_ids: list[int] = field(default_factory=list)
+    has_eos: bool = False
+    prompt_truncated: bool = False
+    score: float | None = None
+    normalized_reward: float | None = None  # Σ of the normalized segment rewards (RM only)
+    num_segments: int | None = None  # RM only
+    scored_tokens: int | None = None  # response tokens as the RM read them (RM only)
+
+    @property
+    def response(self) -> str:
+        """The final turn's response text."""
+        return self.turns[-1]
+
+    @property
+    def length(self) -> int:
+        return len(self.response_ids)
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_id": self.prompt.id,
+            "prompt_index": self.prompt.index,
+            "sample": self.sample,
+            "messages": self.messages,
+            "turns": self.turns,
+            "response": self.response,
+            "length": self.length,
+            "has_eos": self.has_eos,
+            "score": self.score,
+            "normalized_reward": self.normalized_reward,
+            "segments": self.num_segments,
+        }
+
+
+def response_text(tokenizer, ids: Sequence[int], has_eos: bool) -> str:
+    """The response's text: its ids without the stop token, special tokens dropped, stripped."""
+    ids = list(ids[:-1] if has_eos else ids)
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generate_responses(
+    model,
+    tokenizer,
+    chat: ChatFormat,
+    prompts: Sequence[EvalPrompt],
+    sampling: SamplingConfig,
+    *,
+    num_samples: int = 1,
+    turns: int = 1,
+    batch_size: int = 16,
+    seed: int = 42,
+    max_prompt_len: int | None = None,
+    long_prompts: str = "error",
+    device="cpu",
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """`num_samples` responses per prompt, prompt-major (`[p0s0, p0s1, ..., p1s0, ...]`).
+
+    The first turn's prompt is `chat.encode_prompt` of the prompt messages (PPO's formatting,
+    `max_prompt_len` and `long_prompts` as in PPO). With `turns=2` the first response is appended
+    as an assistant message, followed by the prompt's next user turn, and the model answers again;
+    that second prompt is not truncated. Row (prompt i, sample s, turn t) samples with
+    `row_seed(seed, i, s, t)`, whatever the policy and the batching. `on_batch(n)` is called after
+    each generate call with its number of responses.
+    """
+    if turns < 1:
+        raise ValueError(f"turns must be at least 1, got {turns}")
+    generations: list[Generation] = []
+    for prompt in prompts:
+        if len(prompt.followups) < turns - 1:
+            raise ValueError(
+                f"prompt {prompt.id!r} has {1 + len(prompt.followups)} turn(s), fewer than {turns}"
+            )
+        encoded = chat.encode_prompt(
+            PromptExample(prompt.messages, row=prompt.row),
+            max_prompt_len=max_prompt_len,
+            on_long_prompt=long_prompts,
+        )
+        for sample in range(num_samples):
+            generations.append(
+                Generation(
+                    prompt=prompt,
+                    sample=sample,
+                    messages=[dict(m) for m in prompt.messages],
+                    prompt_ids=list(encoded.prompt_ids),
+                    prompt_truncated=encoded.truncated,
+                )
+            )
+    pad = chat.pad_token_id
+    for turn in range(turns):
+        if turn > 0:
+            for g in generations:
+                g.messages = [
+                    *g.messages,
+                    {"role": "assistant", "content": g.turns[-1]},
+                    {"role": "user", "content": g.prompt.followups[turn - 1]},
+                ]
+                g.prompt_ids = chat.prompt_ids(g.messages)
+        # Longest prompts first: less padding per batch, and an out-of-memory shows at once.
+        order = sorted(range(len(generations)), key=lambda i: (-len(generations[i].prompt_ids), i))
+        for start in range(0, len(order), batch_size):
+            rows = [generations[i] for i in order[start : start + batch_size]]
+            seeds = [row_seed(seed, g.prompt.index, g.sample, turn) for g in rows]
+            batch = generate_seeded(model, [g.prompt_ids for g in rows], sampling, seeds, pad, device)
+            lengths = batch.response_mask.sum(-1).tolist()
+            responses = batch.response_ids.tolist()
+            for g, ids, n, eos in zip(rows, responses, lengths, batch.has_eos.tolist(), strict=True):
+                g.response_ids, g.has_eos = ids[:n], bool(eos)
+                g.turns.append(response_text(tokenizer, g.response_ids, g.has_eos))
+            if on_batch is not None:
+                on_batch(len(rows))
+    return generations
