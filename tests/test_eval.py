@@ -261,7 +261,8 @@ def test_eval_with_a_reward_model(tiny_lm_dir, other_policy, rm_dir, data, tmp_p
     ]
     assert len(rows) == 10 and {r["prompt_id"] for r in rows} == {100, 101, 102, 103, 200}
     assert rows[0]["score"] == results.policies["other"].generations[0].score
-    assert "matplotlib" in " ".join(saved["notes"]) or saved["plot"] == "score_distributions.png"
+    assert saved["plot"] == "score_distributions.png"
+    assert (tmp_path / "out" / "score_distributions.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "arena_hard" / "model_answer" / "sft_again.jsonl").is_file()
     table = results.table()
     assert table.row_count == 3

@@ -302,11 +302,6 @@ def test_input_errors(segment_rm, rm_copy, preferences_file, tmp_path):
 
 def test_plot(segment_rm, preferences_file, tmp_path):
     args = ["--reward-model", segment_rm, "--dataset", preferences_file, "--output", tmp_path / "n.json"]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "needs matplotlib" in _error(invoke(*args, "--plot", tmp_path / "fit.png", *SMALL))
-        return
     result = invoke(*args, "--samples", 8, "--plot", tmp_path / "fit.png", *SMALL)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
