@@ -66,3 +66,12 @@ def replace_folder(src: Path, dst: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def same_source(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    """Whether two model or dataset names denote the same thing: equal names, or the same local path."""
+    if a is None or b is None:
+        return False
+    if str(a) == str(b):
+        return True
+    return Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()

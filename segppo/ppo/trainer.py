@@ -43,6 +43,7 @@ from segppo.distributed import (
     set_seed,
     shutdown,
 )
+from segppo.io import same_source
 from segppo.models import (
     SegppoMetadata,
     create_reward_model,
@@ -279,6 +280,16 @@ class PPOTrainer:
         self.reward = load_reward(cfg, self.tokenizer)
         meta = self.reward.metadata
         self.segmentation = Segmentation.resolve(meta.granularity, meta.threshold or 0.0)
+        reference_name = cfg.reference or cfg.policy
+        if (
+            self.segmentation.needs_entropy
+            and meta.segmenter
+            and not same_source(meta.segmenter, reference_name)
+        ):
+            console.print(
+                f"[yellow]warning:[/] the reward model was segmented with {meta.segmenter}, but PPO takes "
+                f"entropy from the reference {reference_name}; segments may differ from the RM's training"
+            )
         template = resolve_chat_template(cfg, self.reward)
         self.chat = ChatFormat(self.tokenizer, template)
         self.prompts = load_prompts(cfg, self.tokenizer, template)

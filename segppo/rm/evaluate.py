@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -18,15 +17,10 @@ from segppo.data import (
     split_train_eval,
 )
 from segppo.distributed import DistInfo
+from segppo.io import same_source
 from segppo.kernels import segment_rewards
 from segppo.rm.scoring import RewardScorer, load_scorer
 from segppo.rm.trainer import evaluate_pairs
-
-
-def _same_dataset(a: str | None, b: str) -> bool:
-    if a is None:
-        return False
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def evaluate_reward_model(cfg: RMEvalConfig) -> dict:
@@ -46,7 +40,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> dict:
     splits = load_splits(cfg.dataset)
     trained_on = scorer.metadata.data or {}
     rows_note = f"split {cfg.split!r}"
-    if _same_dataset(trained_on.get("dataset"), cfg.dataset) and trained_on.get("split") == cfg.split:
+    if same_source(trained_on.get("dataset"), cfg.dataset) and trained_on.get("split") == cfg.split:
         _, rows = split_train_eval(
             splits,
             eval_split=trained_on.get("eval_split"),
