@@ -29,11 +29,23 @@ def last_logits(model, input_ids, attention_mask, position_ids, keep: int) -> to
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     if position_ids is not None and _accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids
-    if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = keep
+    if not _accepts(model, "logits_to_keep"):
+        return model(**kwargs).logits[:, -keep:]
+    kwargs["logits_to_keep"] = keep
+    # The kept hidden states are a strided slice; a plain matmul over it falls back to a batched
+    # product that holds a second logits-sized buffer (bf16 on CPU). A contiguous input avoids that.
+    head = getattr(model, "module", model).get_output_embeddings()
+    hook = head.register_forward_pre_hook(_contiguous_first_input) if head is not None else None
+    try:
         logits = model(**kwargs).logits
-        return logits[:, -keep:]  # models that ignore logits_to_keep=S still return S columns
-    return model(**kwargs).logits[:, -keep:]
+    finally:
+        if hook is not None:
+            hook.remove()
+    return logits[:, -keep:]  # models that ignore logits_to_keep=S still return S columns
+
+
+def _contiguous_first_input(module, args):
+    return (args[0].contiguous(), *args[1:])
 
 
 @torch.no_grad()
