@@ -404,6 +404,29 @@ class EvalConfig:
         return Path(self.output)
 
 
+@dataclass
+class DemoConfig:
+    """`segppo demo`: the whole method end to end on the built-in synthetic task (no network, CPU)."""
+
+    output: str = "segppo-demo"
+    budget: str = "default"  # small | default
+    compare: list[str] | None = None  # granularities to compare, e.g. bandit, token, segment
+    seeds: int = 1
+    seed: int = 0
+    cache_dir: str | None = None  # where the SFT policy is cached (default ~/.cache/segppo/demo)
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.compare, str):
+            self.compare = [g.strip() for g in self.compare.split(",") if g.strip()]
+        for granularity in self.compare or []:
+            if granularity not in GRANULARITIES:
+                raise ValueError(f"--compare takes granularities from {GRANULARITIES}, got {granularity!r}")
+        check_positive(self, "seeds")
+        if self.threads is not None:
+            check_positive(self, "threads")
+
+
 def check_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
@@ -561,6 +584,7 @@ def preset_values(name: str, presets: dict[str, dict[str, Any]]) -> dict[str, An
 
 
 __all__ = [
+    "DemoConfig",
     "EvalConfig",
     "FitNormalizerConfig",
     "PPOConfig",

@@ -59,6 +59,11 @@ class ResponseBatch:
         """[B, T] the response columns of input_ids (padding where response_mask is false)."""
         return self.input_ids[:, self.prompt_len :]
 
+    def prompt_ids(self, row: int) -> list[int]:
+        """Row `row`'s prompt token ids, without the left padding."""
+        real = self.attention_mask[row, : self.prompt_len].bool()
+        return self.input_ids[row, : self.prompt_len][real].tolist()
+
     def to(self, device: torch.device | str) -> ResponseBatch:
         return _to(self, device)
 

@@ -206,13 +206,10 @@ def split_samples(exp: Experience) -> list[Sample]:
     batch = exp.batch
     samples = []
     for row in range(batch.input_ids.shape[0]):
-        prompt = batch.input_ids[row, : batch.prompt_len][
-            batch.attention_mask[row, : batch.prompt_len].bool()
-        ]
         length = int(batch.response_mask[row].sum())
         samples.append(
             Sample(
-                prompt.tolist(),
+                batch.prompt_ids(row),
                 batch.response_ids[row, :length].tolist(),
                 bool(batch.has_eos[row]),
                 exp.logprobs[row, :length],
@@ -381,10 +378,7 @@ class PPOTrainer:
         return engine, scheduler
 
     def _prompt_messages(self, batch) -> list[list[dict]]:
-        rows = []
-        for ids, mask in zip(batch.input_ids[:, : batch.prompt_len], batch.attention_mask, strict=True):
-            rows.append(self._prompt_of_ids[tuple(ids[mask[: batch.prompt_len].bool()].tolist())])
-        return rows
+        return [self._prompt_of_ids[tuple(batch.prompt_ids(row))] for row in range(batch.input_ids.shape[0])]
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -645,28 +639,23 @@ class PPOTrainer:
             ends = torch.nonzero(e.segments.ends[row, :length]).flatten().tolist()
             segments, begin = [], 0
             for end in ends:
+                text = self.tokenizer.decode(ids[begin : end + 1])
                 segments.append(
-                    {
-                        "text": self.tokenizer.decode(ids[begin : end + 1]),
-                        "reward": float(e.segments.rewards[row, begin : end + 1].sum()),
-                    }
+                    {"text": text, "reward": float(e.segments.rewards[row, begin : end + 1].sum())}
                 )
                 begin = end + 1
-            prompt = e.batch.input_ids[row, : e.batch.prompt_len][
-                e.batch.attention_mask[row, : e.batch.prompt_len].bool()
-            ]
-            lines.append(
-                json.dumps(
-                    {
-                        "step": step,
-                        "prompt": self.tokenizer.decode(prompt.tolist()),
-                        "response": self.tokenizer.decode(ids),
-                        "has_eos": bool(e.batch.has_eos[row]),
-                        "raw_reward": float(e.raw_score[row]),
-                        "segments": segments,
-                    }
-                )
-            )
+            prompt_ids = e.batch.prompt_ids(row)
+            sample = {
+                "step": step,
+                "messages": self._prompt_of_ids[tuple(prompt_ids)],
+                "prompt": self.tokenizer.decode(prompt_ids),
+                "response": self.tokenizer.decode(ids),
+                "response_text": self.tokenizer.decode(ids, skip_special_tokens=True),
+                "has_eos": bool(e.batch.has_eos[row]),
+                "raw_reward": float(e.raw_score[row]),
+                "segments": segments,
+            }
+            lines.append(json.dumps(sample))
         path = self.cfg.output_dir / "samples.jsonl"
         with path.open("a") as f:
             f.write("\n".join(lines) + "\n")
