@@ -107,6 +107,9 @@ def _spawned_worker(local_rank: int, world_size: int, port: int, fn: Callable, a
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
     )
+    if not torch.cuda.is_available():
+        # Ranks share the CPU: more threads than cores make every op wait on descheduled threads.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     fn(*args)
 
 

@@ -14,7 +14,9 @@ if not torch.cuda.is_available():
 
 from segppo.kernels._dispatch import HAS_TRITON  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: the tests' tensors are tiny, and on a shared machine a second OpenMP thread that
+# waits for a busy core can make each op a hundred times slower.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
