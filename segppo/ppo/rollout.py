@@ -7,6 +7,7 @@ PPO's responses exactly as it read its training data.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,7 @@ class Experience:
     policy_entropy: torch.Tensor  # [B, T]
     segments: SegmentRewards  # dense normalized rewards, ends, counts
     raw_score: torch.Tensor  # [B] the RM's sequence score (mean value at segment ends)
+    reward_seconds: float = 0.0  # time from RM values to advantages (segmentation through GAE)
 
 
 @torch.no_grad()
@@ -130,6 +132,8 @@ def make_experience(
     ref_logprobs, ref_entropy = logprobs_and_entropy(reference, *args)
     values = torch.where(mask, critic_values(critic, batch), 0.0)
     rm_values = rm_values_fn(batch)
+    # The reward/advantage phase proper: segmentation through GAE (timed for the step's breakdown).
+    start = time.perf_counter()
     seg = setup.segmentation
     segments = segment_rewards(
         rm_values,
@@ -158,8 +162,11 @@ def make_experience(
         max_response_len=setup.max_response_len,
     )
     advantages, returns = gae(rewards, values, mask, gamma=setup.gamma, lam=setup.lam)
+    if advantages.is_cuda:
+        torch.cuda.synchronize()
     return Experience(
-        batch, logprobs, values, advantages, returns, rewards, kl, policy_entropy, segments, raw_score
+        batch, logprobs, values, advantages, returns, rewards, kl, policy_entropy, segments, raw_score,
+        reward_seconds=time.perf_counter() - start,
     )
 
 

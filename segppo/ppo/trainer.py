@@ -423,6 +423,7 @@ class PPOTrainer:
             for e in experiences:
                 e.advantages = whiten(e.advantages, e.batch.response_mask, mean, var)
         self.timing["scoring"] = time.perf_counter() - start
+        self.timing["rewards"] = sum(e.reward_seconds for e in experiences)
         return experiences
 
     def rollout_metrics(self, experiences: list[Experience]) -> dict[str, float]:
