@@ -49,7 +49,7 @@ def train(
     normalize: Annotated[bool, Opt(help="Location-aware normalization of segment rewards.")] = True,
     reward_mean: Annotated[float | None, Opt(help="Bandit normalizer mean.")] = None,
     reward_std: Annotated[float | None, Opt(help="Bandit normalizer std.")] = None,
-    sigma_floor: Annotated[float, Opt()] = 1e-2,
+    sigma_floor: Annotated[float | None, Opt(help="Floor of σ(p) (default: the normalizer's own).")] = None,
     reward_clip: Annotated[float, Opt()] = 10.0,
     kl_coef: Annotated[float, Opt(help="β of the KL penalty (initial value when adaptive).")] = 0.01,
     kl_target: Annotated[float | None, Opt(help="Adaptive KL control towards this KL.")] = None,

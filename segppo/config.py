@@ -211,7 +211,7 @@ class PPOConfig:
     normalize: bool = True
     reward_mean: float | None = None  # a bandit RM's global score statistics: the normalizer
     reward_std: float | None = None  # [0, 0, mean, std] (default: recorded by the RM)
-    sigma_floor: float = 1e-2
+    sigma_floor: float | None = None  # default: the normalizer's own, else 1e-2
     reward_clip: float = 10.0
     kl_coef: float = 0.01
     kl_target: float | None = None  # adaptive KL control when set
@@ -286,7 +286,9 @@ class PPOConfig:
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("kl_coef", "reward_clip", "policy_clip", "sigma_floor", "actor_lr", "critic_lr"):
+        if self.sigma_floor is not None and not self.sigma_floor > 0:
+            raise ValueError(f"--sigma-floor must be positive, got {self.sigma_floor}")
+        for name in ("kl_coef", "reward_clip", "policy_clip", "actor_lr", "critic_lr"):
             if getattr(self, name) < 0 or (name != "kl_coef" and getattr(self, name) == 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.overlong_penalty is not None and self.max_response_len is None:

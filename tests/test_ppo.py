@@ -393,3 +393,22 @@ def test_ppo_cli(tiny_lm_dir, reward_models, prompts_file, tmp_path):
     assert json.loads((out / "run_config.json").read_text())["missing_eos_penalty"] == -1.0
     result = CliRunner().invoke(app, ["ppo", "train", "--preset", "nope", "--output", "x"])
     assert result.exit_code == 2
+
+
+def test_ppo_reads_a_normalizer_json(tiny_lm_dir, reward_models, prompts_file, tmp_path):
+    """`--normalizer normalizer.json` (what fit-normalizer writes) sets PPO's segment rewards."""
+    from segppo.normalizer import Normalizer
+
+    path = tmp_path / "normalizer.json"
+    Normalizer(params=(0.5, 0.1, 1.0, 2.0), sigma_floor=0.05, source="fit").save(path)
+    plain = ppo_config(
+        tiny_lm_dir, reward_models["segment"], prompts_file, tmp_path / "raw", max_steps=1, normalize=False
+    )
+    normed = dataclasses.replace(plain, output=str(tmp_path / "normed"), normalize=True, normalizer=str(path))
+    train_ppo(plain)
+    train_ppo(normed)
+    meta = SegppoMetadata.load(normed.output_dir / "policy" / "segppo.json")
+    assert meta.normalizer == {"params": [0.5, 0.1, 1.0, 2.0], "sigma_floor": 0.05}  # the file's floor
+    raw, norm = (read_metrics(c.output_dir, split="train")[0] for c in (plain, normed))
+    assert raw["reward"] == pytest.approx(norm["reward"])  # same rollouts, same RM scores
+    assert raw["normalized_reward"] != pytest.approx(norm["normalized_reward"])

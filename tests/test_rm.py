@@ -192,3 +192,21 @@ def test_bad_config_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         cfg = rm_config("m", "d", "o", **overrides)
         cfg.grad_accum(1)
+
+
+def test_zero3_bf16_gradient_checkpointing(tiny_lm_dir, preferences_file, tmp_path):
+    cfg = rm_config(
+        tiny_lm_dir,
+        preferences_file,
+        tmp_path / "z3",
+        zero_stage=3,
+        bf16=True,
+        gradient_checkpointing=True,
+        max_steps=2,
+    )
+    train_reward_model(cfg)
+    weights = load_file(cfg.output_dir / "model" / "model.safetensors")
+    assert all(w.numel() > 0 for w in weights.values())  # gathered from the ZeRO-3 partitions
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    model = AutoModelForTokenClassification.from_pretrained(cfg.output_dir / "model")
+    assert model.config.num_labels == 1

@@ -165,7 +165,16 @@ def make_experience(
     if advantages.is_cuda:
         torch.cuda.synchronize()
     return Experience(
-        batch, logprobs, values, advantages, returns, rewards, kl, policy_entropy, segments, raw_score,
+        batch,
+        logprobs,
+        values,
+        advantages,
+        returns,
+        rewards,
+        kl,
+        policy_entropy,
+        segments,
+        raw_score,
         reward_seconds=time.perf_counter() - start,
     )
 

@@ -54,7 +54,7 @@ from segppo.models import (
     save_policy,
 )
 from segppo.models.reward_model import run_model_folder
-from segppo.normalizer import Normalizer
+from segppo.normalizer import DEFAULT_SIGMA_FLOOR, Normalizer
 from segppo.optim import adamw, cosine_schedule
 from segppo.ppo.losses import (
     KLController,
@@ -124,25 +124,30 @@ def load_reward(cfg: PPOConfig, policy_tokenizer) -> RewardModelSpec:
 
 
 def resolve_normalizer(cfg: PPOConfig, metadata: SegppoMetadata, granularity: str):
-    """[a, b, c, d] from --normalizer, --reward-mean/std, or what the RM records; None when off."""
+    """`(params [a, b, c, d] or None, sigma_floor)` from --normalizer, --reward-mean/std, or what the
+    RM records; `--sigma-floor` overrides the normalizer's own floor (default 1e-2)."""
+    floor = cfg.sigma_floor
     if not cfg.normalize:
-        return None
+        return None, floor or DEFAULT_SIGMA_FLOOR
     if cfg.normalizer:
-        return Normalizer.load(cfg.normalizer).as_kernel_params()
+        normalizer = Normalizer.load(cfg.normalizer)
+        return normalizer.as_kernel_params(), floor or normalizer.sigma_floor
     if cfg.reward_mean is not None or cfg.reward_std is not None:
         if cfg.reward_mean is None or cfg.reward_std is None:
             raise ValueError("--reward-mean and --reward-std go together")
-        return (0.0, 0.0, cfg.reward_mean, cfg.reward_std)
-    if metadata.normalizer and metadata.normalizer.get("params"):
-        return tuple(float(x) for x in metadata.normalizer["params"])
+        return (0.0, 0.0, cfg.reward_mean, cfg.reward_std), floor or DEFAULT_SIGMA_FLOOR
+    recorded = metadata.normalizer or {}
+    if recorded.get("params"):
+        params = tuple(float(x) for x in recorded["params"])
+        return params, floor or float(recorded.get("sigma_floor", DEFAULT_SIGMA_FLOOR))
     if granularity == "bandit" and metadata.score_mean is not None and metadata.score_std:
-        return (0.0, 0.0, metadata.score_mean, metadata.score_std)
+        return (0.0, 0.0, metadata.score_mean, metadata.score_std), floor or DEFAULT_SIGMA_FLOOR
     if granularity != "bandit":
         console.print(
             "[yellow]warning:[/] no normalizer for a dense reward model: segment rewards are used raw. "
             "Fit one with `segppo fit-normalizer` and pass --normalizer (or --no-normalize to silence this)."
         )
-    return None
+    return None, floor or DEFAULT_SIGMA_FLOOR
 
 
 def resolve_chat_template(cfg: PPOConfig, reward: RewardModelSpec) -> str | None:
@@ -301,10 +306,11 @@ class PPOTrainer:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         dense = self.segmentation.granularity != "bandit"
+        normalizer, sigma_floor = resolve_normalizer(cfg, meta, self.segmentation.granularity)
         self.setup = RewardSetup(
             segmentation=self.segmentation,
-            normalizer=resolve_normalizer(cfg, meta, self.segmentation.granularity),
-            sigma_floor=cfg.sigma_floor,
+            normalizer=normalizer,
+            sigma_floor=sigma_floor,
             distribute=cfg.distribute,
             reward_clip=cfg.reward_clip,
             kl_estimator=cfg.kl_estimator,
@@ -607,7 +613,7 @@ class PPOTrainer:
                 segmenter=cfg.reference or cfg.policy,
                 chat_template=self.chat.template,
                 base_model=cfg.policy,
-                normalizer={"params": list(self.setup.normalizer), "sigma_floor": cfg.sigma_floor}
+                normalizer={"params": list(self.setup.normalizer), "sigma_floor": self.setup.sigma_floor}
                 if self.setup.normalizer
                 else None,
                 data={

@@ -1,0 +1,67 @@
+"""How much work `segppo demo` does: `small` for CI, `default` for the README's first command."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .sft import SFTSettings
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """Sizes of the demo's stages. The SFT settings are part of the policy's cache key.
+
+    Only the task side (SFT policy, prompt sets, preference pairs) is sized here so far; the
+    reward-model, normalizer, PPO and eval stages add their fields beside these.
+    """
+
+    name: str
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    # RM training pairs on train-split prompts. Sampling is cheap (about 1.2 ms a pair on 2 cores)
+    # and the tiny RM overfits a few thousand pairs: fresh pairs beat extra epochs.
+    preference_pairs: int = 32768
+    eval_preference_pairs: int = 512  # RM held-out accuracy pairs, on held-out prompts
+    ppo_prompts: int = 4096  # train-split prompts written for PPO
+    heldout_prompts: int = 512  # evaluation prompts; never used for SFT, RM or PPO training
+    max_new_tokens: int = 40  # the demonstrator's responses have at most 30 words
+    temperature: float = 1.0  # sampling of the preference responses (and of the SFT measurement)
+    label_temperature: float = 0.5  # Bradley-Terry noise: P(a > b) = sigmoid((g_a - g_b) / T)
+    generate_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("preference_pairs", "eval_preference_pairs", "ppo_prompts", "heldout_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.heldout_prompts < 256:
+            raise ValueError(f"heldout_prompts must be at least 256, got {self.heldout_prompts}")
+        if self.label_temperature <= 0 or self.temperature <= 0:
+            raise ValueError("temperatures must be positive")
+
+    @classmethod
+    def small(cls) -> DemoBudget:
+        """For CI: the whole demo in about a minute and a half (SFT trained from scratch included)."""
+        return cls(
+            name="small",
+            sft=SFTSettings(pretrain_steps=200, sft_steps=150),
+            preference_pairs=4096,
+            eval_preference_pairs=256,
+            ppo_prompts=1024,
+            heldout_prompts=256,
+        )
+
+    @classmethod
+    def default(cls) -> DemoBudget:
+        """The README's demo: at most 5 minutes on 2 CPU cores, SFT policy included on a first run."""
+        return cls(name="default")
+
+
+BUDGETS = {"small": DemoBudget.small, "default": DemoBudget.default}
+
+
+def get_budget(name: str | DemoBudget) -> DemoBudget:
+    """The budget called `name` (a DemoBudget is returned as it is)."""
+    if isinstance(name, DemoBudget):
+        return name
+    if name not in BUDGETS:
+        raise ValueError(f"unknown demo budget {name!r}; one of {sorted(BUDGETS)}")
+    return BUDGETS[name]()

@@ -1,0 +1,458 @@
+"""The demo's synthetic task: a tiny instruction language whose gold reward is known exactly.
+
+Prompts (words and punctuation separated by spaces, slot values capitalised; `parse_prompt` also
+reads "describe: red fox ; mood: calm"):
+
+    describe : [SIZE] [COLOR] ANIMAL [; mood : MOOD] [; place : PLACE]     (at least one extra slot)
+    list N animals that are TRAIT [; not : ANIMAL]                         (N in two, three, four)
+
+e.g. "describe : Big Red Fox ; mood : Calm" or "list three animals that are Fast ; not : Fox".
+A response is a sequence of lower-case phrases, each ending with " .":
+
+    animal ANIMAL .     color COLOR .     size SIZE .     mood MOOD .     place PLACE .    (slots)
+    the ANIMAL is TRAIT .     (a list item)         i like it .  /  it VERB .     (filler)
+    that is all .             (closing)
+
+Gold reward = the sum of each phrase's local contribution + a length term (`phrase_rewards` lists
+the contributions). For a `describe` prompt:
+
+- a slot phrase of a slot the prompt sets: +1 when its value is the prompt's (the first time),
+  -0.5 when it repeats an already-stated correct value, -1 when it contradicts the prompt;
+- a slot phrase of a slot the prompt does not set, or a list item: -0.25 (unrequested);
+
+for a `list` prompt:
+
+- an item "the A is T ." with T the prompt's trait: +1 when A has T (the `TRAITS` table), is not
+  excluded, was not listed yet and fewer than N correct items came before; -1 when A lacks T or is
+  excluded; -0.5 for a repeat or an item beyond N. Another trait, or a slot phrase: -0.25;
+
+for both:
+
+- filler phrases: 0; the closing phrase "that is all ." as the last phrase: +0.25 (elsewhere 0);
+- a phrase that matches no template (including an unfinished last phrase): -0.5;
+- length: -0.1 per word (punctuation counts) beyond 24.
+
+Example (`describe : Big Red Fox ; mood : Calm`):
+
+    animal fox .     +1     (correct)
+    color blue .     -1     (contradicts Red)
+    mood calm .      +1     (correct)
+    place cave .     -0.25  (place was not asked)
+    that is all .    +0.25  (closing)
+    -> 16 words, no length penalty: gold = 1.0
+
+Rewards come from phrases anywhere in the response, not only from its end, so credit assignment
+matters: that is what the bandit/token/segment comparison is about. The layout is chosen so that
+entropy segmentation finds the phrases: a reference model's entropy spikes where a value is chosen
+(after a slot word, or after "the" in an item) and where the next phrase is chosen (after "."),
+so segments come out as [slot word] [value .] and [the] [ANIMAL is TRAIT .]. Prompt values are
+capitalised, a vocabulary of their own, so that a small model tells a prompt's value from a
+response's when it compares them.
+
+A noisy `Demonstrator` writes the SFT corpus: each required phrase is correct with probability
+`p_correct` (0.5 for the SFT data), otherwise wrong, with unrequested, filler, repeated and
+malformed phrases mixed in; its responses are 8-30 words. Prompts are assigned to the train or
+held-out split by a fixed hash of their text (`is_heldout`), so held-out prompts are never seen by
+SFT, reward-model or PPO training whatever the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+# Part of every cache key: change it with any change to prompts, responses or the gold reward.
+TASK_VERSION = "animals-v2"
+
+COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "gray")
+SIZES = ("tiny", "small", "big", "huge")
+MOODS = ("calm", "angry", "happy", "sad", "sleepy", "curious", "brave", "shy")
+PLACES = ("forest", "river", "field", "hill", "lake", "cave", "garden", "city")
+ANIMALS = ("fox", "cat", "dog", "owl", "bear", "wolf", "horse", "mouse", "fish", "frog", "deer", "hawk")
+VERBS = ("runs", "sleeps", "eats", "swims", "jumps", "hides", "sings", "hunts")
+NUMBERS = {"two": 2, "three": 3, "four": 4}
+TRAITS = {
+    "fast": ("fox", "dog", "wolf", "horse", "deer", "hawk"),
+    "quiet": ("fox", "cat", "owl", "mouse", "fish", "deer"),
+    "wild": ("fox", "owl", "bear", "wolf", "frog", "deer", "hawk"),
+    "furry": ("fox", "cat", "dog", "bear", "wolf", "mouse"),
+    "tame": ("cat", "dog", "horse", "fish", "mouse"),
+}
+SLOT_VALUES = {"animal": ANIMALS, "color": COLORS, "size": SIZES, "mood": MOODS, "place": PLACES}
+EXTRA_SLOTS = ("size", "color", "mood", "place")
+STRUCTURE_WORDS = (
+    "describe", "list", "animals", "that", "are", "not",
+    "animal", "color", "size", "mood", "place",
+    "it", "is", "the", "i", "like", "all",
+    ":", ";", ".",
+)  # fmt: skip
+
+# Gold reward constants.
+CORRECT = 1.0
+CONTRADICTION = -1.0
+REPEAT = -0.5
+UNREQUESTED = -0.25
+MALFORMED = -0.5
+CLOSING = 0.25
+LENGTH_TARGET = 24
+LENGTH_COST = 0.1
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """The task's words: lower-case runs of letters/digits, and each punctuation mark on its own."""
+    return _TOKEN.findall(text.lower())
+
+
+def vocabulary() -> list[str]:
+    """Every word of the task (prompts and responses), in a fixed order: the lower-case words, then
+    the capitalised slot values that prompts use."""
+    vocab = list(STRUCTURE_WORDS)
+    for group in (COLORS, SIZES, MOODS, PLACES, ANIMALS, VERBS, tuple(NUMBERS), tuple(TRAITS)):
+        vocab += [w for w in group if w not in vocab]
+    for group in (COLORS, SIZES, MOODS, PLACES, ANIMALS, tuple(TRAITS)):
+        vocab += [w.capitalize() for w in group if w.capitalize() not in vocab]
+    return vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    """A parsed prompt: `describe` with slot values, or `list` with count, trait and exclusion."""
+
+    kind: str  # "describe" | "list"
+    slots: tuple[tuple[str, str], ...] = ()  # describe: (slot, value) pairs, animal first
+    count: int = 0  # list
+    trait: str = ""  # list
+    exclude: str | None = None  # list
+
+    @property
+    def slot_values(self) -> dict[str, str]:
+        return dict(self.slots)
+
+    def text(self) -> str:
+        """The prompt as the task writes it: slot values capitalised (`Red Fox`), see `PROMPT_CASE`."""
+        c = str.capitalize
+        if self.kind == "list":
+            number = next(k for k, v in NUMBERS.items() if v == self.count)
+            text = f"list {number} animals that are {c(self.trait)}"
+            return text + (f" ; not : {c(self.exclude)}" if self.exclude else "")
+        values = self.slot_values
+        head = " ".join(c(values[s]) for s in ("size", "color", "animal") if s in values)
+        tail = "".join(f" ; {s} : {c(values[s])}" for s in ("mood", "place") if s in values)
+        return f"describe : {head}{tail}"
+
+
+class PromptError(ValueError):
+    """A prompt outside the task's grammar."""
+
+
+def parse_prompt(prompt: str) -> TaskPrompt:
+    """The structure of a prompt in the task's grammar; raises PromptError otherwise."""
+    w = words(prompt)
+    if w[:1] == ["list"]:
+        if len(w) < 6 or w[1] not in NUMBERS or w[2:5] != ["animals", "that", "are"] or w[5] not in TRAITS:
+            raise PromptError(f"not a list prompt: {prompt!r}")
+        exclude = None
+        if len(w) > 6:
+            if len(w) != 10 or w[6:9] != [";", "not", ":"] or w[9] not in ANIMALS:
+                raise PromptError(f"bad exclusion in {prompt!r}")
+            exclude = w[9]
+        return TaskPrompt("list", count=NUMBERS[w[1]], trait=w[5], exclude=exclude)
+    if w[:2] != ["describe", ":"]:
+        raise PromptError(f"prompts start with 'describe :' or 'list': {prompt!r}")
+    parts = " ".join(w[2:]).split(" ; ")
+    slots: dict[str, str] = {}
+    for word in parts[0].split():
+        slot = next((s for s in ("size", "color", "animal") if word in SLOT_VALUES[s]), None)
+        if slot is None or slot in slots:
+            raise PromptError(f"unexpected {word!r} in {prompt!r}")
+        slots[slot] = word
+    if "animal" not in slots:
+        raise PromptError(f"no animal in {prompt!r}")
+    for part in parts[1:]:
+        bits = part.split()
+        if len(bits) != 3 or bits[0] not in ("mood", "place") or bits[1] != ":" or bits[0] in slots:
+            raise PromptError(f"bad slot {part!r} in {prompt!r}")
+        if bits[2] not in SLOT_VALUES[bits[0]]:
+            raise PromptError(f"{bits[2]!r} is not a {bits[0]} in {prompt!r}")
+        slots[bits[0]] = bits[2]
+    ordered = tuple((s, slots[s]) for s in ("animal", *EXTRA_SLOTS) if s in slots)
+    return TaskPrompt("describe", slots=ordered)
+
+
+def sample_prompt(rng: random.Random, list_fraction: float = 0.25) -> TaskPrompt:
+    """One prompt from the task's distribution (a quarter are `list` prompts by default)."""
+    if rng.random() < list_fraction:
+        trait = rng.choice(tuple(TRAITS))
+        exclude = rng.choice(TRAITS[trait]) if rng.random() < 0.5 else None
+        return TaskPrompt("list", count=rng.choice(tuple(NUMBERS.values())), trait=trait, exclude=exclude)
+    extras = rng.sample(EXTRA_SLOTS, rng.randint(1, 3))
+    values = {"animal": rng.choice(ANIMALS)} | {s: rng.choice(SLOT_VALUES[s]) for s in extras}
+    return TaskPrompt(
+        "describe", slots=tuple((s, values[s]) for s in ("animal", *EXTRA_SLOTS) if s in values)
+    )
+
+
+def is_heldout(prompt: str, fraction: float = 0.2) -> bool:
+    """Whether a prompt belongs to the held-out split: a fixed hash of its text, independent of seeds."""
+    key = f"{TASK_VERSION}|{' '.join(words(prompt))}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64 < fraction
+
+
+def sample_prompts(n: int, seed: int | str, split: str = "train", list_fraction: float = 0.25) -> list[str]:
+    """`n` prompt texts of one split ("train" or "heldout"), drawn from the task's distribution
+    restricted to that split (repeats possible: there are only ~200 distinct list prompts).
+    Different seeds (ints or strings such as "preferences-0") give independent streams."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng = random.Random(f"{TASK_VERSION}|{split}|{seed}")
+    out = []
+    while len(out) < n:
+        text = sample_prompt(rng, list_fraction).text()
+        if is_heldout(text) == (split == "heldout"):
+            out.append(text)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses and the gold reward
+
+
+@dataclass
+class Phrase:
+    """One phrase of a response with what it says and what it earned."""
+
+    words: list[str]
+    kind: str  # slot | item | filler | closing | malformed
+    slot: str | None = None
+    value: str | None = None
+    animal: str | None = None  # items
+    reward: float = 0.0
+    reason: str = ""
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.words)
+
+
+def _classify(w: list[str]) -> Phrase:
+    if not w or w[-1] != ".":
+        return Phrase(w, "malformed", reason="unfinished phrase")
+    body = w[:-1]
+    n = len(body)
+    if n == 2 and body[0] in SLOT_VALUES and body[1] in SLOT_VALUES[body[0]]:
+        return Phrase(w, "slot", slot=body[0], value=body[1])
+    if n == 4 and body[0] == "the" and body[1] in ANIMALS and body[2] == "is" and body[3] in TRAITS:
+        return Phrase(w, "item", value=body[3], animal=body[1])
+    if body == ["i", "like", "it"] or (n == 2 and body[0] == "it" and body[1] in VERBS):
+        return Phrase(w, "filler")
+    if body == ["that", "is", "all"]:
+        return Phrase(w, "closing")
+    return Phrase(w, "malformed", reason="matches no phrase template")
+
+
+def split_phrases(response: str) -> list[list[str]]:
+    """The response's words cut after each '.'; a trailing piece without '.' is a phrase too."""
+    phrases, current = [], []
+    for word in words(response):
+        current.append(word)
+        if word == ".":
+            phrases.append(current)
+            current = []
+    if current:
+        phrases.append(current)
+    return phrases
+
+
+def phrase_rewards(prompt: str | TaskPrompt, response: str) -> list[Phrase]:
+    """Each phrase of `response` with its gold contribution and the reason for it."""
+    task = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    phrases = [_classify(w) for w in split_phrases(response)]
+    stated: set[str] = set()  # describe: slots stated correctly; list: animals listed
+    correct_items = 0
+    for i, p in enumerate(phrases):
+        if p.kind == "malformed":
+            p.reward = MALFORMED
+        elif p.kind == "filler":
+            p.reason = "filler"
+        elif p.kind == "closing":
+            last = i == len(phrases) - 1
+            p.reward, p.reason = (CLOSING, "closing") if last else (0.0, "closing not at the end")
+        elif task.kind == "describe":
+            wanted = task.slot_values
+            if p.kind == "item" or p.slot not in wanted:
+                p.reward, p.reason = UNREQUESTED, "unrequested"
+            elif p.value != wanted[p.slot]:
+                p.reward, p.reason = CONTRADICTION, f"contradicts {p.slot} {wanted[p.slot]}"
+            elif p.slot in stated:
+                p.reward, p.reason = REPEAT, "repeat"
+            else:
+                stated.add(p.slot)
+                p.reward, p.reason = CORRECT, "correct"
+        else:  # list
+            if p.kind != "item" or p.value != task.trait:
+                p.reward, p.reason = UNREQUESTED, "off-task"
+            elif p.animal == task.exclude:
+                p.reward, p.reason = CONTRADICTION, "excluded"
+            elif p.animal not in TRAITS[task.trait]:
+                p.reward, p.reason = CONTRADICTION, f"{p.animal} is not {task.trait}"
+            elif p.animal in stated:
+                p.reward, p.reason = REPEAT, "repeat"
+            elif correct_items >= task.count:
+                p.reward, p.reason = REPEAT, "too many"
+            else:
+                stated.add(p.animal)
+                correct_items += 1
+                p.reward, p.reason = CORRECT, "correct"
+    return phrases
+
+
+def length_term(num_words: int) -> float:
+    """-LENGTH_COST per word beyond LENGTH_TARGET."""
+    return -LENGTH_COST * max(0, num_words - LENGTH_TARGET)
+
+
+def gold_reward(prompt: str | TaskPrompt, response: str) -> float:
+    """The gold reward: the phrases' contributions plus the length term (see the module doc).
+
+    >>> gold_reward("describe : Big Red Fox ; mood : Calm", "animal fox . mood calm .")
+    2.0
+    >>> gold_reward("list two animals that are Fast", "the cat is fast . the dog is fast . that is all .")
+    0.25
+    """
+    total = sum(p.reward for p in phrase_rewards(prompt, response))
+    return round(total + length_term(len(words(response))), 6)
+
+
+def gold_rewards(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """`gold_reward` of each (prompt, response); the `f(prompts, responses) -> scores` scorer form."""
+    return [gold_reward(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The demonstrator
+
+
+@dataclass(frozen=True)
+class Demonstrator:
+    """A noisy writer of responses. `p_correct` is the chance that a required phrase is right.
+
+    The SFT corpus uses the defaults (mediocre: its mean gold reward is near 0); `Demonstrator(
+    p_correct=0.9)` and `oracle()` are reference points for how much better a policy can get.
+    """
+
+    p_correct: float = 0.5
+    p_omit: float = 0.1  # a required phrase is left out
+    p_unrequested: float = 0.35  # an unrequested slot phrase is added
+    p_filler: float = 0.3
+    p_repeat: float = 0.1
+    p_malformed: float = 0.06  # per phrase
+    p_closing: float = 0.5
+    list_count_noise: float = 0.4  # a list has N-1 or N+1 items instead of N
+    min_words: int = 8
+    max_words: int = 30
+
+    @classmethod
+    def oracle(cls) -> Demonstrator:
+        zero = dict(p_omit=0, p_unrequested=0, p_filler=0, p_repeat=0, p_malformed=0, list_count_noise=0)
+        return cls(p_correct=1.0, p_closing=1.0, **zero)
+
+    def __call__(self, prompt: str | TaskPrompt, rng: random.Random) -> str:
+        task = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+        phrases = self._describe(task, rng) if task.kind == "describe" else self._list(task, rng)
+        if rng.random() < self.p_filler:
+            filler = ["i", "like", "it"] if rng.random() < 0.3 else ["it", rng.choice(VERBS)]
+            phrases.insert(rng.randint(0, len(phrases)), filler)
+        if phrases and rng.random() < self.p_repeat:
+            phrases.insert(rng.randint(0, len(phrases)), list(rng.choice(phrases)))
+        phrases = [self._corrupt(p, rng) if rng.random() < self.p_malformed else p for p in phrases]
+        if rng.random() < self.p_closing:
+            phrases.append(["that", "is", "all"])
+        # Keep to `min_words`..`max_words` (the oracle's responses always are): pad with filler,
+        # drop phrases from the middle.
+        size = lambda: sum(len(p) + 1 for p in phrases)
+        while size() < self.min_words:
+            phrases.insert(rng.randint(0, len(phrases)), ["it", rng.choice(VERBS)])
+        while size() > self.max_words:
+            del phrases[rng.randrange(len(phrases) - 1)]
+        return " ".join(" ".join([*p, "."]) for p in phrases)
+
+    def _describe(self, task: TaskPrompt, rng: random.Random) -> list[list[str]]:
+        slots = list(task.slots)
+        if rng.random() < 0.3:
+            rng.shuffle(slots)
+        phrases = []
+        for slot, value in slots:
+            if rng.random() < self.p_omit:
+                continue
+            if rng.random() >= self.p_correct:
+                value = rng.choice([v for v in SLOT_VALUES[slot] if v != value])
+            phrases.append(_slot_phrase(slot, value))
+        if rng.random() < self.p_unrequested:
+            free = [s for s in EXTRA_SLOTS if s not in task.slot_values]
+            if free:
+                slot = rng.choice(free)
+                phrases.insert(
+                    rng.randint(0, len(phrases)), _slot_phrase(slot, rng.choice(SLOT_VALUES[slot]))
+                )
+        return phrases
+
+    def _list(self, task: TaskPrompt, rng: random.Random) -> list[list[str]]:
+        n = task.count
+        if rng.random() < self.list_count_noise:
+            n = max(1, n + rng.choice((-1, 1)))
+        good = [a for a in TRAITS[task.trait] if a != task.exclude]
+        bad = [a for a in ANIMALS if a not in good]
+        rng.shuffle(good)
+        phrases = []
+        for _ in range(n):
+            animal = good.pop() if good and rng.random() < self.p_correct else rng.choice(bad)
+            phrases.append(["the", animal, "is", task.trait])
+        return phrases
+
+    @staticmethod
+    def _corrupt(phrase: list[str], rng: random.Random) -> list[str]:
+        phrase = list(phrase)
+        i = rng.randrange(len(phrase))
+        how = rng.randrange(3)
+        if how == 0 and len(phrase) > 1:
+            del phrase[i]
+        elif how == 1:
+            phrase.insert(i, phrase[i])
+        else:
+            j = rng.randrange(len(phrase))
+            phrase[i], phrase[j] = phrase[j], phrase[i]
+            if i == j:
+                phrase.insert(i, rng.choice(STRUCTURE_WORDS[:-3]))
+        return phrase
+
+
+def _slot_phrase(slot: str, value: str) -> list[str]:
+    return [slot, value]
+
+
+@dataclass
+class Corpus:
+    """SFT examples: prompts and demonstrator responses, from the train split only."""
+
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def sft_corpus(n: int, seed: int, demonstrator: Demonstrator | None = None) -> Corpus:
+    """`n` (prompt, response) pairs on train-split prompts, deterministic under `seed`."""
+    demonstrator = demonstrator or Demonstrator()
+    prompts = sample_prompts(n, seed, "train")
+    rng = random.Random(f"{TASK_VERSION}|demonstrator|{seed}")
+    return Corpus(prompts, [demonstrator(p, rng) for p in prompts])
