@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from . import demo, normalizer, ppo, rm
 from . import eval as eval_cli
-from . import normalizer, ppo, rm
 
 app = typer.Typer(
     name="segppo",
@@ -40,6 +40,7 @@ def info() -> None:
 
 app.add_typer(rm.app, name="rm")
 app.add_typer(ppo.app, name="ppo")
+app.command("demo")(demo.demo)
 app.command("fit-normalizer")(normalizer.fit_normalizer)
 app.command("eval")(eval_cli.eval_command)
 

@@ -70,8 +70,7 @@ def check_rows(
             raise ValueError(f"has_eos must be a torch.Tensor or None, got {type(has_eos).__name__}")
         if has_eos.shape != response_mask.shape[:1]:
             raise ValueError(
-                f"has_eos has shape {tuple(has_eos.shape)} but must be [B] = "
-                f"[{response_mask.shape[0]}]"
+                f"has_eos has shape {tuple(has_eos.shape)} but must be [B] = [{response_mask.shape[0]}]"
             )
         if has_eos.is_floating_point() or has_eos.is_complex():
             raise ValueError(f"has_eos must be bool or integer, got dtype {has_eos.dtype}")

@@ -193,8 +193,9 @@ def _launch_args(entropy, mask, threshold, has_eos):
     return block, entropy, mask.view(torch.int8), has_eos.view(torch.int8), reference.float32_floor(threshold)
 
 
-def _segment_rewards_triton(rm_values, entropy, mask, granularity, threshold, has_eos, normalizer,
-                            sigma_floor, distribute) -> SegmentRewards:
+def _segment_rewards_triton(
+    rm_values, entropy, mask, granularity, threshold, has_eos, normalizer, sigma_floor, distribute
+) -> SegmentRewards:
     """Triton path of `segment_rewards`; arguments already checked and resolved."""
     B, T = mask.shape
     device = rm_values.device
@@ -210,12 +211,32 @@ def _segment_rewards_triton(rm_values, entropy, mask, granularity, threshold, ha
         distribute = "end"  # the single reward sits on the last token
     a, b, c, d = normalizer if normalizer is not None else (0.0, 0.0, 0.0, 1.0)
     _segment_rewards_kernel[(B,)](
-        rm_values, entropy, mask, has_eos, rewards, ends, num, end_pos, T,
-        rm_values.stride(0), rm_values.stride(1), entropy.stride(0), entropy.stride(1),
-        mask.stride(0), mask.stride(1), has_eos.stride(0),
-        threshold, a, b, c, d, sigma_floor,
-        GRANULARITY=_GRANULARITY_CODE[granularity], DISTRIBUTE=_DISTRIBUTE_CODE[distribute],
-        NORMALIZE=normalizer is not None, BLOCK_T=block,
+        rm_values,
+        entropy,
+        mask,
+        has_eos,
+        rewards,
+        ends,
+        num,
+        end_pos,
+        T,
+        rm_values.stride(0),
+        rm_values.stride(1),
+        entropy.stride(0),
+        entropy.stride(1),
+        mask.stride(0),
+        mask.stride(1),
+        has_eos.stride(0),
+        threshold,
+        a,
+        b,
+        c,
+        d,
+        sigma_floor,
+        GRANULARITY=_GRANULARITY_CODE[granularity],
+        DISTRIBUTE=_DISTRIBUTE_CODE[distribute],
+        NORMALIZE=normalizer is not None,
+        BLOCK_T=block,
     )
     return SegmentRewards(rewards, ends.view(torch.bool), num)
 
@@ -234,10 +255,24 @@ class _SequenceScores(torch.autograd.Function):
         if B > 0 and T > 0:
             block, entropy, mask, has_eos, threshold = _launch_args(entropy, mask, threshold, has_eos)
             _sequence_scores_kernel[(B,)](
-                rm_values, entropy, mask, has_eos, scores, ends, num, T,
-                rm_values.stride(0), rm_values.stride(1), entropy.stride(0), entropy.stride(1),
-                mask.stride(0), mask.stride(1), has_eos.stride(0), threshold,
-                GRANULARITY=_GRANULARITY_CODE[granularity], BLOCK_T=block,
+                rm_values,
+                entropy,
+                mask,
+                has_eos,
+                scores,
+                ends,
+                num,
+                T,
+                rm_values.stride(0),
+                rm_values.stride(1),
+                entropy.stride(0),
+                entropy.stride(1),
+                mask.stride(0),
+                mask.stride(1),
+                has_eos.stride(0),
+                threshold,
+                GRANULARITY=_GRANULARITY_CODE[granularity],
+                BLOCK_T=block,
             )
         ctx.save_for_backward(ends.view(torch.bool), num)
         ctx.rm_dtype = rm_values.dtype
@@ -282,8 +317,15 @@ def segment_rewards(
     if use_triton(rm_values):
         return _segment_rewards_triton(rm_values, entropy, mask, *args)
     return reference.segment_rewards(
-        rm_values, entropy, mask, granularity=granularity, threshold=float(threshold), has_eos=has_eos,
-        normalizer=params, sigma_floor=float(sigma_floor), distribute=distribute,
+        rm_values,
+        entropy,
+        mask,
+        granularity=granularity,
+        threshold=float(threshold),
+        has_eos=has_eos,
+        normalizer=params,
+        sigma_floor=float(sigma_floor),
+        distribute=distribute,
     )
 
 
