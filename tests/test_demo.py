@@ -29,3 +29,30 @@ def test_demo_small_budget_end_to_end(tmp_path):
     assert (out / "eval" / "results.json").exists() and (out / "eval_gold" / "results.json").exists()
     assert (out / "rewards_across_ppo_steps.png").read_bytes()[:4] == b"\x89PNG"
     assert "gold reward" in result.output
+
+
+def test_demo_compare_granularities(tmp_path):
+    out = tmp_path / "compare"
+    args = [
+        "demo",
+        "--budget",
+        "small",
+        "--compare",
+        "bandit,segment",
+        "--output",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert [s["granularity"] for s in settings] == ["bandit", "segment"]
+    assert (out / "bandit" / "seed-0" / "ppo" / "policy" / "model.safetensors").exists()
+    assert not (out / "bandit" / "seed-0" / "rm" / "normalizer.json").exists()  # bandit: score mean/std
+    assert "per reward granularity" in result.output
+
+
+def test_demo_rejects_unknown_granularity():
+    result = CliRunner().invoke(app, ["demo", "--compare", "sentence"])
+    assert result.exit_code == 2

@@ -54,7 +54,18 @@ class StageSizes:
     kl_coef: float = 0.01
 
 
-STAGES = {"small": StageSizes(ppo_steps=12, normalizer_pairs=256), "default": StageSizes()}
+STAGES = {
+    "small": StageSizes(ppo_steps=12, normalizer_pairs=256),
+    # PPO settings measured on the task: a larger actor lr games the RM (repeated phrases) and gold falls.
+    "default": StageSizes(
+        ppo_steps=48,
+        ppo_rollout_batch_size=256,
+        ppo_train_batch_size=64,
+        actor_lr=1e-4,
+        critic_lr=1e-3,
+        kl_coef=0.02,
+    ),
+}
 
 
 @dataclass
