@@ -24,3 +24,35 @@ def cosine_schedule(optimizer, *, total_steps: int, warmup_ratio: float, min_lr_
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1), min_lr_rate=min_lr_ratio
     )
+
+
+def training_engine(
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    total_steps: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    config,
+):
+    """A DeepSpeed engine with AdamW and the warmup-cosine schedule; `config` gives weight_decay,
+    warmup_ratio, min_lr_ratio, zero_stage, bf16 and grad_clip. Returns `(engine, scheduler)`."""
+    import deepspeed
+
+    from segppo.distributed import deepspeed_config
+
+    optimizer = adamw(model, lr=lr, weight_decay=config.weight_decay)
+    scheduler = cosine_schedule(
+        optimizer, total_steps=total_steps, warmup_ratio=config.warmup_ratio, min_lr_ratio=config.min_lr_ratio
+    )
+    ds_config = deepspeed_config(
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+        zero_stage=config.zero_stage,
+        bf16=config.bf16,
+        grad_clip=config.grad_clip,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, scheduler

@@ -32,7 +32,6 @@ from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
     check_run_folder,
-    deepspeed_config,
     frozen_on_device,
     full_state_dict,
     init_distributed,
@@ -55,7 +54,7 @@ from segppo.models import (
 )
 from segppo.models.reward_model import run_model_folder
 from segppo.normalizer import DEFAULT_SIGMA_FLOOR, Normalizer
-from segppo.optim import adamw, cosine_schedule
+from segppo.optim import training_engine
 from segppo.ppo.losses import (
     KLController,
     explained_variance,
@@ -274,7 +273,6 @@ class PPOTrainer:
     """Holds the four models and runs PPO steps; `fit` is the whole run."""
 
     def __init__(self, cfg: PPOConfig, info: DistInfo):
-        import deepspeed
 
         self.cfg, self.info = cfg, info
         set_seed(cfg.seed + info.rank)
@@ -361,27 +359,23 @@ class PPOTrainer:
 
         updates = self.total_steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.train_batch_size)
         micro = cfg.micro_train_batch_size
-        self.actor, self.actor_sched = self._engine(deepspeed, actor, cfg.actor_lr, updates, micro)
-        self.critic, self.critic_sched = self._engine(deepspeed, critic, cfg.critic_lr, updates, micro)
-        self._prompt_of_ids: dict[tuple[int, ...], list[dict]] = {}
-
-    def _engine(self, deepspeed, model, lr, updates, micro):
-        cfg = self.cfg
-        optimizer = adamw(model, lr=lr, weight_decay=cfg.weight_decay)
-        scheduler = cosine_schedule(
-            optimizer, total_steps=updates, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio
-        )
-        config = deepspeed_config(
+        self.actor, self.actor_sched = training_engine(
+            actor,
+            lr=cfg.actor_lr,
+            total_steps=updates,
             micro_batch_size=micro,
             grad_accum=self.grad_accum,
-            zero_stage=cfg.zero_stage,
-            bf16=cfg.bf16,
-            grad_clip=cfg.grad_clip,
+            config=cfg,
         )
-        engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        self.critic, self.critic_sched = training_engine(
+            critic,
+            lr=cfg.critic_lr,
+            total_steps=updates,
+            micro_batch_size=micro,
+            grad_accum=self.grad_accum,
+            config=cfg,
         )
-        return engine, scheduler
+        self._prompt_of_ids: dict[tuple[int, ...], list[dict]] = {}
 
     def _prompt_messages(self, batch) -> list[list[dict]]:
         return [self._prompt_of_ids[tuple(batch.prompt_ids(row))] for row in range(batch.input_ids.shape[0])]

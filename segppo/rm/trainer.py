@@ -37,7 +37,6 @@ from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
     check_run_folder,
-    deepspeed_config,
     frozen_on_device,
     full_state_dict,
     init_distributed,
@@ -57,7 +56,7 @@ from segppo.models import (
     load_tokenizer,
     save_reward_model,
 )
-from segppo.optim import adamw, cosine_schedule
+from segppo.optim import training_engine
 from segppo.rm.loss import bradley_terry_loss
 from segppo.rm.scoring import Segmentation, score_responses
 from segppo.tracking import LiveProgress, Tracker, console, truncate_metrics, write_config
@@ -200,7 +199,6 @@ def _train(cfg: RMConfig, step_callback: StepCallback | None) -> None:
 
 
 def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | None) -> None:
-    import deepspeed
 
     set_seed(cfg.seed)
     out = cfg.output_dir
@@ -241,19 +239,13 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
             )
         segmenter = frozen_on_device(segmenter, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
 
-    optimizer = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = cosine_schedule(
-        optimizer, total_steps=total_steps, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio
-    )
-    ds_config = deepspeed_config(
+    engine, scheduler = training_engine(
+        model,
+        lr=cfg.lr,
+        total_steps=total_steps,
         micro_batch_size=cfg.micro_batch_size,
         grad_accum=grad_accum,
-        zero_stage=cfg.zero_stage,
-        bf16=cfg.bf16,
-        grad_clip=cfg.grad_clip,
-    )
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        config=cfg,
     )
 
     start_step = 0
