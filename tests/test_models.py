@@ -482,3 +482,15 @@ def test_bandit_metadata_round_trip():
     # DESIGN §3.3: a bandit RM's global mean/std is the normalizer [0, 0, mean, std].
     bandit = _metadata(granularity="bandit", threshold=None, normalizer=None, score_mean=0.3, score_std=2.0)
     assert SegppoMetadata.from_dict(json.loads(bandit.to_json())) == bandit
+
+
+def test_bf16_checkpoint_loads_for_training_in_float32_unless_bf16_is_asked(tmp_path):
+    # Hub checkpoints are mostly saved in bf16; without --bf16 the trained models must be float32.
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama")).to(torch.bfloat16).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {p.dtype for p in load_policy(tmp_path).parameters()} == {torch.float32}
+    assert {p.dtype for p in create_reward_model(tmp_path).parameters()} == {torch.float32}
+    assert next(load_policy(tmp_path, dtype="bf16").parameters()).dtype == torch.bfloat16
+    assert next(load_policy(tmp_path, dtype="auto").parameters()).dtype == torch.bfloat16

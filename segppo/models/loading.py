@@ -29,10 +29,13 @@ PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     """Map "bf16"/"fp16"/"fp32"/"auto" (or a torch.dtype) to what `from_pretrained` takes.
 
-    None means "auto": the checkpoint's own dtype, whatever the transformers version's default.
+    None means float32, not the checkpoint's own dtype: a model that is trained must keep float32
+    weights unless bf16 is asked for (then DeepSpeed's bf16 keeps float32 master weights), and most
+    hub checkpoints are saved in bf16, which "auto" would train as plain bf16 parameters under AdamW.
+    Pass "auto" for the checkpoint's dtype.
     """
     if dtype is None:
-        return "auto"
+        return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
