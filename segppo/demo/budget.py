@@ -9,10 +9,8 @@ from .sft import SFTSettings
 
 @dataclass(frozen=True)
 class DemoBudget:
-    """Sizes of the demo's stages. The SFT settings are part of the policy's cache key.
-
-    Only the task side (SFT policy, prompt sets, preference pairs) is sized here so far; the
-    reward-model, normalizer, PPO and eval stages add their fields beside these.
+    """Sizes and settings of every stage of the demo, in pipeline order; defaults are the `default`
+    budget's. The SFT settings are part of the policy's cache key.
     """
 
     name: str
@@ -27,6 +25,22 @@ class DemoBudget:
     temperature: float = 1.0  # sampling of the preference responses (and of the SFT measurement)
     label_temperature: float = 0.5  # Bradley-Terry noise: P(a > b) = sigmoid((g_a - g_b) / T)
     generate_batch_size: int = 512
+    # Reward model, normalizer, PPO and eval (`segppo.demo.pipeline` builds their configs).
+    entropy_threshold: float = 1.0  # the SFT policy's entropy spikes where a new phrase starts
+    max_len: int = 96
+    max_prompt_len: int = 40
+    rm_lr: float = 3e-3
+    rm_batch_size: int = 32
+    rm_epochs: int = 1
+    normalizer_pairs: int = 512
+    # PPO settings measured on the task: a larger actor lr games the RM (repeated phrases) and gold falls.
+    ppo_steps: int = 48
+    ppo_rollout_batch_size: int = 256
+    ppo_train_batch_size: int = 64
+    ppo_epochs: int = 1
+    actor_lr: float = 1e-4
+    critic_lr: float = 1e-3
+    kl_coef: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("preference_pairs", "eval_preference_pairs", "ppo_prompts", "heldout_prompts"):
@@ -47,6 +61,12 @@ class DemoBudget:
             eval_preference_pairs=256,
             ppo_prompts=1024,
             heldout_prompts=256,
+            normalizer_pairs=256,
+            ppo_steps=12,
+            ppo_rollout_batch_size=64,
+            ppo_train_batch_size=32,
+            actor_lr=2e-4,
+            kl_coef=0.01,
         )
 
     @classmethod

@@ -28,44 +28,9 @@ from segppo.ppo.trainer import train_ppo
 from segppo.rm.trainer import train_reward_model
 from segppo.tracking import console, read_metrics
 
-from .budget import get_budget
+from .budget import DemoBudget, get_budget
 from .data import DemoData, prepare
 from .task import gold_rewards
-
-
-@dataclass(frozen=True)
-class StageSizes:
-    """Sizes of the reward-model, normalizer, PPO and eval stages for one budget."""
-
-    entropy_threshold: float = 1.0  # the SFT policy's entropy spikes where a new phrase starts
-    max_len: int = 96
-    max_prompt_len: int = 40
-    max_new_tokens: int = 40
-    rm_lr: float = 3e-3
-    rm_batch_size: int = 32
-    rm_epochs: int = 1
-    normalizer_pairs: int = 512
-    ppo_steps: int = 60
-    ppo_rollout_batch_size: int = 64
-    ppo_train_batch_size: int = 32
-    ppo_epochs: int = 1
-    actor_lr: float = 2e-4
-    critic_lr: float = 1e-3
-    kl_coef: float = 0.01
-
-
-STAGES = {
-    "small": StageSizes(ppo_steps=12, normalizer_pairs=256),
-    # PPO settings measured on the task: a larger actor lr games the RM (repeated phrases) and gold falls.
-    "default": StageSizes(
-        ppo_steps=48,
-        ppo_rollout_batch_size=256,
-        ppo_train_batch_size=64,
-        actor_lr=1e-4,
-        critic_lr=1e-3,
-        kl_coef=0.02,
-    ),
-}
 
 
 @dataclass
@@ -93,7 +58,7 @@ class SettingResult:
         return (self.ppo_gold - self.sft_gold) / se if se > 0 else float("inf")
 
 
-def rm_config(budget: StageSizes, data: DemoData, out: Path, granularity: str, seed: int) -> RMConfig:
+def rm_config(budget: DemoBudget, data: DemoData, out: Path, granularity: str, seed: int) -> RMConfig:
     return RMConfig(
         model=str(data.policy),
         dataset=str(data.preferences),
@@ -112,7 +77,7 @@ def rm_config(budget: StageSizes, data: DemoData, out: Path, granularity: str, s
     )
 
 
-def normalizer_config(budget: StageSizes, data: DemoData, out: Path, seed: int) -> FitNormalizerConfig:
+def normalizer_config(budget: DemoBudget, data: DemoData, out: Path, seed: int) -> FitNormalizerConfig:
     return FitNormalizerConfig(
         reward_model=str(out / "rm"),
         dataset=str(data.preferences),
@@ -127,7 +92,7 @@ def normalizer_config(budget: StageSizes, data: DemoData, out: Path, seed: int) 
     )
 
 
-def ppo_config(budget: StageSizes, data: DemoData, out: Path, seed: int) -> PPOConfig:
+def ppo_config(budget: DemoBudget, data: DemoData, out: Path, seed: int) -> PPOConfig:
     return PPOConfig(
         policy=str(data.policy),
         reward_model=str(out / "rm"),
@@ -153,7 +118,7 @@ def ppo_config(budget: StageSizes, data: DemoData, out: Path, seed: int) -> PPOC
     )
 
 
-def eval_config(budget: StageSizes, data: DemoData, out: Path, seed: int, **overrides) -> EvalConfig:
+def eval_config(budget: DemoBudget, data: DemoData, out: Path, seed: int, **overrides) -> EvalConfig:
     values = dict(
         policy=[str(data.policy), str(out / "ppo" / "policy")],
         name=["sft", "ppo"],
@@ -190,7 +155,7 @@ def gold_curve(ppo_dir: Path) -> list[dict]:
     return curve
 
 
-def run_setting(budget: StageSizes, data: DemoData, out: Path, granularity: str, seed: int) -> SettingResult:
+def run_setting(budget: DemoBudget, data: DemoData, out: Path, granularity: str, seed: int) -> SettingResult:
     """rm train → fit-normalizer → ppo train → eval, for one granularity and seed."""
     seconds: dict[str, float] = {}
 
@@ -252,7 +217,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for granularity in granularities:
         for seed in seeds:
             folder = out / granularity / f"seed-{seed}" if cfg.compare or cfg.seeds > 1 else out
-            results.append(run_setting(STAGES[budget.name], data, folder, granularity, seed))
+            results.append(run_setting(budget, data, folder, granularity, seed))
     summary = {
         "budget": budget.name,
         "prepare_seconds": prepare_seconds,
