@@ -89,7 +89,7 @@ def check_fit_inputs(cfg: FitNormalizerConfig) -> None:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ValueError(
-                "--plot needs matplotlib, which segppo does not install: pip install matplotlib"
+                "--plot needs matplotlib, which is not importable here: pip install matplotlib"
             ) from None
     load_preference_rows(cfg)
 
