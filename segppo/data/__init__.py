@@ -16,6 +16,7 @@ from .chat import (
     default_stop_token_ids,
     encode_preferences,
     encode_prompts,
+    generation_config_of,
     resolve_chat_template,
 )
 from .collate import (
@@ -40,6 +41,7 @@ from .layouts import (
     to_prompt_examples,
 )
 from .sources import load_rows, load_splits, select_split, split_train_eval
+from .text import segment_texts
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
@@ -59,6 +61,7 @@ __all__ = [
     "collate_prompts",
     "collate_responses",
     "default_stop_token_ids",
+    "generation_config_of",
     "detect_preference_layout",
     "detect_prompt_layout",
     "encode_preferences",
@@ -67,6 +70,7 @@ __all__ = [
     "load_splits",
     "parse_hh",
     "resolve_chat_template",
+    "segment_texts",
     "select_split",
     "split_train_eval",
     "to_preference_examples",

@@ -4,9 +4,26 @@ Model-agnostic (DESIGN §2): the prompt's ids are the chat template applied to t
 with the generation prompt; the response's ids are what templating the whole conversation (prompt
 + assistant response) adds after them. When a template breaks that prefix property, the response
 is the text the template adds after the prompt text, tokenized alone, or failing that the response
-content tokenized alone. The response ends at the first stop token (the template's end-of-turn);
-whatever the template adds after it is dropped. For preference data the end-of-turn token is
-appended when the template adds none, so every untruncated response has `has_eos` true.
+content tokenized alone.
+
+End of turn: the first control token the template writes after the assistant's content (found
+once on a probe conversation), e.g. Phi-3's `<|end|>`, Llama-3's `<|eot_id|>`, Gemma's
+`<end_of_turn>`; not necessarily the tokenizer's EOS (Phi-3 writes `<|end|>` and then EOS). Stop
+tokens are the union of the tokenizer's EOS, the generation config's `eos_token_id` (an int or a
+list; read from `generation_config.json` beside the tokenizer unless given) and the end of turn.
+A response ends at its first stop token; whatever the template adds after it is dropped. For
+preference data the end-of-turn token is appended when the template adds none, so every
+untruncated response has `has_eos` true. `metadata_fields()` is what `segppo.json` records, and
+`ChatFormat.from_metadata` rebuilds the recorded format at PPO and eval time.
+
+Message content is text: control tokens written literally in a message (`</s>`, `<|eot_id|>`,
+`<|end|>` in code or chat-about-chat data) are encoded as ordinary text tokens
+(`sanitize_control_tokens`); only the template's own structure produces special tokens.
+
+System messages: a template that rejects them (Gemma-2 raises "System role not supported") gets
+the system text folded into the first user turn, as Gemma-3's template does itself; a template
+that renders without them (Phi-3, April 2024) keeps working but is warned about. Both are said
+once and counted in the data report.
 
 Tokenizers without a chat template (base models) get `DEFAULT_CHAT_TEMPLATE`; a `chat_template`
 argument (a jinja string or a path to a file holding one) overrides either.
@@ -15,10 +32,10 @@ At PPO time the policy generates after `EncodedPrompt.prompt_ids`, stopping at
 `ChatFormat.stop_token_ids`, and `ChatFormat.cut_at_stop` ends each generation after its first
 stop token: the reward model then sees the same prompt/response token layout it was trained on.
 
-Truncation: the prompt loses its oldest tokens first (from the left, down to `max_prompt_len`,
-and always leaving room for one response token under `max_len`); then a response longer than
-the room left under `max_len` is cut from the right, losing its end-of-turn token, so its
-`has_eos` is false.
+Truncation: a prompt over `max_prompt_len` (or leaving no room for one response token under
+`max_len`) loses content from its oldest turns first, never the template's tokens (BOS, role
+headers); then a response longer than the room left under `max_len` is cut from the right,
+losing its end-of-turn token, so its `has_eos` is false.
 """
 
 from __future__ import annotations
@@ -115,6 +132,28 @@ def default_stop_token_ids(tokenizer: Any, generation_config: Any = None) -> lis
     return ids
 
 
+def generation_config_of(tokenizer: Any) -> Any:
+    """The `generation_config.json` beside a tokenizer loaded from a local folder, or None.
+
+    Chat checkpoints list their extra stop ids there (Phi-3: `[32000, 32001, 32007]`, Llama-3.1:
+    `[128001, 128008, 128009]`); a hub name is read from the local hub cache only.
+    """
+    name = getattr(tokenizer, "name_or_path", None)
+    if not name:
+        return None
+    from transformers import GenerationConfig
+
+    folder = Path(str(name)).expanduser()
+    try:
+        if folder.is_dir():
+            if not (folder / "generation_config.json").is_file():
+                return None
+            return GenerationConfig.from_pretrained(folder)
+        return GenerationConfig.from_pretrained(str(name), local_files_only=True)
+    except (OSError, ValueError):  # no generation_config.json for this model, or not cached
+        return None
+
+
 def _as_ids(encoded: Any) -> list[int]:
     """apply_chat_template returns a list, or a BatchEncoding/dict (transformers 5's default)."""
     if isinstance(encoded, Mapping):
@@ -136,13 +175,18 @@ def truncate_right(ids: list[int], limit: int | None) -> tuple[list[int], bool]:
     return ids[:limit], True
 
 
+SYSTEM_HANDLING = ("keep", "fold", "drop")
+_SYSTEM_PROBE_TEXT = "Answer in one word."
+
+
 class ChatFormat:
     """How one tokenizer turns conversations into prompt and response token ids.
 
-    `stop_token_ids` end a response; by default the tokenizer's EOS. If the template's assistant
-    turn ends with none of them but with another special token (an instruct template on a base
-    tokenizer, e.g. `<|im_end|>` with EOS `<|endoftext|>`), that token is found once on a probe
-    conversation and added. `end_of_turn_id` is the token appended to responses that lack one.
+    `end_of_turn_id` is the first control token the template writes after the assistant's content
+    (appended to responses that lack one); `stop_token_ids` end a response: the explicit
+    `stop_token_ids`, or the tokenizer's EOS and the generation config's, plus the end of turn.
+    `system_handling` is "keep", "fold" (the template rejects system messages) or "drop" (the
+    template renders without them).
     """
 
     def __init__(
@@ -150,35 +194,84 @@ class ChatFormat:
         tokenizer: Any,
         chat_template: str | Path | None = None,
         stop_token_ids: Sequence[int] | None = None,
+        generation_config: Any = None,
     ):
         self.tokenizer = tokenizer
         self.template = resolve_chat_template(tokenizer, chat_template)
-        stops = list(stop_token_ids) if stop_token_ids is not None else default_stop_token_ids(tokenizer)
+        if stop_token_ids is not None:
+            stops = [int(i) for i in stop_token_ids]
+        else:
+            stops = default_stop_token_ids(tokenizer, generation_config or generation_config_of(tokenizer))
         if not stops:
             raise ValueError("stop_token_ids is empty")
-        self.stop_token_ids = stops
         self._warned: set[str] = set()  # fallbacks are reported once, not once per row
-        self.end_of_turn_id = self._find_end_of_turn()
+        self.system_handling = self._probe_system_handling()
+        self.end_of_turn_id = self._find_end_of_turn(stops)
+        if self.end_of_turn_id not in stops:
+            logger.info(
+                "the chat template ends assistant turns with %r; adding it to the stop tokens",
+                self.tokenizer.convert_ids_to_tokens(self.end_of_turn_id),
+            )
+            stops.append(self.end_of_turn_id)
+        self.stop_token_ids = stops
+
+    @classmethod
+    def from_metadata(
+        cls, tokenizer: Any, metadata: Any, chat_template: str | Path | None = None
+    ) -> ChatFormat:
+        """The chat format a reward model was trained with, from its `segppo.json` (PPO and eval).
+
+        Uses the recorded template (unless `chat_template` is given) and the recorded stop ids;
+        folders written before stop ids were recorded get the ones derived from `tokenizer`.
+        Raises when `tokenizer`'s end of turn under that template is not the recorded one.
+        """
+        template = chat_template if chat_template is not None else metadata.chat_template
+        chat = cls(tokenizer, template, stop_token_ids=metadata.stop_token_ids)
+        recorded = metadata.end_of_turn_id
+        if recorded is not None and chat.end_of_turn_id != recorded:
+            names = tokenizer.convert_ids_to_tokens([chat.end_of_turn_id, recorded])
+            raise ValueError(
+                f"the chat template ends turns with token {chat.end_of_turn_id} ({names[0]!r}) for this "
+                f"tokenizer, but the reward model was trained with {recorded} ({names[1]!r}) (segppo.json)"
+            )
+        return chat
+
+    def metadata_fields(self) -> dict[str, Any]:
+        """What `segppo.json` records of this format: template, stop ids and end-of-turn id."""
+        return {
+            "chat_template": self.template,
+            "stop_token_ids": list(self.stop_token_ids),
+            "end_of_turn_id": self.end_of_turn_id,
+        }
 
     # -- templating ----------------------------------------------------------------------------
 
     def _apply(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(
-            messages,
+            self.prepare_messages(messages),
             chat_template=self.template,
             add_generation_prompt=add_generation_prompt,
             tokenize=True,
             return_dict=False,
+            # Control tokens written in message content are encoded as text.
+            sanitize_control_tokens=True,
         )
         return _as_ids(encoded)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, add_generation_prompt=add_generation_prompt, tokenize=False
+            self.prepare_messages(messages),
+            chat_template=self.template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
         )
 
-    def _tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _tokenize(self, text: str, as_text: bool = False) -> list[int]:
+        """`as_text`: control tokens in `text` are encoded as ordinary text (message content)."""
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=as_text)["input_ids"])
+
+    def _contains_control_text(self, text: str) -> bool:
+        return any(token in text for token in self.tokenizer.all_special_tokens if token)
 
     def _template_suffix(self, messages: list[dict], response: str, prompt_ids: list[int]) -> list[int]:
         """Ids the template adds after the prompt for this response (up to the end of its output)."""
@@ -186,6 +279,13 @@ class ChatFormat:
         full_ids = self._apply(conversation, add_generation_prompt=False)
         if full_ids[: len(prompt_ids)] == prompt_ids:
             return full_ids[len(prompt_ids) :]
+        if self._contains_control_text(response):
+            # The text fallbacks below would read the literal control tokens as tokens.
+            self._warn_once(
+                "chat template breaks the token prefix property; responses with control-token text "
+                "are tokenized alone, as text"
+            )
+            return self._tokenize(response, as_text=True)
         # The template breaks the prefix property in token space: tokenize what it adds as text.
         prompt_text = self._render(messages, add_generation_prompt=True)
         full_text = self._render(conversation, add_generation_prompt=False)
@@ -193,37 +293,98 @@ class ChatFormat:
             self._warn_once("chat template breaks the token prefix property; tokenizing its added text alone")
             return self._tokenize(full_text[len(prompt_text) :])
         self._warn_once("chat template does not extend the prompt text; tokenizing the response alone")
-        return self._tokenize(response)
+        return self._tokenize(response, as_text=True)
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             logger.warning(message)
 
-    def _find_end_of_turn(self) -> int:
-        suffix = self._template_suffix(_PROBE[:1], _PROBE[1]["content"], self.prompt_ids(_PROBE[:1]))
-        stops = set(self.stop_token_ids)
-        for token in suffix:
-            if token in stops:
-                return token
-        special = set(self.tokenizer.all_special_ids) | {
+    def _control_ids(self) -> set[int]:
+        return set(self.tokenizer.all_special_ids) | {
             i for i, added in self.tokenizer.added_tokens_decoder.items() if added.special
         }
-        for token in suffix:
-            if token in special:
-                logger.warning(
-                    "the chat template ends assistant turns with %r, which is not a stop token; adding it",
-                    self.tokenizer.convert_ids_to_tokens(token),
-                )
-                self.stop_token_ids.append(token)
+
+    def _find_end_of_turn(self, stops: Sequence[int]) -> int:
+        """The first control (or stop) token the template writes after the probe's content."""
+        content = _PROBE[1]["content"]
+        suffix = self._template_suffix(_PROBE[:1], content, self.prompt_ids(_PROBE[:1]))
+        control = self._control_ids() | set(stops)
+        for i, token in enumerate(suffix):
+            if token in control and content in self.tokenizer.decode(suffix[:i]):
                 return token
-        return self.stop_token_ids[0]
+        return stops[0]
+
+    def _probe_system_handling(self) -> str:
+        from jinja2 import TemplateError
+
+        probe = [{"role": "system", "content": _SYSTEM_PROBE_TEXT}, _PROBE[0]]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                probe, chat_template=self.template, add_generation_prompt=True, tokenize=False
+            )
+        except TemplateError:
+            return "fold"
+        return "keep" if _SYSTEM_PROBE_TEXT in text else "drop"
+
+    def prepare_messages(self, messages: list[dict]) -> list[dict]:
+        """The messages as the template is given them: a system message folded into the first user
+        turn when the template rejects system messages (the fold is said once)."""
+        if self.system_handling == "keep" or not messages or messages[0].get("role") != "system":
+            return messages
+        if self.system_handling == "drop":
+            self._warn_once(
+                "the chat template renders without system messages: their text is not in the model's input"
+            )
+            return messages
+        self._warn_once("the chat template rejects system messages; folding them into the first user turn")
+        system, rest = messages[0], list(messages[1:])
+        for i, message in enumerate(rest):
+            if message.get("role") == "user":
+                rest[i] = {**message, "content": f"{system['content']}\n\n{message['content']}"}
+                return rest
+        return [{"role": "user", "content": system["content"]}, *rest]
+
+    def system_folded_or_dropped(self, messages: list[dict]) -> str | None:
+        """ "fold" or "drop" when this conversation's system message is folded or not rendered."""
+        if self.system_handling != "keep" and messages and messages[0].get("role") == "system":
+            return self.system_handling
+        return None
 
     # -- encoding ------------------------------------------------------------------------------
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The prompt's ids: the template on the prompt messages with the generation prompt."""
         return self._apply(messages, add_generation_prompt=True)
+
+    def truncate_prompt(self, messages: list[dict], limit: int | None) -> tuple[list[dict], list[int], bool]:
+        """(messages, prompt ids, whether cut) with at most `limit` prompt ids.
+
+        Content is cut from the start of the oldest turns first (system messages last), and an
+        emptied oldest exchange (user + assistant) is dropped; never the template's own tokens
+        (BOS, headers). Raises ValueError when the template alone needs more than `limit`.
+        """
+        ids = self.prompt_ids(messages)
+        if limit is None or len(ids) <= limit:
+            return messages, ids, False
+        messages = [dict(m) for m in messages]
+        while len(ids) > limit:
+            body = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+            if len(body) >= 3 and not messages[body[0]]["content"] and not messages[body[1]]["content"]:
+                del messages[body[0] : body[1] + 1]
+            else:
+                order = body + [i for i, m in enumerate(messages) if m.get("role") == "system"]
+                target = next((i for i in order if messages[i]["content"]), None)
+                if target is None:
+                    raise ValueError(
+                        f"the chat template alone takes {len(ids)} prompt tokens with every message "
+                        f"emptied, more than the {limit} allowed; raise max_prompt_len/max_len"
+                    )
+                content = self._tokenize(messages[target]["content"], as_text=True)
+                content = content[min(len(content), len(ids) - limit) :]
+                messages[target]["content"] = self.tokenizer.decode(content)
+            ids = self.prompt_ids(messages)
+        return messages, ids, True
 
     def response_ids(
         self,
@@ -268,14 +429,12 @@ class ChatFormat:
         """Prompt, chosen and rejected ids of a pair, truncated prompt first, then each response."""
         if max_len is not None and max_len < 2:
             raise ValueError(f"max_len must leave room for a prompt and a response token, got {max_len}")
-        full_prompt = self.prompt_ids(example.prompt)
-        chosen = self.response_ids(example.prompt, example.chosen, full_prompt)[0]
-        rejected = self.response_ids(example.prompt, example.rejected, full_prompt)[0]
-
         prompt_limit = max_prompt_len
         if max_len is not None:  # keep room for at least one response token
             prompt_limit = max_len - 1 if prompt_limit is None else min(prompt_limit, max_len - 1)
-        prompt, prompt_cut = truncate_left(full_prompt, prompt_limit)
+        messages, prompt, prompt_cut = self.truncate_prompt(example.prompt, prompt_limit)
+        chosen = self.response_ids(messages, example.chosen, prompt)[0]
+        rejected = self.response_ids(messages, example.rejected, prompt)[0]
         room = None if max_len is None else max_len - len(prompt)
         chosen, chosen_cut = truncate_right(chosen, room)
         rejected, rejected_cut = truncate_right(rejected, room)
@@ -292,19 +451,28 @@ class ChatFormat:
     def encode_prompt(
         self, example: PromptExample, max_prompt_len: int | None = None, on_long_prompt: str = "truncate"
     ) -> EncodedPrompt:
-        """Prompt ids for generation; a prompt over `max_prompt_len` is cut from the left or raises."""
+        """Prompt ids for generation; a prompt over `max_prompt_len` loses its oldest content or raises."""
         if on_long_prompt not in ON_LONG_PROMPT:
             raise ValueError(f"on_long_prompt must be one of {ON_LONG_PROMPT}, not {on_long_prompt!r}")
-        ids = self.prompt_ids(example.prompt)
-        if on_long_prompt == "error" and max_prompt_len is not None and len(ids) > max_prompt_len:
-            where = f"row {example.row}" if example.row is not None else "a prompt"
-            raise ValueError(
-                f"{where} has {len(ids)} prompt tokens, more than max_prompt_len={max_prompt_len} "
-                f"(starts {example.prompt[0]['content'][:60]!r}); raise max_prompt_len or use "
-                f"on_long_prompt='truncate'"
-            )
-        ids, cut = truncate_left(ids, max_prompt_len)
+        if on_long_prompt == "error" and max_prompt_len is not None:
+            ids = self.prompt_ids(example.prompt)
+            if len(ids) > max_prompt_len:
+                where = f"row {example.row}" if example.row is not None else "a prompt"
+                raise ValueError(
+                    f"{where} has {len(ids)} prompt tokens, more than max_prompt_len={max_prompt_len} "
+                    f"(starts {example.prompt[0]['content'][:60]!r}); raise max_prompt_len or use "
+                    f"on_long_prompt='truncate'"
+                )
+        _, ids, cut = self.truncate_prompt(example.prompt, max_prompt_len)
         return EncodedPrompt(prompt_ids=ids, messages=example.prompt, row=example.row, truncated=cut)
+
+
+def _count_system(report: SkipReport, chat: ChatFormat, messages: list[dict]) -> None:
+    handling = chat.system_folded_or_dropped(messages)
+    if handling == "fold":
+        report.system_folded += 1
+    elif handling == "drop":
+        report.system_dropped += 1
 
 
 def encode_preferences(
@@ -322,6 +490,7 @@ def encode_preferences(
     pairs = []
     for example in examples:
         pair = chat.encode_pair(example, max_len=max_len, max_prompt_len=max_prompt_len)
+        _count_system(report, chat, example.prompt)
         report.truncated_prompts += pair.prompt_truncated
         report.truncated_responses += (not pair.chosen_has_eos) + (not pair.rejected_has_eos)
         pairs.append(pair)
@@ -343,6 +512,7 @@ def encode_prompts(
     prompts = []
     for example in examples:
         prompt = chat.encode_prompt(example, max_prompt_len=max_prompt_len, on_long_prompt=on_long_prompt)
+        _count_system(report, chat, example.prompt)
         report.truncated_prompts += prompt.truncated
         prompts.append(prompt)
     return prompts, report

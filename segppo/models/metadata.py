@@ -41,6 +41,8 @@ class SegppoMetadata:
     statistics, i.e. the normalizer `[0, 0, mean, std]` of a bandit RM. `data` is free-form:
     dataset name or path, split, sample counts. Keys this version does not know are kept in
     `extra` and written back, so an older segppo does not drop what a newer one recorded.
+    `chat_template`, `stop_token_ids` and `end_of_turn_id` are the chat format a reward model was
+    trained with (`ChatFormat.metadata_fields()`); `ChatFormat.from_metadata` reads them back.
     """
 
     kind: str
@@ -51,6 +53,8 @@ class SegppoMetadata:
     score_mean: float | None = None
     score_std: float | None = None
     chat_template: str | None = None
+    stop_token_ids: list[int] | None = None
+    end_of_turn_id: int | None = None
     data: dict[str, Any] | None = None
     base_model: str | None = None
     segppo_version: str = field(default_factory=segppo_version)
@@ -75,6 +79,23 @@ class SegppoMetadata:
         for name in ("segmenter", "chat_template", "base_model", "segppo_version"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, str), name, "must be a string or null", value)
+        _check(
+            self.stop_token_ids is None
+            or (
+                isinstance(self.stop_token_ids, list)
+                and self.stop_token_ids
+                and all(_is_token_id(i) for i in self.stop_token_ids)
+            ),
+            "stop_token_ids",
+            "must be a non-empty list of token ids or null",
+            self.stop_token_ids,
+        )
+        _check(
+            self.end_of_turn_id is None or _is_token_id(self.end_of_turn_id),
+            "end_of_turn_id",
+            "must be a token id or null",
+            self.end_of_turn_id,
+        )
         _check_number("score_mean", self.score_mean)
         _check_number("score_std", self.score_std, minimum=0.0, strict=True)
         for name in ("data", "normalizer"):
@@ -134,6 +155,10 @@ class SegppoMetadata:
 def _is_number(value: Any) -> bool:
     # bool is an int subclass, but `true` is never a meaningful threshold or std.
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check(ok: bool, name: str, requirement: str, value: Any) -> None:

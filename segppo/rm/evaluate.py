@@ -13,6 +13,7 @@ from segppo.data import (
     collate_responses,
     encode_preferences,
     load_splits,
+    segment_texts,
     select_split,
     split_train_eval,
 )
@@ -126,12 +127,17 @@ def inspect_response(scorer: RewardScorer, prompt: str | list[dict], response: s
             **kwargs,
         ).rewards[0]
     ends = torch.nonzero(raw.ends[0]).flatten().tolist()
+    # Decoded in context, so that the segments' texts concatenate to the response's text.
+    pieces = [e + 1 for e in ends]
+    if not ends or ends[-1] + 1 < len(response_ids):  # a trailing EOS outside every dense segment
+        pieces.append(len(response_ids))
+    texts = segment_texts(scorer.tokenizer, response_ids, pieces)
     views, start = [], 0
     for k, end in enumerate(ends, start=1):
         views.append(
             SegmentView(
                 index=k,
-                text=scorer.tokenizer.decode(response_ids[start : end + 1]),
+                text=texts[k - 1],
                 start=start,
                 end=end,
                 reward=raw.rewards[0, end].item(),
@@ -141,6 +147,6 @@ def inspect_response(scorer: RewardScorer, prompt: str | list[dict], response: s
         )
         start = end + 1
     if start < len(response_ids):  # a trailing EOS outside every dense segment
-        text = scorer.tokenizer.decode(response_ids[start:])
+        text = texts[-1]
         views.append(SegmentView(0, text, start, len(response_ids) - 1, 0.0, None, float("nan")))
     return views

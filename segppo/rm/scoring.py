@@ -123,7 +123,7 @@ def load_scorer(
         model=model.eval().to(device),
         segmenter=segmenter_model,
         tokenizer=tokenizer,
-        chat=ChatFormat(tokenizer, metadata.chat_template),
+        chat=ChatFormat.from_metadata(tokenizer, metadata),  # the recorded template and stop ids
         metadata=metadata,
         segmentation=segmentation,
         device=device,

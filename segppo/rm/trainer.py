@@ -281,7 +281,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         granularity=segmentation.granularity,
         threshold=cfg.entropy_threshold,
         segmenter=(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
-        chat_template=ChatFormat(tokenizer, cfg.chat_template).template,
+        **ChatFormat(tokenizer, cfg.chat_template).metadata_fields(),  # template, stop ids, end of turn
         base_model=cfg.model,
         data={
             "dataset": cfg.dataset,

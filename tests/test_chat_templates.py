@@ -1,0 +1,388 @@
+"""Chat formatting on the shapes of real checkpoints' templates and tokenizers (issue 10, items 1-4, 6, 7).
+
+Each fixture reproduces one structure of a real model without the network:
+- Phi-3-mini (July 2024): a SentencePiece (Metaspace) tokenizer; assistant turns end `<|end|>`
+  and the conversation then gets EOS `<|endoftext|>`; `generation_config.json` lists three EOS ids.
+- Phi-3-mini (April 2024): the same tokenizer, a template that renders without system messages.
+- Gemma-2: a template that raises "System role not supported"; turns end `<end_of_turn>`, EOS `<eos>`.
+- Llama-3.1: byte-level BPE, BOS `<|begin_of_text|>`, role headers, `<|eot_id|>` (the tokenizer's
+  EOS), and a generation config listing `<|end_of_text|>`, `<|eom_id|>`, `<|eot_id|>`.
+- Mistral-7B-Instruct-v0.3: SentencePiece, `[INST]`, assistant turns end with EOS `</s>`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+
+import pytest
+import torch
+from tiny import FILLER, tiny_config, tiny_rm_config, write_preferences
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+from segppo.data import (
+    ChatFormat,
+    PreferenceExample,
+    PromptExample,
+    encode_preferences,
+    encode_prompts,
+    segment_texts,
+)
+from segppo.models import SegppoMetadata, load_tokenizer
+
+CORPUS = [
+    "11 is prime. It has no divisors.",
+    "The capital of France is Paris. I think it is Lyon.",
+    "Hello there, how are you? You are a helpful assistant. Answer briefly.",
+    "Name a prime number greater than 10. Name the capital.",
+    "def f(x): return x + 1  # end tags like </s> and <|end|> in code",
+    " ".join(FILLER),
+]
+
+PHI3_JULY = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI3_APRIL = (  # system messages fall through every branch: silently not rendered
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') %}{{'<|user|>' + '\n' + message['content'] + '<|end|>' + '\n' + "
+    "'<|assistant|>' + '\n'}}"
+    "{% elif (message['role'] == 'assistant') %}{{message['content'] + '<|end|>' + '\n'}}"
+    "{% endif %}{% endfor %}"
+)
+GEMMA2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+    "'<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_tokenizer(style, specials, eos, bos=None, template=None, vocab_size=360):
+    """A trained BPE: `style` "metaspace" (SentencePiece-like, as Llama-2/Mistral/Phi-3/Gemma) or
+    "bytelevel" (as GPT-2/Llama-3/Qwen). `specials` are special added tokens, in id order."""
+    tok = Tokenizer(models.BPE())
+    if style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = sorted(set(string.printable) - set(" \t\r\x0b\x0c") | {"▁"})
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=eos,
+        bos_token=bos,
+        pad_token=specials[0],
+        additional_special_tokens=[s for s in specials if s not in (eos, bos, specials[0])],
+    )
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+PHI3_SPECIALS = ["<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>"]
+
+
+def phi3(template=PHI3_JULY):
+    return build_tokenizer("metaspace", PHI3_SPECIALS, "<|endoftext|>", "<s>", template)
+
+
+def gemma2():
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    return build_tokenizer("metaspace", specials, "<eos>", "<bos>", GEMMA2)
+
+
+def llama3():
+    specials = [
+        "<|finetune_right_pad_id|>",
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+    ]
+    return build_tokenizer("bytelevel", specials, "<|eot_id|>", "<|begin_of_text|>", LLAMA3)
+
+
+def mistral():
+    return build_tokenizer("metaspace", ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "</s>", "<s>", MISTRAL)
+
+
+def ids_of(tokenizer, *tokens):
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+# --- 1. end of turn and stop ids ----------------------------------------------------------------
+
+
+def test_phi3_response_ends_at_its_end_of_turn_not_at_eos():
+    tokenizer = phi3()
+    endoftext, assistant_id, end = ids_of(tokenizer, "<|endoftext|>", "<|assistant|>", "<|end|>")
+    assert tokenizer.eos_token_id == endoftext  # the tokenizer's EOS is not the turn terminator
+    chat = ChatFormat(
+        tokenizer, generation_config=GenerationConfig(eos_token_id=[endoftext, assistant_id, end])
+    )
+    assert chat.end_of_turn_id == end
+    assert sorted(chat.stop_token_ids) == sorted([endoftext, assistant_id, end])
+    ids, has_eos = chat.response_ids([user("Name a prime number greater than 10.")], "11 is prime.")
+    assert has_eos and ids[-1] == end and endoftext not in ids  # `<|end|><|endoftext|>` is not kept
+    assert tokenizer.decode(ids) == "11 is prime.<|end|>"
+    # A generation that runs on past `<|end|>` is ended there.
+    generated = tokenizer.encode("11.", add_special_tokens=False) + ids_of(tokenizer, "<|end|>", "<|user|>")
+    cut, has_eos = chat.cut_at_stop(generated + tokenizer.encode("Hello", add_special_tokens=False))
+    assert cut == generated[:-1] and has_eos
+
+
+def test_stop_ids_union_the_generation_config_beside_the_tokenizer(tmp_path):
+    tokenizer = llama3()
+    end_of_text, eom, eot = ids_of(tokenizer, "<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+    tokenizer.save_pretrained(tmp_path)
+    GenerationConfig(eos_token_id=[end_of_text, eom, eot]).save_pretrained(tmp_path)
+    chat = ChatFormat(load_tokenizer(tmp_path))
+    assert chat.end_of_turn_id == eot and chat.stop_token_ids == [eot, end_of_text, eom]
+    # An int in the generation config works too; without a generation config, EOS and end of turn.
+    GenerationConfig(eos_token_id=end_of_text).save_pretrained(tmp_path)
+    assert ChatFormat(load_tokenizer(tmp_path)).stop_token_ids == [eot, end_of_text]
+    assert ChatFormat(llama3()).stop_token_ids == [eot]
+
+
+def test_gemma_turn_terminator_is_added_to_the_stop_ids():
+    tokenizer = gemma2()
+    eos, end_of_turn = ids_of(tokenizer, "<eos>", "<end_of_turn>")
+    chat = ChatFormat(tokenizer)
+    assert chat.end_of_turn_id == end_of_turn and chat.stop_token_ids == [eos, end_of_turn]
+    ids, has_eos = chat.response_ids([user("Hi.")], "Hello there.")
+    assert has_eos and tokenizer.decode(ids) == "Hello there.<end_of_turn>"
+
+
+def test_segppo_json_records_the_chat_format_and_it_is_read_back(tmp_path):
+    tokenizer = phi3()
+    endoftext, assistant_id, end = ids_of(tokenizer, "<|endoftext|>", "<|assistant|>", "<|end|>")
+    chat = ChatFormat(
+        tokenizer, generation_config=GenerationConfig(eos_token_id=[endoftext, assistant_id, end])
+    )
+    SegppoMetadata(kind="reward_model", granularity="bandit", **chat.metadata_fields()).save(
+        tmp_path / "s.json"
+    )
+    meta = SegppoMetadata.load(tmp_path / "s.json")
+    assert meta.stop_token_ids == chat.stop_token_ids and meta.end_of_turn_id == end
+    # Read back without a generation config (PPO's policy folder may have none): the recorded ids.
+    again = ChatFormat.from_metadata(phi3(), meta)
+    assert again.stop_token_ids == chat.stop_token_ids and again.end_of_turn_id == end
+    assert again.template == PHI3_JULY
+    # A tokenizer whose end of turn under that template is another id is refused.
+    other = build_tokenizer(
+        "metaspace",
+        ["<unk>", "<s>", "<|end|>", "<|endoftext|>", "<|user|>", "<|assistant|>"],
+        "<|endoftext|>",
+        "<s>",
+        PHI3_JULY,
+    )
+    with pytest.raises(ValueError, match="trained with"):
+        ChatFormat.from_metadata(other, meta)
+    with pytest.raises(Exception, match="stop_token_ids"):
+        SegppoMetadata(kind="reward_model", granularity="bandit", stop_token_ids=[]).validate()
+
+
+def test_rm_training_records_stop_ids_and_inspect_keeps_sentencepiece_spaces(tmp_path):
+    from segppo.rm.evaluate import inspect_response
+    from segppo.rm.scoring import load_scorer
+    from segppo.rm.trainer import train_reward_model
+
+    tokenizer = phi3()
+    endoftext, assistant_id, end = ids_of(tokenizer, "<|endoftext|>", "<|assistant|>", "<|end|>")
+    folder = tmp_path / "phi3-shaped"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    GenerationConfig(eos_token_id=[endoftext, assistant_id, end]).save_pretrained(folder)
+    data = write_preferences(tmp_path / "prefs.jsonl", n=40)
+    cfg = tiny_rm_config(str(folder), data, tmp_path / "run", granularity="token", max_steps=2)
+    train_reward_model(cfg)
+    meta = SegppoMetadata.load(cfg.output_dir / "model" / "segppo.json")
+    assert meta.end_of_turn_id == end and sorted(meta.stop_token_ids) == sorted(
+        [endoftext, assistant_id, end]
+    )
+
+    scorer = load_scorer(str(cfg.output_dir / "model"))
+    response = "11 is prime. It has no divisors."
+    views = inspect_response(scorer, "Name a prime number greater than 10.", response)
+    assert "".join(v.text for v in views) == response + "<|end|>"
+    assert len(views) > 5  # token granularity: one segment per token
+
+
+# --- 2. system messages -------------------------------------------------------------------------
+
+
+def test_template_rejecting_system_gets_it_folded_into_the_first_user_turn(caplog):
+    tokenizer = gemma2()
+    with pytest.raises(Exception, match="System role not supported"):  # the template itself
+        tokenizer.apply_chat_template([system("Be brief."), user("Hi.")], tokenize=False)
+    rows = [
+        {"prompt": [system("Be brief."), user("Name the capital.")], "chosen": "Paris.", "rejected": "Lyon."},
+        {"prompt": [system("Be kind."), user("Hi.")], "chosen": "Hello there.", "rejected": "No."},
+        {"prompt": "Hi.", "chosen": "Hello there.", "rejected": "No."},
+    ]
+    with caplog.at_level(logging.WARNING, logger="segppo.data.chat"):
+        pairs, report = encode_preferences(rows, tokenizer)
+    assert len(pairs) == 3 and report.system_folded == 2 and "2 folded" in str(report)
+    assert sum("rejects system messages" in r.message for r in caplog.records) == 1  # said once
+    assert tokenizer.decode(pairs[0].prompt_ids) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nName the capital.<end_of_turn>\n<start_of_turn>model\n"
+    )
+    prompts, report = encode_prompts([{"prompt": [system("Be brief."), user("Hi.")]}], tokenizer)
+    assert report.system_folded == 1 and "Be brief." in tokenizer.decode(prompts[0].prompt_ids)
+
+
+def test_template_dropping_system_is_warned_about(caplog):
+    tokenizer = phi3(PHI3_APRIL)
+    chat = ChatFormat(tokenizer)
+    assert chat.system_handling == "drop"
+    assert chat.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|end|>")
+    with caplog.at_level(logging.WARNING, logger="segppo.data.chat"):
+        _, report = encode_prompts([{"prompt": [system("Be brief."), user("Hi.")]}], tokenizer)
+    assert report.system_dropped == 1
+    assert any("without system messages" in r.message for r in caplog.records)
+    assert ChatFormat(phi3()).system_handling == "keep"
+
+
+# --- 3. control-token text in content -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, literal, terminator",
+    [(llama3, "<|eot_id|>", "<|eot_id|>"), (mistral, "</s>", "</s>"), (phi3, "<|end|>", "<|end|>")],
+)
+def test_control_token_text_in_content_stays_text(make, literal, terminator):
+    tokenizer = make()
+    chat = ChatFormat(tokenizer)
+    stop = tokenizer.convert_tokens_to_ids(terminator)
+    assert chat.end_of_turn_id == stop
+    response = f"Print {literal} then stop. The end."
+    ids, has_eos = chat.response_ids([user(f"What does {literal} mean?")], response)
+    assert has_eos and ids.count(stop) == 1 and ids[-1] == stop  # not cut at the literal
+    assert literal in tokenizer.decode(ids[:-1]) and "The end." in tokenizer.decode(ids)
+    prompt_ids = chat.prompt_ids([user(f"What does {literal} mean?")])
+    assert prompt_ids.count(stop) == chat.prompt_ids([user("What does it mean?")]).count(stop)
+    # Preference data with the literal keeps the whole response.
+    pair = chat.encode_pair(PreferenceExample([user("Hi.")], response, "No."))
+    assert pair.chosen_has_eos and pair.chosen_ids == chat.response_ids([user("Hi.")], response)[0]
+
+
+# --- 4. truncation keeps the template -----------------------------------------------------------
+
+
+def test_truncation_cuts_the_oldest_content_and_keeps_bos_and_headers():
+    tokenizer = llama3()
+    chat = ChatFormat(tokenizer)
+    bos, header = ids_of(tokenizer, "<|begin_of_text|>", "<|start_header_id|>")
+    long_question = "The capital of France is Paris. I think it is Lyon. " * 4 + "Name the capital."
+    full = chat.prompt_ids([user(long_question)])
+    prompt = chat.encode_prompt(PromptExample([user(long_question)]), max_prompt_len=len(full) - 10)
+    assert prompt.truncated and len(prompt.prompt_ids) <= len(full) - 10
+    assert prompt.prompt_ids[:2] == [bos, header]  # BOS and the user header survive
+    text = tokenizer.decode(prompt.prompt_ids)
+    assert text.endswith("Name the capital.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+    # Multi-turn: the oldest exchange loses its content, then goes; the last question stays whole.
+    turns = [user(long_question), assistant("Paris. " * 6), user("Name a prime number greater than 10.")]
+    last_only = chat.prompt_ids(turns[2:])
+    pair = chat.encode_pair(PreferenceExample(turns, "11.", "12."), max_prompt_len=len(last_only))
+    assert pair.prompt_ids == last_only and pair.prompt_truncated
+    limit = len(chat.prompt_ids([user(""), assistant(""), turns[2]])) + 5  # room for 5 old content tokens
+    cut = chat.encode_pair(PreferenceExample(turns, "11.", "12."), max_prompt_len=limit)
+    text = tokenizer.decode(cut.prompt_ids)
+    assert cut.prompt_ids[:2] == [bos, header] and len(cut.prompt_ids) <= limit
+    assert text.count("<|start_header_id|>") == 4 and "Paris" in text  # all turns' headers kept
+    assert "Lyon" not in text  # the oldest content went first
+    assert text.endswith(
+        "Name a prime number greater than 10.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+# --- 6. segment text ----------------------------------------------------------------------------
+
+
+def test_segment_texts_concatenate_to_the_response_on_sentencepiece():
+    tokenizer = phi3()
+    response = "11 is prime. It has no divisors."
+    ids = tokenizer.encode(response, add_special_tokens=False)
+    ends = [3, 6, len(ids)]
+    alone = [tokenizer.decode(ids[a:b]) for a, b in zip([0, *ends], ends, strict=False)]
+    assert "".join(alone) != response  # the structure: decoding pieces alone loses spaces
+    texts = segment_texts(tokenizer, ids, ends)
+    assert "".join(texts) == response and len(texts) == 3
+    with pytest.raises(ValueError, match="increasing"):
+        segment_texts(tokenizer, ids, [3, 3])
+
+
+def test_segment_texts_keep_multibyte_characters_whole_on_byte_level():
+    tokenizer = llama3()
+    response = "Paris é Lyon"
+    ids = tokenizer.encode(response, add_special_tokens=False)
+    split = next(i for i in range(1, len(ids)) if "\ufffd" in tokenizer.decode(ids[:i]))  # inside "é"
+    texts = segment_texts(tokenizer, ids, [split, len(ids)])
+    assert "".join(texts) == response and "\ufffd" not in "".join(texts)
+
+
+# --- 7. architectures without a token-classification class ----------------------------------------
+
+
+def test_architecture_without_token_classification_is_a_clear_error(tmp_path):
+    from transformers import AutoConfig
+
+    from segppo.models import create_reward_model
+
+    config = AutoConfig.for_model(
+        "gemma3_text",
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no \\*ForTokenClassification class for model_type 'gemma3_text'"):
+        create_reward_model(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3_text"
