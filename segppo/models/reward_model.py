@@ -96,7 +96,7 @@ def _from_pretrained(folder, config, dtype, trust_remote_code, *, expected_missi
         if "Unrecognized configuration class" in str(e):
             raise ValueError(
                 f"{folder}: transformers has no *ForTokenClassification class for model_type "
-                f"{config.model_type!r}, which a segppo reward model needs"
+                f"{config.model_type!r}, which a segppo reward model needs (README: Model families checked)"
             ) from e
         raise
     missing = set(info.get("missing_keys", ())) - set(expected_missing)
