@@ -136,7 +136,7 @@ def generation_config_of(tokenizer: Any) -> Any:
     """The `generation_config.json` beside a tokenizer loaded from a local folder, or None.
 
     Chat checkpoints list their extra stop ids there (Phi-3: `[32000, 32001, 32007]`, Llama-3.1:
-    `[128001, 128008, 128009]`); a hub name is read from the local hub cache only.
+    `[128001, 128008, 128009]`); a hub name's is fetched like its tokenizer was.
     """
     name = getattr(tokenizer, "name_or_path", None)
     if not name:
@@ -149,7 +149,7 @@ def generation_config_of(tokenizer: Any) -> Any:
             if not (folder / "generation_config.json").is_file():
                 return None
             return GenerationConfig.from_pretrained(folder)
-        return GenerationConfig.from_pretrained(str(name), local_files_only=True)
+        return GenerationConfig.from_pretrained(str(name))
     except (OSError, ValueError):  # no generation_config.json for this model, or not cached
         return None
 
@@ -313,7 +313,8 @@ class ChatFormat:
         for i, token in enumerate(suffix):
             if token in control and content in self.tokenizer.decode(suffix[:i]):
                 return token
-        return stops[0]
+        # A template that transforms the content: its first control token, if it writes one.
+        return next((token for token in suffix if token in control), stops[0])
 
     def _probe_system_handling(self) -> str:
         from jinja2 import TemplateError
