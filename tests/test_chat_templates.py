@@ -308,6 +308,21 @@ def test_control_token_text_in_content_stays_text(make, literal, terminator):
     assert pair.chosen_has_eos and pair.chosen_ids == chat.response_ids([user("Hi.")], response)[0]
 
 
+def test_control_token_text_stays_text_when_the_template_breaks_the_prefix_property():
+    from tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    trailing_space = (  # the prompt's trailing space merges with the response: the text fallback
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    chat = ChatFormat(tokenizer, chat_template=trailing_space)
+    ids, has_eos = chat.response_ids([user("Hi.")], "water <|im_end|> cold")
+    assert has_eos and ids.count(im_end) == 1 and ids[-1] == im_end
+    assert tokenizer.decode(ids) == "water <|im_end|> cold<|im_end|>"
+
+
 # --- 4. truncation keeps the template -----------------------------------------------------------
 
 
