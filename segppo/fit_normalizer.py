@@ -285,7 +285,9 @@ def _fit_and_save(cfg: FitNormalizerConfig, scorer: RewardScorer, parts: list[di
         normalizer = fit_normalizer(
             p,
             r,
+            fit_mode=cfg.fit_mode,
             min_bin_count=cfg.min_bin_count,
+            min_r2=cfg.min_r2,
             sigma_floor=cfg.sigma_floor,
             granularity=seg.granularity,
             threshold=seg.threshold if seg.granularity == "segment" else None,

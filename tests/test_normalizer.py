@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from segppo.normalizer import (
     NORMALIZER_FILE,
     Normalizer,
     PointCollector,
+    PoorFitWarning,
     StdFloorWarning,
     bin_points,
     curve_sketch,
@@ -27,6 +29,7 @@ from segppo.normalizer import (
     save_plot,
     segment_points,
     std_floor_violations,
+    weighted_line,
 )
 
 TRUE_PARAMS = (-0.3, -0.1, 0.5, 1.2)  # a, b, c, d: σ = 1.2 - 0.1 ln p stays well above the floor
@@ -75,7 +78,7 @@ def test_huber_resists_outlier_bins():
     outliers = np.unique(keys)[:4]  # the smallest p: where a bad bin has the most leverage
     r = np.where(np.isin(keys, outliers), r + 5.0, r)
 
-    huber = fit_normalizer(p, r)
+    huber = fit_normalizer(p, r, fit_mode="paper")  # the paper's fit is the Huber one
     used = [b for b in huber.bins if b["used"]]
     x = [b["log_p"] for b in used]
     ls_a, ls_c = np.polyfit(x, [b["mean"] for b in used], 1)
@@ -117,6 +120,78 @@ def test_min_bin_count_drops_and_reports_bins():
     np.testing.assert_allclose(normalizer.params, refit.params, rtol=1e-6, atol=1e-9)
     # the global statistics still cover every score
     assert normalizer.score_mean == pytest.approx(r.mean())
+
+
+def short_responses(seed: int = 0, n: int = 3000):
+    """Responses of K = 1..12 segments whose last segment scores +1 above the ln p line, as the
+    demo's RMs do: a line in ln p cannot fit the p = 1 bin and the others at once."""
+    rng = np.random.default_rng(seed)
+    K = rng.integers(1, 13, size=n)
+    p = np.concatenate([np.arange(1, k + 1) / k for k in K])
+    last = np.concatenate([np.arange(1, k + 1) == k for k in K])
+    r = rng.normal(-0.3 * np.log(p) + 0.5 + 1.0 * last, 1.0 - 0.1 * np.log(p))
+    return p, r
+
+
+def test_paper_mode_is_the_unweighted_huber_fit_of_before():
+    """Numbers from the fit as it was before fit modes existed (commit a51dfb4), same data."""
+    p, r = short_responses()
+    paper = fit_normalizer(p, r, fit_mode="paper", min_bin_count=4)
+    expected = (-0.3027254205921976, -0.0941089161594669, 0.5003796963746605, 0.9954568572117902)
+    np.testing.assert_allclose(paper.params, expected, rtol=1e-6)
+    assert paper.r2_mean == pytest.approx(0.5372496292216975, rel=1e-6)
+    assert paper.r2_std == pytest.approx(0.7013052119059289, rel=1e-6)
+    assert paper.fit_mode == "paper" and not any("R²" in note for note in paper.notes)
+
+
+def test_weighted_fit_is_centred_where_the_paper_fit_is_not():
+    p, r = short_responses()
+    with pytest.warns(PoorFitWarning, match="mean line"):
+        weighted = fit_normalizer(p, r, min_bin_count=4)
+    paper = fit_normalizer(p, r, fit_mode="paper", min_bin_count=4)
+    # The unweighted fit follows the many small bins and misses the p = 1 bin (one per response).
+    assert paper.mean_response_sum > 0.8
+    assert abs(weighted.mean_response_sum) < 0.05
+    assert weighted.mean_response_sum == pytest.approx(weighted.apply(r, p).sum() / weighted.num_responses)
+    assert weighted.fit_mode == "weighted" and weighted.max_segments == 12
+
+
+def test_weighted_fit_keeps_good_lines_and_replaces_poor_ones():
+    p, r = synthetic_points(TRUE_PARAMS, max_segments=60, repeats=50, seed=4)
+    good = fit_normalizer(p, r)
+    assert good.r2_mean > 0.8 and good.params[0] == pytest.approx(TRUE_PARAMS[0], abs=0.02)
+    assert good.params[1] == pytest.approx(TRUE_PARAMS[1], abs=0.02)  # kept although its R² is ~0.5
+    assert not any("R²" in note for note in good.notes)
+    # No drift at all: both lines explain nothing, so the constants of the scores are used.
+    flat = np.random.default_rng(5).normal(0.3, 2.0, size=p.size)
+    with pytest.warns(PoorFitWarning, match="std line"):
+        poor = fit_normalizer(p, flat)
+    a, b, c, d = poor.params
+    assert a == 0 and b == 0
+    assert c == pytest.approx(flat.mean()) and d == pytest.approx(flat.std(), rel=1e-3)
+    assert any("min_r2=0.2" in note for note in poor.notes)
+    with pytest.raises(ValueError, match="fit_mode"):
+        fit_normalizer(p, r, fit_mode="huber")
+
+
+def test_weighted_line_is_least_squares_through_the_points():
+    x, y, w = [0.0, 1.0, 2.0], [1.0, 3.0, 2.0], [1, 2, 1]
+    points_x = np.repeat(x, w)
+    points_y = np.repeat(y, w)
+    slope, intercept = np.polyfit(points_x, points_y, 1)
+    got = weighted_line(x, y, w)
+    assert got[:2] == pytest.approx((slope, intercept))
+
+
+def test_floor_check_only_covers_the_datas_lengths():
+    # σ = 1 + 0.1 ln p reaches 0.5 at p = 0.0067: below 1/20, so no response of the data has it.
+    p, r = synthetic_points((0.2, 0.1, -0.4, 1.0), max_segments=20, repeats=200, seed=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StdFloorWarning)
+        normalizer = fit_normalizer(p, r, sigma_floor=0.5)
+    assert normalizer.max_segments == 20 and normalizer.floor_warning is None
+    # the same line without a record of the data (an import) is checked down to p = 1/2048
+    assert std_floor_violations(normalizer.params, 0.5) is not None
 
 
 def test_bandit_points_give_the_bandit_normalizer():
@@ -276,7 +351,8 @@ def test_std_floor_violations_other_shapes():
 
 
 def test_fit_warns_when_the_std_line_crosses_the_floor():
-    p, r = synthetic_points((0.2, 0.1, -0.4, 1.0), max_segments=20, repeats=200, seed=7)
+    # σ = 0.75 + 0.1 ln p crosses 0.5 at p = 0.082, above 1/20: the data's longest responses reach it
+    p, r = synthetic_points((0.2, 0.1, -0.4, 0.75), max_segments=20, repeats=200, seed=7)
     with pytest.warns(StdFloorWarning, match="sigma_floor=0.5"):
         normalizer = fit_normalizer(p, r, sigma_floor=0.5)
     assert "sigma_floor=0.5" in normalizer.floor_warning

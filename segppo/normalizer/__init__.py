@@ -28,17 +28,33 @@ from .core import (
     std_floor_violations,
 )
 from .files import NORMALIZER_FILE, import_param_json, load_normalizer, param_json_keys, save_normalizer
-from .fit import DEFAULT_MIN_BIN_COUNT, PointCollector, bin_points, fit_normalizer, huber_line, segment_points
+from .fit import (
+    DEFAULT_FIT_MODE,
+    DEFAULT_MIN_BIN_COUNT,
+    DEFAULT_MIN_R2,
+    FIT_MODES,
+    PointCollector,
+    PoorFitWarning,
+    bin_points,
+    fit_normalizer,
+    huber_line,
+    segment_points,
+    weighted_line,
+)
 from .render import curve_sketch, fit_table, save_plot
 
 __all__ = [
+    "DEFAULT_FIT_MODE",
     "DEFAULT_MIN_BIN_COUNT",
+    "DEFAULT_MIN_R2",
+    "FIT_MODES",
     "DEFAULT_SIGMA_FLOOR",
     "FLOOR_CHECK_MIN_P",
     "FloorViolation",
     "NORMALIZER_FILE",
     "Normalizer",
     "PointCollector",
+    "PoorFitWarning",
     "StdFloorWarning",
     "bin_points",
     "curve_sketch",
@@ -52,4 +68,5 @@ __all__ = [
     "save_plot",
     "segment_points",
     "std_floor_violations",
+    "weighted_line",
 ]

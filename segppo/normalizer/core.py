@@ -35,6 +35,7 @@ class Normalizer:
 
     `num_samples` is the number of `(p, r)` points (scored segments) the fit saw and
     `num_responses` the number of responses (each has exactly one segment at p = 1).
+    `fit_mode`, `max_segments` and `mean_response_sum`: see `segppo.normalizer.fit.fit_normalizer`.
     `bins`: `{p, log_p, count, mean, std, used}` per p bin of the fit. `notes`: what the fit
     wants the user to know (dropped bins, a degenerate fit). `extra`: keys of a loaded file that
     this version does not know, written back by `save`.
@@ -43,12 +44,15 @@ class Normalizer:
     params: tuple[float, float, float, float]
     sigma_floor: float = DEFAULT_SIGMA_FLOOR
     source: str = "fit"
+    fit_mode: str | None = None  # "weighted" | "paper" for fits (segppo.normalizer.fit)
     granularity: str | None = None
     threshold: float | None = None
     reward_model: str | None = None
     dataset: str | None = None
     num_samples: int | None = None
     num_responses: int | None = None
+    max_segments: int | None = None  # K of the fit data's longest response: the floor check's range
+    mean_response_sum: float | None = None  # mean over fit responses of their summed normalized rewards
     score_mean: float | None = None
     score_std: float | None = None
     r2_mean: float | None = None
@@ -119,9 +123,9 @@ class Normalizer:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in values.items() if k in names}
         extra = {k: v for k, v in values.items() if k not in names}
-        for name in ("threshold", "score_mean", "score_std", "r2_mean", "r2_std"):
+        for name in ("threshold", "score_mean", "score_std", "r2_mean", "r2_std", "mean_response_sum"):
             _check_field(where, name, known.get(name), is_number(known.get(name)), "a number or null")
-        for name in ("num_samples", "num_responses", "min_bin_count"):
+        for name in ("num_samples", "num_responses", "max_segments", "min_bin_count"):
             value = known.get(name)
             _check_field(
                 where,
@@ -130,7 +134,7 @@ class Normalizer:
                 isinstance(value, int) and not isinstance(value, bool),
                 "an integer or null",
             )
-        for name in ("granularity", "reward_model", "dataset", "floor_warning"):
+        for name in ("fit_mode", "granularity", "reward_model", "dataset", "floor_warning"):
             _check_field(where, name, known.get(name), isinstance(known.get(name), str), "a string or null")
         for name in ("bins", "notes"):
             _check_field(where, name, known.get(name), isinstance(known.get(name), list), "a list")
@@ -234,8 +238,13 @@ def std_floor_violations(
 
 
 def check_floor(normalizer: Normalizer) -> Normalizer:
-    """Record (and emit) the floor warning of `normalizer`; returns it."""
-    violation = std_floor_violations(normalizer.params, normalizer.sigma_floor)
+    """Record (and emit) the floor warning of `normalizer`; returns it.
+
+    Only the p that the fit data can hold are checked: down to 1/K of its longest response
+    (`max_segments`), or to `FLOOR_CHECK_MIN_P` when that is unknown (an imported fit).
+    """
+    min_p = 1 / normalizer.max_segments if normalizer.max_segments else FLOOR_CHECK_MIN_P
+    violation = std_floor_violations(normalizer.params, normalizer.sigma_floor, min_p)
     normalizer.floor_warning = violation.message if violation else None
     if violation:
         warnings.warn(violation.message, StdFloorWarning, stacklevel=3)

@@ -2,11 +2,13 @@
 
 - `segment_points` / `PointCollector`: `(p, r)` for every segment of scored responses;
 - `bin_points`: group the points by p rounded to 3 decimals;
-- `fit_normalizer`: the mean and std lines against ln p, as a `Normalizer`.
+- `fit_normalizer`: the mean and std lines against ln p, as a `Normalizer`: count-weighted least
+  squares (segppo's default, centred on the data) or the paper's unweighted Huber fit of the bins.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +24,16 @@ BIN_DECIMALS = 3
 # Bins with fewer scores than this are left out of the fit: the std of a handful of samples is
 # noisy and (with ddof=0) biased low, which would drag the std line down at small p.
 DEFAULT_MIN_BIN_COUNT = 10
+FIT_MODES = ("weighted", "paper")
+DEFAULT_FIT_MODE = "weighted"
+# Below this weighted R², a fitted line is replaced by a constant (fit_mode="weighted"). Low, since
+# the bins' own sampling noise keeps R² well below 1 for a right line (about 0.5 for the true std
+# line of the 60-segment data in tests/test_normalizer.py); a line through pure noise has R² near 0.
+DEFAULT_MIN_R2 = 0.2
+
+
+class PoorFitWarning(UserWarning):
+    """A fitted line explains too little of the bins' variation; a global constant is used instead."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,11 +187,29 @@ def huber_line(x, y, *, epsilon: float = HUBER_EPSILON) -> tuple[float, float, f
     return float(model.coef_[0]), float(model.intercept_), float(r2_score(y, model.predict(x)))
 
 
+def weighted_line(x, y, weights) -> tuple[float, float, float]:
+    """Weighted least squares `y ≈ slope·x + intercept`; returns `(slope, intercept, weighted R²)`.
+
+    With bins weighted by their counts this is the least-squares line through the points
+    themselves (for the bins' means exactly), so its residuals sum to 0 over the points.
+    """
+    x, y, w = (np.asarray(v, dtype=np.float64) for v in (x, y, weights))
+    x_mean, y_mean = np.average(x, weights=w), np.average(y, weights=w)
+    spread = np.sum(w * (x - x_mean) ** 2)
+    slope = float(np.sum(w * (x - x_mean) * (y - y_mean)) / spread) if spread > 0 else 0.0
+    intercept = float(y_mean - slope * x_mean)
+    total = np.sum(w * (y - y_mean) ** 2)
+    residual = np.sum(w * (y - (slope * x + intercept)) ** 2)
+    return slope, intercept, float(1 - residual / total) if total > 0 else 1.0
+
+
 def fit_normalizer(
     p,
     r,
     *,
+    fit_mode: str = DEFAULT_FIT_MODE,
     min_bin_count: int = DEFAULT_MIN_BIN_COUNT,
+    min_r2: float = DEFAULT_MIN_R2,
     sigma_floor: float = DEFAULT_SIGMA_FLOOR,
     epsilon: float = HUBER_EPSILON,
     granularity: str | None = None,
@@ -191,14 +221,29 @@ def fit_normalizer(
 
     Points are binned by p rounded to 3 decimals (`bin_points`); bins with fewer than
     `min_bin_count` scores are kept in `bins` with `used: False` and left out of the fit. The
-    bins' means are Huber-fitted against their ln p for `(a, c)`, the bins' population stds
-    (ddof=0) for `(b, d)`, separately, with R² of each fit on the bins used.
+    bins' means are fitted against their ln p for `(a, c)`, the bins' population stds (ddof=0)
+    for `(b, d)`, separately, with R² of each fit on the bins used. `fit_mode`:
+
+    - `"weighted"` (segppo's default): least squares with each bin weighted by its count, i.e.
+      every score counts once. The normalized rewards then average about 0 over the fit data. A
+      line whose weighted R² is below `min_r2` explains too little to trust: it is replaced by the
+      constant global value (mean of the scores; std of the scores around the mean line), with a
+      note and a `PoorFitWarning`.
+    - `"paper"`: the paper's fit, an unweighted Huber regression on the bins: a bin of 10 scores
+      counts as much as the p = 1 bin, which holds one score of every response, so with short
+      responses the lines can miss the most populated bins.
+
+    `mean_response_sum` records the mean over responses of the summed normalized rewards of
+    their segments on the fit data (each response has one segment at p = 1).
 
     With fewer than 2 bins left (a bandit RM, where every p = 1, or too few scores) there is no
     slope to fit: the result is the bandit normalizer `[0, 0, mean, std]` of all scores, with
-    `source="bandit"` and a note saying why. A std line that drops below `sigma_floor` for some
-    p ≥ 1/2048 is recorded in `floor_warning` and emitted as a `StdFloorWarning`.
+    `source="bandit"` and a note saying why. A std line that drops below `sigma_floor` for a p the
+    data can hold (p >= 1/K of the longest response) is recorded in `floor_warning` and emitted
+    as a `StdFloorWarning`.
     """
+    if fit_mode not in FIT_MODES:
+        raise ValueError(f"fit_mode must be one of {FIT_MODES}, got {fit_mode!r}")
     p, r = _as_float64(p), _as_float64(r)
     if p.size == 0:
         raise ValueError("no (p, r) points to fit: score some responses first")
@@ -227,23 +272,28 @@ def fit_normalizer(
             f"only {len(used)} bin(s) with at least {min_bin_count} scores, so there is no slope "
             "to fit; using the bandit normalizer [0, 0, mean, std] of all scores"
         )
-    else:
+    elif fit_mode == "paper":
         x = [b["log_p"] for b in used]
         a, c, r2_mean = huber_line(x, [b["mean"] for b in used], epsilon=epsilon)
         b_, d, r2_std = huber_line(x, [b["std"] for b in used], epsilon=epsilon)
         params = (a, b_, c, d)
+        source = "fit"
+    else:
+        params, r2_mean, r2_std = _weighted_fit(used, min_r2, notes)
         source = "fit"
 
     normalizer = Normalizer(
         params=params,
         sigma_floor=sigma_floor,
         source=source,
+        fit_mode=fit_mode,
         granularity=granularity,
         threshold=threshold,
         reward_model=reward_model,
         dataset=dataset,
         num_samples=int(p.size),
         num_responses=int(np.count_nonzero(p == 1.0)),
+        max_segments=int(round(1 / p.min())),
         score_mean=score_mean,
         score_std=score_std,
         r2_mean=r2_mean,
@@ -252,7 +302,33 @@ def fit_normalizer(
         bins=bins,
         notes=notes,
     )
+    if normalizer.num_responses:
+        normalizer.mean_response_sum = float(normalizer.apply(r, p).sum() / normalizer.num_responses)
     return check_floor(normalizer)
+
+
+def _weighted_fit(used: list[dict[str, Any]], min_r2: float, notes: list[str]):
+    """`fit_mode="weighted"`: count-weighted lines, each replaced by a constant when its R² is poor.
+
+    The constants come from the used bins' scores: their mean, and their std around the mean line.
+    """
+    x, counts = np.array([b["log_p"] for b in used]), np.array([b["count"] for b in used])
+    means, stds = np.array([b["mean"] for b in used]), np.array([b["std"] for b in used])
+    a, c, r2_mean = weighted_line(x, means, counts)
+    b_, d, r2_std = weighted_line(x, stds, counts)
+    poor = []
+    if r2_mean < min_r2:
+        a, c = 0.0, float(np.average(means, weights=counts))
+        poor.append(f"mean line (R² = {r2_mean:.3f}): using the global mean {c:.4g}")
+    if r2_std < min_r2:
+        # Each bin's scores spread around the line by their own std and their mean's offset.
+        b_, d = 0.0, float(np.sqrt(np.average(stds**2 + (means - (a * x + c)) ** 2, weights=counts)))
+        poor.append(f"std line (R² = {r2_std:.3f}): using the global std {d:.4g} around the mean line")
+    if poor:
+        message = f"R² below min_r2={min_r2:g} for the " + "; for the ".join(poor)
+        notes.append(message)
+        warnings.warn(message, PoorFitWarning, stacklevel=3)
+    return (a, b_, c, d), r2_mean, r2_std
 
 
 def _list_preview(values: Sequence[float], limit: int = 6) -> str:

@@ -34,9 +34,13 @@ def fit_table(normalizer: Normalizer) -> Table:
     if n.num_samples is not None:
         responses = f" from {n.num_responses:,} responses" if n.num_responses is not None else ""
         table.add_row("samples", f"{n.num_samples:,} segment scores{responses}")
+    if n.mean_response_sum is not None:
+        table.add_row(
+            "normalized reward per response", f"{_fmt(n.mean_response_sum)} (on the fit data; ≈ 0 is centred)"
+        )
     if n.score_mean is not None:
         table.add_row("global score", f"mean = {_fmt(n.score_mean)}   std = {_fmt(n.score_std)}")
-    origin = [n.source, n.reward_model, n.dataset]
+    origin = [n.source + (f" ({n.fit_mode})" if n.fit_mode else ""), n.reward_model, n.dataset]
     if n.granularity is not None:
         origin.append(n.granularity + (f" τ={n.threshold:g}" if n.granularity == "segment" else ""))
     table.add_row("source", " · ".join(str(x) for x in origin if x))
