@@ -1,16 +1,70 @@
-"""Shared CLI plumbing: `--config FILE` and `--preset NAME` feed click's `default_map`.
+"""Shared CLI plumbing: options made from the config dataclasses, `--config FILE`, `--preset NAME`.
 
-Precedence, lowest first: the command's defaults, the preset, the YAML config file, explicit flags.
-Both options are eager, so their values are in place before any other option is read.
+`config_options(ConfigClass)` gives a command one option per field of its config (name, type,
+default and help from the field; see `segppo.config`), so the configs are the one source of the
+options. `--config FILE` and `--preset NAME` feed click's `default_map`. Precedence, lowest
+first: the field defaults, the preset, the YAML config file, explicit flags. Both options are
+eager, so their values are in place before any other option is read.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
 from segppo.config import load_config_file, preset_values
+
+
+def config_options(config_cls: type, presets: dict[str, dict[str, Any]] | None = None):
+    """Decorate a command `fn(values, **own)`: its CLI options are the fields of `config_cls`
+    (then `fn`'s own parameters after `values`, `--config` and, with `presets`, `--preset`).
+
+    `fn` is called with `values`, the field values by name (`build_config(config_cls, values)`
+    makes the config; a command may look at a value first, as `--list-keys` does), and its own
+    options as keywords.
+    """
+    hints = typing.get_type_hints(config_cls)
+    fields = dataclasses.fields(config_cls)
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
+        ]
+        params = [_field_parameter(f, hints[f.name]) for f in fields]
+        params += own
+        params.append(_keyword("config", Annotated[str | None, config_option(config_cls)]))
+        if presets is not None:
+            params.append(_keyword("preset", Annotated[str | None, preset_option(presets)]))
+        names = {f.name for f in fields}
+
+        @functools.wraps(fn)
+        def command(**given: Any) -> None:
+            values = {k: v for k, v in given.items() if k in names}
+            fn(values, **{p.name: given[p.name] for p in own})
+
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # Typer must read the signature above, not fn's
+        return command
+
+    return decorate
+
+
+def _field_parameter(f: dataclasses.Field, annotation: Any) -> inspect.Parameter:
+    option = typer.Option(help=f.metadata.get("help"))
+    default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+    return _keyword(f.name, Annotated[annotation, option], default)
+
+
+def _keyword(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
 def _refresh_default_map(ctx: typer.Context) -> None:

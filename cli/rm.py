@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,7 +12,7 @@ from rich.text import Text
 
 from segppo.config import RM_PRESETS, RMConfig, RMEvalConfig
 
-from .options import build_config, config_option, preset_option, run_or_exit
+from .options import build_config, config_options, run_or_exit
 
 app = typer.Typer(help="Train, evaluate and inspect reward models.", no_args_is_help=True)
 console = Console()
@@ -21,87 +21,30 @@ Opt = typer.Option
 
 
 @app.command("train")
-def train(
-    model: Annotated[str, Opt(help="Backbone the RM starts from: a causal LM (hub name or folder).")],
-    dataset: Annotated[str, Opt(help="Preference data: hub name, .json/.jsonl/.parquet file or folder.")],
-    output: Annotated[str, Opt(help="Run folder (model/, state/, metrics.jsonl).")],
-    granularity: Annotated[str, Opt(help="segment | token | bandit.")] = "segment",
-    entropy_threshold: Annotated[
-        float, Opt(help="Segment ends where the segmenter's entropy exceeds this.")
-    ] = 2.0,
-    segmenter: Annotated[str | None, Opt(help="Entropy model (default: --model).")] = None,
-    split: Annotated[str, Opt(help="Training split.")] = "train",
-    eval_split: Annotated[
-        str | None, Opt(help="Evaluation split (default: the dataset's own, else held out).")
-    ] = None,
-    eval_fraction: Annotated[float, Opt(help="Fraction held out when the dataset has no eval split.")] = 0.02,
-    max_samples: Annotated[int | None, Opt(help="Use at most this many training rows.")] = None,
-    prompt_key: Annotated[str | None, Opt(help="Column of the prompt (overrides detection).")] = None,
-    chosen_key: Annotated[str | None, Opt(help="Column of the chosen response.")] = None,
-    rejected_key: Annotated[str | None, Opt(help="Column of the rejected response.")] = None,
-    chat_template: Annotated[str | None, Opt(help="Jinja chat template (string or file).")] = None,
-    max_len: Annotated[int, Opt(help="Prompt + response tokens.")] = 2048,
-    max_prompt_len: Annotated[int, Opt(help="Prompt tokens (truncated from the left first).")] = 1728,
-    epochs: Annotated[int, Opt()] = 1,
-    max_steps: Annotated[int | None, Opt(help="Stop after this many optimizer steps.")] = None,
-    lr: Annotated[float, Opt(help="Peak learning rate.")] = 1e-6,
-    warmup_ratio: Annotated[float, Opt()] = 0.03,
-    min_lr_ratio: Annotated[float, Opt(help="Cosine floor as a fraction of --lr.")] = 0.1,
-    weight_decay: Annotated[float, Opt()] = 0.0,
-    grad_clip: Annotated[float, Opt()] = 1.0,
-    batch_size: Annotated[int, Opt(help="Pairs per optimizer step over all ranks.")] = 128,
-    micro_batch_size: Annotated[int, Opt(help="Pairs per forward on one rank.")] = 8,
-    margin: Annotated[bool, Opt(help="Use the data's score margins in the loss.")] = False,
-    zero_stage: Annotated[int, Opt(help="DeepSpeed ZeRO stage 0-3.")] = 2,
-    bf16: Annotated[bool, Opt(help="Train in bfloat16.")] = False,
-    gradient_checkpointing: Annotated[bool, Opt()] = False,
-    eval_every: Annotated[int, Opt(help="Evaluate every N steps (0: at the end only).")] = 0,
-    save_every: Annotated[int, Opt(help="Checkpoint every N steps (0: at the end only).")] = 0,
-    seed: Annotated[int, Opt()] = 42,
-    nproc: Annotated[int, Opt(help="Local ranks to run (DeepSpeed).")] = 1,
-    resume: Annotated[bool, Opt(help="Continue the run in --output from its last state.")] = False,
-    trust_remote_code: Annotated[bool, Opt(help="Allow model code from the hub (off by default).")] = False,
-    tensorboard: Annotated[bool, Opt()] = False,
-    wandb_project: Annotated[str | None, Opt()] = None,
-    config: Annotated[str | None, config_option(RMConfig)] = None,
-    preset: Annotated[str | None, preset_option(RM_PRESETS)] = None,
-) -> None:
+@config_options(RMConfig, RM_PRESETS)
+def train(values: dict[str, Any]) -> None:
     """Train a segment-, token- or bandit-level reward model on preference pairs."""
     from segppo.rm.trainer import train_reward_model
 
-    values = {k: v for k, v in locals().items() if k not in ("config", "preset", "train_reward_model")}
     cfg = build_config(RMConfig, values)
     run_or_exit(lambda: train_reward_model(cfg))
 
 
 @app.command("eval")
+@config_options(RMEvalConfig)
 def evaluate(
-    model: Annotated[str, Opt(help="Reward model folder (or run folder) or hub name.")],
-    dataset: Annotated[str, Opt(help="Preference data.")],
-    split: Annotated[str, Opt()] = "train",
-    max_samples: Annotated[int | None, Opt()] = None,
-    prompt_key: Annotated[str | None, Opt()] = None,
-    chosen_key: Annotated[str | None, Opt()] = None,
-    rejected_key: Annotated[str | None, Opt()] = None,
-    max_len: Annotated[int, Opt()] = 2048,
-    max_prompt_len: Annotated[int, Opt()] = 1728,
-    batch_size: Annotated[int, Opt(help="Pairs per forward.")] = 8,
-    segmenter: Annotated[str | None, Opt(help="Override the segmenter recorded in segppo.json.")] = None,
-    granularity: Annotated[str | None, Opt(help="For imported RMs that record none.")] = None,
-    threshold: Annotated[float | None, Opt()] = None,
-    trust_remote_code: Annotated[bool, Opt()] = False,
+    values: dict[str, Any],
     as_json: Annotated[bool, Opt("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Pairwise accuracy and score statistics of a reward model (never on its training rows)."""
     from segppo.rm.evaluate import evaluate_reward_model
 
-    values = {k: v for k, v in locals().items() if k not in ("as_json", "evaluate_reward_model")}
     cfg = build_config(RMEvalConfig, values)
     stats = run_or_exit(lambda: evaluate_reward_model(cfg))
     if as_json:
         typer.echo(json.dumps(stats, indent=2))
         return
-    table = Table(title=f"reward model {model}")
+    table = Table(title=f"reward model {cfg.model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in stats.items():

@@ -1,7 +1,10 @@
 """One dataclass per command, and presets that reproduce the paper's runs.
 
-Field names are the CLI option names with `-` for `_`, so a YAML `--config` file, a preset and the
-flags all speak the same keys. Trainers take these objects, never parsed CLI arguments.
+Each field is one CLI option of its command (`segppo.cli.options.config_options` makes them):
+the option is the field name with `-` for `_`, its type and default are the field's, and its help
+is given with `option(default, help=...)`. A plain field (`strict: bool = False`) is an option
+too, without help. So a YAML `--config` file, a preset and the flags all speak the same keys, and
+trainers take these objects, never parsed CLI arguments.
 """
 
 from __future__ import annotations
@@ -14,61 +17,83 @@ from typing import Any
 import yaml
 
 from segppo.kernels import GRANULARITIES
+from segppo.ppo.advantages import ESTIMATORS, GROUP_ESTIMATORS
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str) -> Any:
+    """A config field with the help text of its CLI option."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# The paper's prompt budget: 1728 of 2048 tokens, the rest for the response.
+PROMPT_SHARE = 1728 / 2048
+
+
+def resolve_prompt_limit(config: Any) -> None:
+    """Set `max_prompt_len` from `max_len` when it is not given; it must leave room for a response."""
+    if config.max_prompt_len is None:
+        config.max_prompt_len = max(1, int(config.max_len * PROMPT_SHARE))
+    if config.max_prompt_len >= config.max_len:
+        raise ValueError(
+            f"--max-prompt-len ({config.max_prompt_len}) must be below --max-len ({config.max_len}) "
+            "to leave room for the response"
+        )
 
 
 @dataclass
 class RMConfig:
     """`segppo rm train`: a segment-, token- or bandit-level reward model from preference pairs."""
 
-    model: str
-    dataset: str
-    output: str
-    granularity: str = "segment"
-    entropy_threshold: float = 2.0
-    segmenter: str | None = None  # entropy model; default: the model the RM starts from
-    split: str = "train"
-    eval_split: str | None = None
-    eval_fraction: float = 0.02
-    max_samples: int | None = None
-    prompt_key: str | None = None
-    chosen_key: str | None = None
-    rejected_key: str | None = None
-    chat_template: str | None = None
-    max_len: int = 2048
-    max_prompt_len: int = 1728
+    model: str = option(help="Backbone the RM starts from: a causal LM (hub name or folder).")
+    dataset: str = option(help="Preference data: hub name, .json/.jsonl/.parquet file or folder.")
+    output: str = option(help="Run folder (model/, state/, metrics.jsonl).")
+    granularity: str = option("segment", help="segment | token | bandit.")
+    entropy_threshold: float = option(2.0, help="Segment ends where the segmenter's entropy exceeds this.")
+    segmenter: str | None = option(None, help="Entropy model (default: --model).")
+    split: str = option("train", help="Training split.")
+    eval_split: str | None = option(
+        None, help="Evaluation split (default: the dataset's own, else held out)."
+    )
+    eval_fraction: float = option(0.02, help="Fraction held out when the dataset has no eval split.")
+    max_samples: int | None = option(None, help="Use at most this many training rows.")
+    prompt_key: str | None = option(None, help="Column of the prompt (overrides detection).")
+    chosen_key: str | None = option(None, help="Column of the chosen response.")
+    rejected_key: str | None = option(None, help="Column of the rejected response.")
+    chat_template: str | None = option(None, help="Jinja chat template (string or file).")
+    max_len: int = option(2048, help="Prompt + response tokens.")
+    max_prompt_len: int | None = option(
+        None, help="Prompt tokens, truncated from the left first (default: 27/32 of --max-len, 1728 of 2048)."
+    )
     epochs: int = 1
-    max_steps: int | None = None
-    lr: float = 1e-6
+    max_steps: int | None = option(None, help="Stop after this many optimizer steps.")
+    lr: float = option(1e-6, help="Peak learning rate.")
     warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.1  # cosine schedule floor, as a fraction of lr
+    min_lr_ratio: float = option(0.1, help="Cosine floor as a fraction of --lr.")
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    batch_size: int = 128  # pairs per optimizer step, over all ranks
-    micro_batch_size: int = 8  # pairs per forward on one rank
-    margin: bool = False  # use score margins of the data in the loss when present
-    zero_stage: int = 2
-    bf16: bool = False
+    batch_size: int = option(128, help="Pairs per optimizer step over all ranks.")
+    micro_batch_size: int = option(8, help="Pairs per forward on one rank.")
+    margin: bool = option(False, help="Use the data's score margins in the loss.")
+    zero_stage: int = option(2, help="DeepSpeed ZeRO stage 0-3.")
+    bf16: bool = option(False, help="Train in bfloat16.")
     gradient_checkpointing: bool = False
-    eval_every: int = 0  # optimizer steps; 0: only at the end
-    save_every: int = 0  # optimizer steps; 0: only at the end
+    eval_every: int = option(0, help="Evaluate every N steps (0: at the end only).")
+    save_every: int = option(0, help="Checkpoint every N steps (0: at the end only).")
     seed: int = 42
-    nproc: int = 1
-    resume: bool = False
-    trust_remote_code: bool = False
+    nproc: int = option(1, help="Local ranks to run (DeepSpeed).")
+    resume: bool = option(False, help="Continue the run in --output from its last state.")
+    trust_remote_code: bool = option(False, help="Allow model code from the hub (off by default).")
     tensorboard: bool = False
     wandb_project: str | None = None
 
     def __post_init__(self) -> None:
+        check_positive(self, "max_len")
+        resolve_prompt_limit(self)
         check_positive(self, "batch_size", "micro_batch_size", "max_len", "max_prompt_len", "epochs", "nproc")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.entropy_threshold < 0:
             raise ValueError(f"--entropy-threshold must be >= 0, got {self.entropy_threshold}")
-        if self.max_prompt_len >= self.max_len:
-            raise ValueError(
-                f"--max-prompt-len ({self.max_prompt_len}) must be below --max-len ({self.max_len}) "
-                "to leave room for the response"
-            )
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -95,22 +120,24 @@ class RMConfig:
 class RMEvalConfig:
     """`segppo rm eval`: pairwise accuracy and score statistics of a reward model."""
 
-    model: str
-    dataset: str
+    model: str = option(help="Reward model folder (or run folder) or hub name.")
+    dataset: str = option(help="Preference data.")
     split: str = "train"
     max_samples: int | None = None
     prompt_key: str | None = None
     chosen_key: str | None = None
     rejected_key: str | None = None
     max_len: int = 2048
-    max_prompt_len: int = 1728
-    batch_size: int = 8
-    segmenter: str | None = None
-    granularity: str | None = None  # for imported RMs whose folder records none
+    max_prompt_len: int | None = option(None, help="Prompt tokens (default: 27/32 of --max-len).")
+    batch_size: int = option(8, help="Pairs per forward.")
+    segmenter: str | None = option(None, help="Override the segmenter recorded in segppo.json.")
+    granularity: str | None = option(None, help="For imported RMs that record none.")
     threshold: float | None = None
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        check_positive(self, "max_len")
+        resolve_prompt_limit(self)
         check_positive(self, "batch_size", "max_len", "max_prompt_len")
 
 
@@ -123,44 +150,55 @@ class FitNormalizerConfig:
     with `into_rm` also the `normalizer` field of the reward model folder's `segppo.json`.
     """
 
-    reward_model: str | None = None
-    dataset: str | None = None
-    output: str = "normalizer.json"
-    samples: int = 60000  # preference pairs scored (both responses); the paper fits on 60k
+    reward_model: str | None = option(None, help="Reward model folder (or run folder) or hub name to fit.")
+    dataset: str | None = option(None, help="Preference data whose responses are scored.")
+    output: str = option("normalizer.json", help="Where to write normalizer.json.")
+    samples: int = option(60000, help="Preference pairs to score (chosen and rejected responses).")
     split: str = "train"
-    seed: int = 42  # the seeded shuffle that picks the pairs
-    prompt_key: str | None = None
+    seed: int = option(42, help="Seed of the shuffle that picks the pairs.")
+    prompt_key: str | None = option(None, help="Column of the prompt (overrides detection).")
     chosen_key: str | None = None
     rejected_key: str | None = None
-    max_len: int = 2048
-    max_prompt_len: int = 1728
-    batch_size: int = 8  # pairs per forward on one rank
-    min_bin_count: int = 10  # bins with fewer scores are left out of the fit
-    sigma_floor: float = 1e-2
-    plot: str | None = None  # a PNG of the fit (needs matplotlib)
-    into_rm: bool = False  # also write the normalizer into the RM folder's segppo.json
-    segmenter: str | None = None  # default: the one the RM records
-    granularity: str | None = None  # for imported RMs whose folder records none
-    threshold: float | None = None
-    bf16: bool = False
-    nproc: int = 1
-    trust_remote_code: bool = False
-    from_param_json: str | None = None  # import the paper's param.json instead of fitting
-    key: str | None = None  # model/dataset/method/agg/threshold path in that file
+    max_len: int = option(2048, help="Prompt + response tokens.")
+    max_prompt_len: int | None = option(None, help="Prompt tokens (default: 27/32 of --max-len).")
+    batch_size: int = option(8, help="Pairs per forward on one rank.")
+    min_bin_count: int = option(10, help="Bins with fewer scores are left out of the fit.")
+    fit_mode: str = option(
+        "weighted",
+        help="weighted: bins weighted by their counts, centred on the data | paper: the paper's unweighted "
+        "Huber fit of the bins.",
+    )
+    min_r2: float = option(
+        0.2, help="With --fit-mode weighted: a line of lower R² is replaced by a constant."
+    )
+    sigma_floor: float = option(1e-2, help="Lower bound of the fitted std.")
+    plot: str | None = option(None, help="Also save a PNG of the fit (needs matplotlib).")
+    into_rm: bool = option(
+        False, help="Also write the normalizer into the reward model folder's segppo.json."
+    )
+    segmenter: str | None = option(None, help="Override the segmenter recorded in segppo.json.")
+    granularity: str | None = option(None, help="For imported RMs that record none.")
+    threshold: float | None = option(None, help="Entropy threshold, with --granularity segment.")
+    bf16: bool = option(False, help="Run the models in bfloat16.")
+    nproc: int = option(1, help="Local ranks to split the samples across.")
+    trust_remote_code: bool = option(False, help="Allow model code from the hub (off by default).")
+    from_param_json: str | None = option(None, help="Import the paper's param.json instead of fitting.")
+    key: str | None = option(None, help="Entry of --from-param-json: model/dataset/method/agg/threshold.")
 
     def __post_init__(self) -> None:
+        check_positive(self, "max_len")
+        resolve_prompt_limit(self)
         check_positive(self, "samples", "batch_size", "max_len", "max_prompt_len", "min_bin_count", "nproc")
         if not self.sigma_floor > 0:
             raise ValueError(f"--sigma-floor must be positive, got {self.sigma_floor}")
+        if self.fit_mode not in ("weighted", "paper"):
+            raise ValueError(f"--fit-mode must be weighted or paper, got {self.fit_mode!r}")
+        if not 0 <= self.min_r2 <= 1:
+            raise ValueError(f"--min-r2 must be in [0, 1], got {self.min_r2}")
         if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.threshold is not None and self.threshold < 0:
             raise ValueError(f"--threshold must be >= 0, got {self.threshold}")
-        if self.max_prompt_len >= self.max_len:
-            raise ValueError(
-                f"--max-prompt-len ({self.max_prompt_len}) must be below --max-len ({self.max_len}) "
-                "to leave room for the response"
-            )
         if self.from_param_json is not None:
             if self.key is None:
                 raise ValueError("--from-param-json needs --key (--list-keys shows the file's keys)")
@@ -188,50 +226,56 @@ class FitNormalizerConfig:
 class PPOConfig:
     """`segppo ppo train`: PPO against dense segment (or token, or bandit) rewards."""
 
-    policy: str  # the SFT model: initial policy and, by default, the reference
-    reward_model: str
-    prompts: str
-    output: str
-    reference: str | None = None  # frozen reference for KL and segmentation entropy; default: policy
-    critic_init: str = "rm"  # rm | sft
+    policy: str = option(help="SFT model: the initial policy (and the default reference).")
+    reward_model: str = option(help="Reward model folder (or run folder) or hub name.")
+    prompts: str = option(help="Prompt data: hub name, file or folder (strings or message lists).")
+    output: str = option(help="Run folder (policy/, state/, metrics.jsonl, samples.jsonl).")
+    reference: str | None = option(None, help="Frozen reference for KL and entropy (default: --policy).")
+    critic_init: str = option("rm", help="rm | sft: where the critic starts.")
     split: str = "train"
-    max_samples: int | None = None
-    prompt_key: str | None = None
-    chat_template: str | None = None
+    max_samples: int | None = option(None, help="Use at most this many prompts.")
+    prompt_key: str | None = option(None, help="Column of the prompt (overrides detection).")
+    chat_template: str | None = option(
+        None, help="Jinja template (default: the one the RM was trained with)."
+    )
     max_prompt_len: int = 1024
-    long_prompts: str = "error"  # error | truncate: a prompt over --max-prompt-len
-    max_new_tokens: int = 1024
+    long_prompts: str = option("error", help="error | truncate: prompts over --max-prompt-len.")
+    max_new_tokens: int = option(1024, help="Generation limit per response.")
     temperature: float = 1.0
     top_p: float = 1.0
-    stop_token: list[str] | None = None
-    reward_granularity: str | None = None  # default: the reward model's own
-    entropy_threshold: float | None = None  # default: the reward model's own
-    distribute: str = "interpolate"
-    normalizer: str | None = None  # normalizer.json; default: the reward model's own, if any
-    normalize: bool = True
-    reward_mean: float | None = None  # a bandit RM's global score statistics: the normalizer
-    reward_std: float | None = None  # [0, 0, mean, std] (default: recorded by the RM)
-    sigma_floor: float | None = None  # default: the normalizer's own, else 1e-2
+    stop_token: list[str] | None = option(None, help="Extra stop token (repeatable).")
+    reward_granularity: str | None = option(None, help="segment | token | bandit (default: the RM's).")
+    entropy_threshold: float | None = option(None, help="Segmentation threshold (default: the RM's).")
+    distribute: str = option(
+        "interpolate", help="interpolate | repeat | end: a segment's reward on its tokens."
+    )
+    normalizer: str | None = option(None, help="normalizer.json (default: the RM's own, if any).")
+    normalize: bool = option(True, help="Location-aware normalization of segment rewards.")
+    reward_mean: float | None = option(None, help="Bandit normalizer mean.")
+    reward_std: float | None = option(None, help="Bandit normalizer std.")
+    sigma_floor: float | None = option(None, help="Floor of σ(p) (default: the normalizer's own).")
     reward_clip: float = 10.0
-    kl_coef: float = 0.01
-    kl_target: float | None = None  # adaptive KL control when set
+    kl_coef: float = option(0.01, help="β of the KL penalty (initial value when adaptive).")
+    kl_target: float | None = option(None, help="Adaptive KL control towards this KL.")
     kl_horizon: int = 10000
-    kl_estimator: str = "k1"
-    missing_eos_penalty: float | None = None
-    overlong_penalty: float | None = None
-    max_response_len: int | None = None  # responses longer than this get --overlong-penalty
+    kl_estimator: str = option("k1", help="k1 | k3.")
+    missing_eos_penalty: float | None = option(None, help="Added at the last token without EOS.")
+    overlong_penalty: float | None = option(None, help="Added when a response exceeds --max-response-len.")
+    max_response_len: int | None = option(None, help="Responses longer than this get --overlong-penalty.")
     gamma: float = 1.0
     lam: float = 0.95
     policy_clip: float = 0.2
-    value_clip: float | None = None  # default: 0.25 for dense rewards, 0.2 for bandit
+    value_clip: float | None = option(None, help="Default 0.25 dense, 0.2 bandit.")
     whiten_advantages: bool = True
-    rollout_batch_size: int = 1024  # prompts per rollout, over all ranks
-    micro_rollout_batch_size: int = 16  # prompts per generate call on one rank
-    train_batch_size: int = 128  # samples per optimizer step, over all ranks
+    advantage: str = "gae"  # gae | rloo | grpo | reinforce++: the last three need no critic
+    n_samples_per_prompt: int = 1  # responses per prompt: the group of rloo/grpo's baseline
+    rollout_batch_size: int = option(1024, help="Prompts per rollout over all ranks.")
+    micro_rollout_batch_size: int = option(16, help="Prompts per generate call on one rank.")
+    train_batch_size: int = option(128, help="Samples per optimizer step over all ranks.")
     micro_train_batch_size: int = 4
     ppo_epochs: int = 1
-    num_episodes: int = 1
-    max_steps: int | None = None  # rollout/update rounds
+    num_episodes: int = option(1, help="Passes over the prompt set.")
+    max_steps: int | None = option(None, help="Stop after this many rollout/update rounds.")
     actor_lr: float = 5e-7
     critic_lr: float = 9e-6
     warmup_ratio: float = 0.03
@@ -241,11 +285,11 @@ class PPOConfig:
     zero_stage: int = 2
     bf16: bool = False
     gradient_checkpointing: bool = False
-    save_every: int = 0
-    num_logged_samples: int = 4  # generations per step written to samples.jsonl
+    save_every: int = option(0, help="Checkpoint every N steps (0: at the end only).")
+    num_logged_samples: int = option(4, help="Generations per step written to samples.jsonl.")
     seed: int = 42
-    nproc: int = 1
-    resume: bool = False
+    nproc: int = option(1, help="Local ranks to run (DeepSpeed).")
+    resume: bool = option(False, help="Continue the run in --output from its last state.")
     trust_remote_code: bool = False
     tensorboard: bool = False
     wandb_project: str | None = None
@@ -262,6 +306,7 @@ class PPOConfig:
             "ppo_epochs",
             "num_episodes",
             "nproc",
+            "n_samples_per_prompt",
         )
         if self.reward_granularity is not None and self.reward_granularity not in GRANULARITIES:
             raise ValueError(
@@ -273,6 +318,7 @@ class PPOConfig:
             "critic_init": ("rm", "sft"),
             "kl_estimator": ("k1", "k3"),
             "distribute": ("interpolate", "repeat", "end"),
+            "advantage": ESTIMATORS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -283,6 +329,11 @@ class PPOConfig:
             raise ValueError(f"--temperature must be positive, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.advantage in GROUP_ESTIMATORS and self.n_samples_per_prompt < 2:
+            raise ValueError(
+                f"--advantage {self.advantage} needs --n-samples-per-prompt >= 2 (a group to take the "
+                f"baseline from), got {self.n_samples_per_prompt}"
+            )
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
@@ -332,34 +383,49 @@ class EvalConfig:
     others are compared against; default: the first policy when there are several.
     """
 
-    policy: list[str]
-    prompts: str
-    output: str
-    reward_model: str | None = None
-    scorer: str | None = None  # module:function
-    baseline: str | None = None  # a --name, a --policy path, or another policy path (evaluated too)
-    name: list[str] | None = None  # one per --policy; default: each folder's last path component
-    num_samples: int = 1  # responses per prompt per policy
-    turns: int = 1  # 2: MT-Bench-style rows with a `turns` list of two user messages
+    policy: list[str] = option(help="Policy folder, PPO run folder or hub name; repeat to compare several.")
+    prompts: str = option(
+        help="Prompt data: PPO's layouts, MT-Bench/Arena-Hard question.jsonl (`turns`) "
+        "or AlpacaEval (`instruction`) rows."
+    )
+    output: str = option(help="Folder for results.json, responses/, the benchmark exports and the plot.")
+    reward_model: str | None = option(
+        None, help="Score with this reward model (its sequence score and PPO-normalized reward)."
+    )
+    scorer: str | None = option(
+        None, help="Score with a Python callable module:function, f(prompts, responses) -> scores."
+    )
+    baseline: str | None = option(
+        None,
+        help="Policy to compute win rates against: a --name, a --policy, or another policy path "
+        "(default: the first).",
+    )
+    name: list[str] | None = option(
+        None, help="Name of each --policy, in order (default: the folder's last component)."
+    )
+    num_samples: int = option(1, help="Responses per prompt per policy.")
+    turns: int = option(1, help="1, or 2 for MT-Bench-style two-turn prompts.")
     split: str = "train"
-    max_samples: int | None = None
-    prompt_key: str | None = None
-    chat_template: str | None = None  # default: the RM's when it shares the policy's tokenizer
+    max_samples: int | None = option(None, help="Use at most this many prompts.")
+    prompt_key: str | None = option(None, help="Column of the prompt (overrides detection).")
+    chat_template: str | None = option(
+        None, help="Jinja template (default: the RM's when it shares the policy's tokenizer)."
+    )
     max_prompt_len: int = 1024
-    long_prompts: str = "error"  # error | truncate: a first-turn prompt over --max-prompt-len
-    max_new_tokens: int = 1024
+    long_prompts: str = option("error", help="error | truncate: prompts over --max-prompt-len.")
+    max_new_tokens: int = option(1024, help="Generation limit per response (per turn).")
     temperature: float = 1.0
     top_p: float = 1.0
-    stop_token: list[str] | None = None
-    batch_size: int = 16  # prompts per generate call, responses per scoring forward
-    seed: int = 42
-    normalizer: str | None = None  # normalizer.json; default: the RM's own, if any
-    sigma_floor: float | None = None  # default: the normalizer's own, else 1e-2
-    segmenter: str | None = None  # override the RM's recorded segmenter
-    granularity: str | None = None  # for imported RMs that record none
+    stop_token: list[str] | None = option(None, help="Extra stop token (repeatable).")
+    batch_size: int = option(16, help="Prompts per generate call and responses per scoring forward.")
+    seed: int = option(42, help="Sampling seed; every policy draws the same numbers per prompt.")
+    normalizer: str | None = option(None, help="normalizer.json (default: the RM's own, if any).")
+    sigma_floor: float | None = option(None, help="Normalizer σ floor (default: the normalizer's).")
+    segmenter: str | None = option(None, help="Override the RM's recorded segmenter.")
+    granularity: str | None = option(None, help="For imported RMs that record none.")
     threshold: float | None = None
-    bf16: bool = False
-    plot: bool = True
+    bf16: bool = option(False, help="Load policies and RM in bfloat16.")
+    plot: bool = option(True, help="Write score_distributions.png (needs matplotlib).")
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -410,17 +476,21 @@ class EvalConfig:
 class DemoConfig:
     """`segppo demo`: the whole method end to end on the built-in synthetic task (no network, CPU)."""
 
-    output: str = "segppo-demo"
-    budget: str = "default"  # small | default
-    compare: list[str] | None = None  # granularities to compare, e.g. bandit, token, segment
-    seeds: int = 1
+    output: str = option("segppo-demo", help="Folder for every artifact of the run.")
+    budget: str = option(
+        "default", help="small (about a minute) | default (at most 5 minutes on 2 CPU cores)."
+    )
+    compare: list[str] | None = option(None, help="Granularities to compare, e.g. bandit,token,segment.")
+    seeds: int = option(1, help="Seeds per setting (with --compare).")
     seed: int = 0
-    cache_dir: str | None = None  # where the SFT policy is cached (default ~/.cache/segppo/demo)
-    threads: int | None = None  # torch CPU threads (default: torch's choice)
+    cache_dir: str | None = option(None, help="SFT policy cache (default ~/.cache/segppo/demo).")
+    threads: int | None = option(None, help="torch CPU threads.")
 
     def __post_init__(self) -> None:
         if isinstance(self.compare, str):
-            self.compare = [g.strip() for g in self.compare.split(",") if g.strip()]
+            self.compare = [self.compare]
+        if self.compare is not None:  # `--compare a,b` and `--compare a --compare b` both work
+            self.compare = [g.strip() for item in self.compare for g in item.split(",") if g.strip()]
         for granularity in self.compare or []:
             if granularity not in GRANULARITIES:
                 raise ValueError(f"--compare takes granularities from {GRANULARITIES}, got {granularity!r}")
@@ -553,6 +623,21 @@ def _ppo_presets() -> dict[str, dict[str, Any]]:
 PPO_PRESETS: dict[str, dict[str, Any]] = _ppo_presets()
 
 
+# The paper's normalizer fits (the `preference700k_60000` entries of its param.json): 60k pairs of
+# preference_700K scored by each published dense RM, bins fitted unweighted (`fit_mode="paper"`).
+FIT_NORMALIZER_PRESETS: dict[str, dict[str, Any]] = {
+    name: dict(
+        reward_model=preset["reward_model"],
+        dataset=_PAPER_RM["dataset"],
+        samples=60000,
+        fit_mode="paper",
+        bf16=True,
+    )
+    for name, preset in PPO_PRESETS.items()
+    if preset["reward_granularity"] != "bandit"
+}
+
+
 def normalize_keys(values: dict[str, Any], config_cls: type, source: str) -> dict[str, Any]:
     """Map option names (`max-len` or `max_len`) to field names; unknown keys are an error."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
@@ -588,6 +673,7 @@ def preset_values(name: str, presets: dict[str, dict[str, Any]]) -> dict[str, An
 __all__ = [
     "DemoConfig",
     "EvalConfig",
+    "FIT_NORMALIZER_PRESETS",
     "FitNormalizerConfig",
     "PPOConfig",
     "PPO_PRESETS",
@@ -596,5 +682,6 @@ __all__ = [
     "RM_PRESETS",
     "load_config_file",
     "normalize_keys",
+    "option",
     "preset_values",
 ]

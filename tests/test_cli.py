@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import typer
 from segppo.cli.main import app
 from typer.testing import CliRunner
 
-from segppo.config import RM_PRESETS
+from segppo.config import (
+    FIT_NORMALIZER_PRESETS,
+    PPO_PRESETS,
+    RM_PRESETS,
+    DemoConfig,
+    EvalConfig,
+    FitNormalizerConfig,
+    PPOConfig,
+    RMConfig,
+    RMEvalConfig,
+)
 from segppo.tracking import read_metrics
 
 runner = CliRunner()
@@ -161,3 +173,117 @@ def test_bad_values_name_the_option(tiny_lm_dir, preferences_file, tmp_path):
     )
     assert result.exit_code == 2 and "/no/data.jsonl" in plain(result)
     assert not (tmp_path / "o2" / "model").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# One source of options: every config field is one option of its command, with the same default
+
+COMMANDS = {
+    ("rm", "train"): RMConfig,
+    ("rm", "eval"): RMEvalConfig,
+    ("ppo", "train"): PPOConfig,
+    ("fit-normalizer",): FitNormalizerConfig,
+    ("eval",): EvalConfig,
+    ("demo",): DemoConfig,
+}
+# Options of a command that are not config fields.
+CLI_ONLY = {"config", "preset", "as_json", "list_keys", "help"}
+
+
+def click_command(path):
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+@pytest.mark.parametrize("path", list(COMMANDS), ids=" ".join)
+def test_every_config_field_is_one_option_with_the_fields_default(path):
+    config_cls = COMMANDS[path]
+    params = [p for p in click_command(path).params if p.name not in CLI_ONLY]
+    names = [p.name for p in params]
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    assert sorted(names) == sorted(fields), "options and config fields differ"
+    for param in params:
+        field = fields[param.name]
+        assert param.opts[0] == "--" + field.name.replace("_", "-")
+        if field.default is dataclasses.MISSING:
+            assert param.required, field.name
+        else:
+            assert not param.required and param.default == field.default, field.name
+        assert param.multiple == ("list" in str(field.type)), field.name
+
+
+def test_a_new_config_field_gets_an_option(monkeypatch):
+    """What another engineer's plain `strict: bool = False` in a config gets: a --strict flag."""
+    from segppo.cli.options import config_options
+
+    @dataclasses.dataclass
+    class Config:
+        model: str
+        strict: bool = False
+        limit: int | None = None
+
+    seen = {}
+
+    @config_options(Config)
+    def command(values):
+        seen.update(values)
+
+    small = typer.Typer()
+    small.command()(command)
+    result = runner.invoke(small, ["--model", "m", "--strict", "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"model": "m", "strict": True, "limit": 3}
+
+
+def test_prompt_limit_follows_max_len(monkeypatch):
+    import segppo.rm.trainer as trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train_reward_model", lambda cfg: seen.setdefault("cfg", cfg))
+    result = invoke("rm", "train", "--model", "m", "--dataset", "d", "--output", "o", "--max-len", "128")
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].max_prompt_len == 108  # 27/32 of --max-len
+    assert RMConfig(model="m", dataset="d", output="o").max_prompt_len == 1728  # the paper's
+    for config_cls in (RMEvalConfig, FitNormalizerConfig):
+        values = (
+            dict(model="m", dataset="d")
+            if config_cls is RMEvalConfig
+            else dict(reward_model="m", dataset="d")
+        )
+        assert config_cls(**values, max_len=64).max_prompt_len == 54
+    # an explicit contradiction stays an error
+    result = runner.invoke(
+        app,
+        [
+            "rm",
+            "train",
+            "--model",
+            "m",
+            "--dataset",
+            "d",
+            "--output",
+            "o",
+            "--max-len",
+            "128",
+            "--max-prompt-len",
+            "200",
+        ],
+    )
+    assert result.exit_code == 2 and "--max-prompt-len (200) must be below --max-len (128)" in plain(result)
+    with pytest.raises(ValueError, match="must be below"):
+        RMEvalConfig(model="m", dataset="d", max_len=64, max_prompt_len=64)
+
+
+def test_fit_normalizer_presets_use_the_papers_fit():
+    assert FIT_NORMALIZER_PRESETS and all(p["fit_mode"] == "paper" for p in FIT_NORMALIZER_PRESETS.values())
+    assert FitNormalizerConfig(reward_model="m", dataset="d").fit_mode == "weighted"  # segppo's default
+    preset = FIT_NORMALIZER_PRESETS["llama3.1-instruct-8b-segment"]
+    assert preset["reward_model"] == PPO_PRESETS["llama3.1-instruct-8b-segment"]["reward_model"]
+    assert FitNormalizerConfig(**preset).samples == 60000
+
+
+def test_compare_takes_commas_or_repeats():
+    assert DemoConfig(compare=["bandit,token", "segment"]).compare == ["bandit", "token", "segment"]
+    assert DemoConfig(compare="bandit, segment").compare == ["bandit", "segment"]
