@@ -7,7 +7,6 @@ environment already names the rank and world size and segppo simply joins.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -65,6 +64,21 @@ def _quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
+def _skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-building its `deepspeed_shm_comm` op on CPU.
+
+    DeepSpeed's comm backend builds the op whenever it is created, through torch's extension
+    builder: that needs a C++ compiler, and a run killed during the build leaves a lock file
+    in the extensions folder on which every later run waits forever. The op only serves
+    DeepSpeed's inference all-reduce, which segppo never calls; training collectives go
+    through gloo either way. DeepSpeed asks `deepspeed.ops.__compatible_ops__` before it
+    builds, and an op marked incompatible there is simply not built.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> DistInfo:
     """Join (or create) the process group and pick this rank's device."""
     import deepspeed
@@ -82,6 +96,8 @@ def init_distributed() -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if device.type == "cpu":
+        _skip_shm_comm_build()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
@@ -165,14 +181,11 @@ def deepspeed_config(
     zero_stage: int,
     bf16: bool,
     grad_clip: float | None,
-    offload: bool = False,
 ) -> dict[str, Any]:
     """A DeepSpeed config for a trained model; the optimizer and scheduler are passed in as objects."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}")
     zero: dict[str, Any] = {"stage": zero_stage}
-    if offload and zero_stage > 0:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -208,16 +221,6 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     if dist.get_rank() != 0:
         return None
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-
-
-def gather_params(model: torch.nn.Module):
-    """Context in which a ZeRO-3-partitioned model's parameters are whole (a no-op otherwise)."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 LATEST = "latest"
