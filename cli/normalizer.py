@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from segppo.config import FIT_NORMALIZER_PRESETS, FitNormalizerConfig
+from segppo.config import FitNormalizerConfig
+from segppo.presets import FIT_NORMALIZER_PRESETS
 
 from .options import build_config, config_options, run_or_exit
 

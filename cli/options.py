@@ -18,7 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
-from segppo.config import load_config_file, preset_values
+from segppo.config import load_config_file
+from segppo.presets import preset_values
 
 
 def config_options(config_cls: type, presets: dict[str, dict[str, Any]] | None = None):

@@ -6,7 +6,8 @@ from typing import Any
 
 import typer
 
-from segppo.config import PPO_PRESETS, PPOConfig
+from segppo.config import PPOConfig
+from segppo.presets import PPO_PRESETS
 
 from .options import build_config, config_options, run_or_exit
 

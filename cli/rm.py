@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from segppo.config import RM_PRESETS, RMConfig, RMEvalConfig
+from segppo.config import RMConfig, RMEvalConfig
+from segppo.presets import RM_PRESETS
 
 from .options import build_config, config_options, run_or_exit
 
