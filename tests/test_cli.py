@@ -214,7 +214,7 @@ def test_every_config_field_is_one_option_with_the_fields_default(path):
         assert param.multiple == ("list" in str(field.type)), field.name
 
 
-def test_a_new_config_field_gets_an_option(monkeypatch):
+def test_a_new_config_field_gets_an_option():
     """What another engineer's plain `strict: bool = False` in a config gets: a --strict flag."""
     from segppo.cli.options import config_options
 
