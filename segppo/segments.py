@@ -1,4 +1,4 @@
-"""Glue from models to kernels: entropy from the segmenter, log-probs, RM values on response tokens.
+"""Glue from models to kernels: how responses are segmented, entropy from the segmenter, log-probs.
 
 Every batch has the layout of `segppo.data`: left-padded prompts and right-padded responses, so all
 rows' responses start at column `P = prompt_len` of `input_ids [B, P+T]`. Column `P+t` holds
@@ -9,10 +9,27 @@ response token `t`; the logits there are the next-token distribution of response
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 
-from segppo.kernels import entropy_logprobs
+from segppo.kernels import entropy_logprobs, resolve_granularity
+
+
+@dataclass
+class Segmentation:
+    """How a reward model's responses are cut into segments."""
+
+    granularity: str  # segment | token | bandit (the paper's sentinel thresholds are resolved)
+    threshold: float
+
+    @classmethod
+    def resolve(cls, granularity: str, threshold: float) -> Segmentation:
+        return cls(resolve_granularity(granularity, threshold), float(threshold))
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.granularity == "segment"
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from segppo.config import EvalConfig, RMConfig
 from segppo.eval import evaluate, markdown_counts, mean_ci, policy_specs, win_outcomes, win_rate
-from segppo.eval.sampling import hash32, row_seed, sample_token
+from segppo.generation import hash32, row_seed, sample_token
 from segppo.normalizer import Normalizer
 from segppo.rm.trainer import train_reward_model
 
@@ -194,8 +194,8 @@ def test_seeded_sampling_draws_from_the_tempered_nucleus():
 def test_generations_do_not_depend_on_the_batch_size(tiny_lm_dir, data):
     from segppo.data import ChatFormat
     from segppo.eval import generate_responses, load_eval_prompts
+    from segppo.generation import SamplingConfig
     from segppo.models import load_policy, load_tokenizer
-    from segppo.ppo.rollout import SamplingConfig
 
     tokenizer = load_tokenizer(tiny_lm_dir)
     chat = ChatFormat(tokenizer)

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from segppo.config import PPOConfig
 from segppo.data import ChatFormat, PreferenceExample, PromptExample
+from segppo.generation import SamplingConfig, generate
 from segppo.models import SegppoMetadata, load_tokenizer
-from segppo.ppo.rollout import SamplingConfig, generate
 from segppo.ppo.trainer import NonFiniteError, train_ppo
 from segppo.rm.scoring import load_scorer
 from segppo.rm.trainer import train_reward_model
@@ -201,7 +201,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_lm_dir, reward_models, prompts
 
 
 def test_each_row_keeps_its_own_eos(tiny_lm_dir):
-    from segppo.ppo.rollout import cut_at_stop
+    from segppo.generation import cut_at_stop
 
     eos, pad = 3, 0
     generated = torch.tensor([[5, 6, eos, pad, pad], [7, 8, 9, 10, 11], [eos, pad, pad, pad, pad]])

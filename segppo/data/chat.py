@@ -412,11 +412,9 @@ class ChatFormat:
 
         Also how a generated response is ended, so that PPO's responses match RM training's.
         """
-        stops = set(self.stop_token_ids)
-        for i, token in enumerate(ids):
-            if token in stops:
-                return list(ids[: i + 1]), True
-        return list(ids), False
+        from segppo.generation import cut_row_at_stop  # generation imports segppo.data
+
+        return cut_row_at_stop(ids, self.stop_token_ids)
 
     @property
     def pad_token_id(self) -> int:

@@ -12,7 +12,7 @@ Everything the later stages read is an ordinary file in the layouts segppo alrea
 not score columns segppo reads as margins; they are there for inspection.
 
 Responses are sampled from the SFT policy through the same path PPO uses (`encode_prompts` with
-the policy's chat template, `segppo.ppo.rollout.generate`), two per prompt, and each pair is
+the policy's chat template, `segppo.generation.generate`), two per prompt, and each pair is
 labelled by the gold reward with Bradley-Terry noise: a wins with probability
 sigmoid((g_a - g_b) / label_temperature).
 """
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from segppo.data import ChatFormat, encode_prompts
+from segppo.generation import SamplingConfig, generate
 from segppo.io import atomic_write_json, atomic_write_text
 from segppo.models import load_policy, load_tokenizer
-from segppo.ppo.rollout import SamplingConfig, generate
 
 from .budget import DemoBudget, get_budget
 from .sft import TRAINING_FILE, sft_policy

@@ -21,12 +21,13 @@ sampling), `RewardModelScorer`/`CallableScorer`, `mean_ci`/`win_rate`, and the b
 in `segppo.eval.exports`.
 """
 
+from segppo.generation import generate_seeded, row_seed
+
 from .exports import alpaca_eval_rows, arena_hard_rows, markdown_counts, mt_bench_rows, write_exports
 from .generation import Generation, generate_responses
 from .prompts import EvalPrompt, load_eval_prompts, prompts_from_rows
 from .results import EvalResults, PolicyResult
 from .runner import evaluate, policy_specs
-from .sampling import generate_seeded, row_seed
 from .scoring import CallableScorer, RewardModelScorer, ScoreSet, ScoringItem, call_scorer, load_callable
 from .stats import MeanCI, WinRate, mean_ci, win_outcomes, win_rate
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from segppo.data import ChatFormat, PromptExample
-from segppo.ppo.rollout import SamplingConfig
+from segppo.generation import Engine, HFEngine, SamplingConfig, row_seed
 
 from .prompts import EvalPrompt
-from .sampling import generate_seeded, row_seed
 
 
 @dataclass
@@ -88,8 +89,12 @@ def generate_responses(
     as an assistant message, followed by the prompt's next user turn, and the model answers again;
     that second prompt is not truncated. Row (prompt i, sample s, turn t) samples with
     `row_seed(seed, i, s, t)`, whatever the policy and the batching. `on_batch(n)` is called after
-    each generate call with its number of responses.
+    each generate call with its number of responses. `model` is a causal LM (generated with
+    `HFEngine`) or any `Engine`.
     """
+    engine: Engine = (
+        HFEngine(model, chat.pad_token_id, device) if isinstance(model, torch.nn.Module) else model
+    )
     if turns < 1:
         raise ValueError(f"turns must be at least 1, got {turns}")
     generations: list[Generation] = []
@@ -113,7 +118,6 @@ def generate_responses(
                     prompt_truncated=encoded.truncated,
                 )
             )
-    pad = chat.pad_token_id
     for turn in range(turns):
         if turn > 0:
             for g in generations:
@@ -128,7 +132,7 @@ def generate_responses(
         for start in range(0, len(order), batch_size):
             rows = [generations[i] for i in order[start : start + batch_size]]
             seeds = [row_seed(seed, g.prompt.index, g.sample, turn) for g in rows]
-            batch = generate_seeded(model, [g.prompt_ids for g in rows], sampling, seeds, pad, device)
+            batch = engine.generate([g.prompt_ids for g in rows], sampling, seeds)
             lengths = batch.response_mask.sum(-1).tolist()
             responses = batch.response_ids.tolist()
             for g, ids, n, eos in zip(rows, responses, lengths, batch.has_eos.tolist(), strict=True):

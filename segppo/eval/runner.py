@@ -31,11 +31,10 @@ import torch
 
 from segppo.config import EvalConfig
 from segppo.data import ChatFormat
+from segppo.generation import SamplingConfig, stop_token_ids
 from segppo.io import atomic_write_json, atomic_write_text
 from segppo.models import SegppoMetadata, load_policy, load_tokenizer
 from segppo.models.metadata import METADATA_FILE
-from segppo.ppo.rollout import SamplingConfig
-from segppo.ppo.trainer import stop_token_ids
 from segppo.rm.scoring import load_scorer
 from segppo.tracking import LiveProgress
 
@@ -152,7 +151,10 @@ def build_scorer(cfg: EvalConfig, scorer_fn: ScorerFn | None, device: torch.devi
     return RewardModelScorer(
         rm,
         path=cfg.reward_model,
+        normalize=cfg.normalize,
         normalizer=cfg.normalizer,
+        reward_mean=cfg.reward_mean,
+        reward_std=cfg.reward_std,
         sigma_floor=cfg.sigma_floor,
         max_prompt_len=cfg.max_prompt_len,
     )

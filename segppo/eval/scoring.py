@@ -30,8 +30,7 @@ import torch
 from segppo.data import ChatFormat, collate_responses
 from segppo.data.chat import truncate_left
 from segppo.kernels import segment_rewards
-from segppo.normalizer import DEFAULT_SIGMA_FLOOR, Normalizer
-from segppo.rm.scoring import RewardScorer
+from segppo.rm.scoring import RewardScorer, resolve_normalizer, same_vocabulary
 
 ScorerFn = Callable[[list, list[str]], Sequence[float]]
 
@@ -143,34 +142,6 @@ class CallableScorer:
 # Reward models
 
 
-def resolve_eval_normalizer(
-    scorer: RewardScorer, normalizer: str | None, sigma_floor: float | None
-) -> tuple[tuple[float, float, float, float] | None, float, str | None]:
-    """(params [a, b, c, d] or None, σ floor, where they came from), as PPO would pick them.
-
-    `--normalizer FILE`, else the RM's recorded normalizer, else a bandit RM's global score
-    mean/std; None when there is none (PPO then uses raw segment rewards).
-    """
-    meta = scorer.metadata
-    if normalizer:
-        fitted = Normalizer.load(normalizer)
-        floor = sigma_floor if sigma_floor is not None else fitted.sigma_floor
-        return fitted.as_kernel_params(), floor, str(normalizer)
-    if meta.normalizer and meta.normalizer.get("params"):
-        params = tuple(float(x) for x in meta.normalizer["params"])
-        recorded = meta.normalizer.get("sigma_floor")
-        floor = sigma_floor if sigma_floor is not None else float(recorded or DEFAULT_SIGMA_FLOOR)
-        return params, floor, "segppo.json"
-    floor = sigma_floor if sigma_floor is not None else DEFAULT_SIGMA_FLOOR
-    if scorer.segmentation.granularity == "bandit" and meta.score_mean is not None and meta.score_std:
-        return (0.0, 0.0, float(meta.score_mean), float(meta.score_std)), floor, "segppo.json score_mean/std"
-    return None, floor, None
-
-
-def _same_vocab(a, b) -> bool:
-    return a is b or a.get_vocab() == b.get_vocab()
-
-
 class RewardModelScorer:
     """A segppo reward model: sequence score, PPO-normalized reward and segment counts."""
 
@@ -181,14 +152,29 @@ class RewardModelScorer:
         scorer: RewardScorer,
         *,
         path: str | None = None,
+        normalize: bool = True,
         normalizer: str | None = None,
+        reward_mean: float | None = None,
+        reward_std: float | None = None,
         sigma_floor: float | None = None,
         max_prompt_len: int | None = None,
     ):
         self.scorer = scorer
         self.path = path
-        self.params, self.sigma_floor, self.normalizer_source = resolve_eval_normalizer(
-            scorer, normalizer, sigma_floor
+        # As PPO picks it, so normalized_reward is the reward PPO would add.
+        choice = resolve_normalizer(
+            scorer.metadata,
+            scorer.segmentation.granularity,
+            normalize=normalize,
+            normalizer=normalizer,
+            reward_mean=reward_mean,
+            reward_std=reward_std,
+            sigma_floor=sigma_floor,
+        )
+        self.params, self.sigma_floor, self.normalizer_source = (
+            choice.params,
+            choice.sigma_floor,
+            choice.source,
         )
         self.max_prompt_len = max_prompt_len
 
@@ -198,10 +184,10 @@ class RewardModelScorer:
 
     def reads_policy_ids(self, tokenizer, chat: ChatFormat) -> bool:
         """Whether the policy's token ids are what the RM would read (same vocabulary and template)."""
-        return _same_vocab(tokenizer, self.scorer.tokenizer) and chat.template == self.chat.template
+        return same_vocabulary(tokenizer, self.scorer.tokenizer) and chat.template == self.chat.template
 
     def shares_tokenizer(self, tokenizer) -> bool:
-        return _same_vocab(tokenizer, self.scorer.tokenizer)
+        return same_vocabulary(tokenizer, self.scorer.tokenizer)
 
     def _encode(self, item: ScoringItem, direct: bool) -> tuple[list[int], list[int], bool]:
         if direct:

@@ -3,7 +3,8 @@
 Per-token tensors are `[B, T]` on response tokens with a `mask` of the same shape. Losses return
 the *sum* over the batch's tokens scaled by `scale`, so that a caller can normalise by the token
 count of the whole rollout (see `segppo.ppo.trainer`): a global token mean that does not depend on
-how samples are grouped into micro-batches or ranks.
+how samples are grouped into micro-batches or ranks. Statistics over every rank's tokens are taken
+from `masked_moments` that the caller has summed over ranks: nothing here communicates.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from segppo.distributed import all_reduce_sum
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -63,11 +62,14 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), x, torch.zeros((), device=x.device)).sum()
 
 
-def global_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked mean and (population) variance of `x` over every rank's tokens."""
-    stats = torch.stack([masked_sum(x, mask), masked_sum(x * x, mask), mask.sum().to(x.dtype)]).double()
-    all_reduce_sum(stats)
-    total, total_sq, count = stats.tolist()
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[Σx, Σx², count]` float64 over the masked tokens: sum it over ranks, then `mean_var`."""
+    return torch.stack([masked_sum(x, mask), masked_sum(x * x, mask), mask.sum().to(x.dtype)]).double()
+
+
+def mean_var(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) variance from `masked_moments` (summed over every rank's tokens)."""
+    total, total_sq, count = moments.tolist()
     count = max(count, 1.0)
     mean = total / count
     return torch.tensor(mean), torch.tensor(max(total_sq / count - mean * mean, 0.0))
@@ -122,10 +124,10 @@ def value_loss(
     return masked_sum(loss, mask) * scale, stats
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 − Var(R − V) / Var(R) over every rank's tokens (1 is a perfect critic)."""
-    _, var_returns = global_mean_var(returns, mask)
-    _, var_error = global_mean_var(returns - values, mask)
+def explained_variance(returns_moments: torch.Tensor, error_moments: torch.Tensor) -> float:
+    """1 − Var(R − V) / Var(R) from the `masked_moments` of R and of R − V (1 is a perfect critic)."""
+    _, var_returns = mean_var(returns_moments)
+    _, var_error = mean_var(error_moments)
     return float("nan") if var_returns.item() == 0 else 1.0 - var_error.item() / var_returns.item()
 
 

@@ -1,85 +1,28 @@
-"""Rollouts and experience: generate responses, score them, and turn scores into advantages.
+"""A rollout's experience: score the generated responses, turn scores into rewards and advantages.
 
 Every batch has `segppo.data`'s layout (left-padded prompts, right-padded responses starting at
 column P), built by the same `collate_responses` that RM training uses, so the reward model reads
-PPO's responses exactly as it read its training data.
+PPO's responses exactly as it read its training data. The three phases are separate functions so
+that `ppo_step` reads as the algorithm: `score` (model passes) → `rewards` (segments, KL,
+penalties) → `advantages` (GAE, whitening over the whole rollout).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
-from segppo.data import ChatFormat, EncodedPrompt, ResponseBatch, collate_prompts, collate_responses
+from segppo.data import ChatFormat, ResponseBatch, collate_responses
 from segppo.kernels import SegmentRewards, gae, segment_rewards, sequence_scores
 from segppo.models.reward_model import reward_values
-from segppo.ppo.losses import kl_penalty, token_rewards
-from segppo.rm.scoring import Segmentation
-from segppo.segments import logprobs_and_entropy
+from segppo.ppo.losses import kl_penalty, token_rewards, whiten
+from segppo.segments import Segmentation, logprobs_and_entropy
 
 
 @dataclass
-class SamplingConfig:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] = ()
-    synced_gpus: bool = False  # ZeRO-3 on several ranks: every rank steps until all are done
-
-
-def cut_at_stop(generated: torch.Tensor, stop_token_ids) -> tuple[list[list[int]], list[bool]]:
-    """Each row's response up to and including its own first stop token; `has_eos` per row.
-
-    Rows are cut independently: a row that stopped early never inherits another row's length, and
-    one that never stopped keeps all its tokens with `has_eos = False`.
-    """
-    is_stop = torch.isin(generated, torch.as_tensor(list(stop_token_ids), device=generated.device))
-    stopped = is_stop.any(-1)
-    lengths = torch.where(stopped, is_stop.int().argmax(-1) + 1, generated.shape[1])
-    rows = generated.tolist()
-    lengths = lengths.tolist()
-    return [row[:n] for row, n in zip(rows, lengths, strict=True)], stopped.tolist()
-
-
-@torch.no_grad()
-def generate(
-    model, prompts: list[EncodedPrompt], sampling: SamplingConfig, pad_token_id: int, device
-) -> ResponseBatch:
-    """Sample one response per prompt (HF `generate`), returned in the response-aligned layout."""
-    prompt_ids = [p.prompt_ids for p in prompts]
-    batch = collate_prompts(prompt_ids, pad_token_id).to(device)
-    module = getattr(model, "module", model)
-    out = module.generate(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        do_sample=True,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=0,
-        max_new_tokens=sampling.max_new_tokens,
-        eos_token_id=list(sampling.stop_token_ids),
-        pad_token_id=pad_token_id,
-        synced_gpus=sampling.synced_gpus,
-    )
-    responses, has_eos = cut_at_stop(out[:, batch.input_ids.shape[1] :], sampling.stop_token_ids)
-    # An empty response (max_new_tokens reached at once is impossible; kept for safety) has no token
-    # to score, so it keeps the pad token as a one-token, EOS-less response.
-    responses = [r if r else [pad_token_id] for r in responses]
-    return collate_responses(prompt_ids, responses, has_eos, pad_token_id).to(device)
-
-
-def critic_values(critic, batch: ResponseBatch) -> torch.Tensor:
-    """V_t for each response token: the critic's value at column P+t−1, the state before token t."""
-    values = reward_values(critic, batch.input_ids, batch.attention_mask, batch.position_ids)
-    P, T = batch.prompt_len, batch.response_mask.shape[1]
-    return values[:, P - 1 : P + T - 1]
-
-
-@dataclass
-class RewardSetup:
-    """How the reward model's outputs become per-token rewards."""
+class RewardShaping:
+    """How the reward model's outputs and the KL become per-token rewards (GAE's γ, λ are not here)."""
 
     segmentation: Segmentation
     normalizer: tuple[float, float, float, float] | None
@@ -90,93 +33,101 @@ class RewardSetup:
     missing_eos_penalty: float | None
     overlong_penalty: float | None
     max_response_len: int | None
-    gamma: float
-    lam: float
+
+
+def critic_values(critic, batch: ResponseBatch) -> torch.Tensor:
+    """V_t for each response token: the critic's value at column P+t−1, the state before token t."""
+    values = reward_values(critic, batch.input_ids, batch.attention_mask, batch.position_ids)
+    P, T = batch.prompt_len, batch.response_mask.shape[1]
+    return values[:, P - 1 : P + T - 1]
 
 
 @dataclass
 class Experience:
     batch: ResponseBatch
     logprobs: torch.Tensor  # [B, T] of the policy that generated the batch
-    values: torch.Tensor  # [B, T]
-    advantages: torch.Tensor  # [B, T] (whitened later, over the whole rollout)
-    returns: torch.Tensor  # [B, T]
-    rewards: torch.Tensor  # [B, T] what GAE saw
-    kl: torch.Tensor  # [B, T]
+    ref_logprobs: torch.Tensor  # [B, T]
+    ref_entropy: torch.Tensor  # [B, T] the reference's entropy: the segmentation signal
     policy_entropy: torch.Tensor  # [B, T]
-    segments: SegmentRewards  # dense normalized rewards, ends, counts
-    raw_score: torch.Tensor  # [B] the RM's sequence score (mean value at segment ends)
-    reward_seconds: float = 0.0  # time from RM values to advantages (segmentation through GAE)
+    values: torch.Tensor  # [B, T] the critic's
+    rm_values: torch.Tensor  # [B, T] the reward model's per-token values
+    # Filled by `rewards`:
+    segments: SegmentRewards | None = None  # dense normalized rewards, ends, counts
+    raw_score: torch.Tensor | None = None  # [B] the RM's sequence score (mean value at segment ends)
+    kl: torch.Tensor | None = None  # [B, T]
+    rewards: torch.Tensor | None = None  # [B, T] what GAE sees
+    # Filled by `advantages`:
+    advantages: torch.Tensor | None = None  # [B, T] whitened over the whole rollout when asked
+    returns: torch.Tensor | None = None  # [B, T]
 
 
 @torch.no_grad()
-def make_experience(
-    batch: ResponseBatch,
-    *,
-    actor,
-    critic,
-    reference,
-    rm_values_fn,
-    setup: RewardSetup,
-    kl_coef: float,
-) -> Experience:
-    """Score a rollout batch: log-probs, reference KL and entropy, RM rewards, values, GAE.
+def score(batch: ResponseBatch, *, actor, critic, reference, rm_values_fn) -> Experience:
+    """The model passes over a generated batch: log-probs, reference log-probs and entropy, values.
 
     `rm_values_fn(batch) -> [B, T]` gives the reward model's per-token values on the response
     (for a bandit RM with another tokenizer, its score placed at the last token).
     """
-    mask, has_eos = batch.response_mask, batch.has_eos
     args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
     logprobs, policy_entropy = logprobs_and_entropy(actor, *args)
     # One pass over the reference's logits: KL log-probs and the segmentation entropy.
     ref_logprobs, ref_entropy = logprobs_and_entropy(reference, *args)
-    values = torch.where(mask, critic_values(critic, batch), 0.0)
-    rm_values = rm_values_fn(batch)
-    # The reward/advantage phase proper: segmentation through GAE (timed for the step's breakdown).
-    start = time.perf_counter()
-    seg = setup.segmentation
-    segments = segment_rewards(
-        rm_values,
-        ref_entropy,
+    values = torch.where(batch.response_mask, critic_values(critic, batch), 0.0)
+    return Experience(batch, logprobs, ref_logprobs, ref_entropy, policy_entropy, values, rm_values_fn(batch))
+
+
+@torch.no_grad()
+def rewards(exp: Experience, shaping: RewardShaping, kl_coef: float) -> Experience:
+    """Dense segment rewards (`segment_rewards`), clipped, minus β·KL, plus the penalties."""
+    mask, has_eos, seg = exp.batch.response_mask, exp.batch.has_eos, shaping.segmentation
+    exp.segments = segment_rewards(
+        exp.rm_values,
+        exp.ref_entropy,
         mask,
         granularity=seg.granularity,
         threshold=seg.threshold,
         has_eos=has_eos,
-        normalizer=setup.normalizer,
-        sigma_floor=setup.sigma_floor,
-        distribute=setup.distribute,
+        normalizer=shaping.normalizer,
+        sigma_floor=shaping.sigma_floor,
+        distribute=shaping.distribute,
     )
-    raw_score = sequence_scores(
-        rm_values, ref_entropy, mask, granularity=seg.granularity, threshold=seg.threshold, has_eos=has_eos
+    exp.raw_score = sequence_scores(
+        exp.rm_values,
+        exp.ref_entropy,
+        mask,
+        granularity=seg.granularity,
+        threshold=seg.threshold,
+        has_eos=has_eos,
     )
-    kl = torch.where(mask, kl_penalty(logprobs, ref_logprobs, setup.kl_estimator), 0.0)
-    rewards = token_rewards(
-        segments.rewards,
-        kl,
+    exp.kl = torch.where(mask, kl_penalty(exp.logprobs, exp.ref_logprobs, shaping.kl_estimator), 0.0)
+    exp.rewards = token_rewards(
+        exp.segments.rewards,
+        exp.kl,
         mask,
         has_eos,
         kl_coef=kl_coef,
-        reward_clip=setup.reward_clip,
-        missing_eos_penalty=setup.missing_eos_penalty,
-        overlong_penalty=setup.overlong_penalty,
-        max_response_len=setup.max_response_len,
+        reward_clip=shaping.reward_clip,
+        missing_eos_penalty=shaping.missing_eos_penalty,
+        overlong_penalty=shaping.overlong_penalty,
+        max_response_len=shaping.max_response_len,
     )
-    advantages, returns = gae(rewards, values, mask, gamma=setup.gamma, lam=setup.lam)
-    if advantages.is_cuda:
-        torch.cuda.synchronize()
-    return Experience(
-        batch,
-        logprobs,
-        values,
-        advantages,
-        returns,
-        rewards,
-        kl,
-        policy_entropy,
-        segments,
-        raw_score,
-        reward_seconds=time.perf_counter() - start,
-    )
+    return exp
+
+
+@torch.no_grad()
+def advantages(
+    experiences: list[Experience], *, gamma: float, lam: float, whiten_with=None
+) -> list[Experience]:
+    """GAE per batch; `whiten_with(advantages, mask) -> (mean, var)` (every rank's tokens) whitens."""
+    for e in experiences:
+        e.advantages, e.returns = gae(e.rewards, e.values, e.batch.response_mask, gamma=gamma, lam=lam)
+    if whiten_with is not None:
+        adv = torch.cat([e.advantages.flatten() for e in experiences])
+        mask = torch.cat([e.batch.response_mask.flatten() for e in experiences])
+        mean, var = whiten_with(adv, mask)
+        for e in experiences:
+            e.advantages = whiten(e.advantages, e.batch.response_mask, mean, var)
+    return experiences
 
 
 def shared_rm_values(reward_model):

@@ -10,26 +10,11 @@ from pathlib import Path
 import torch
 
 from segppo.data import ChatFormat, ResponseBatch
-from segppo.kernels import resolve_granularity, sequence_scores
+from segppo.kernels import sequence_scores
 from segppo.models import SegppoMetadata, load_policy, load_reward_model, load_tokenizer
 from segppo.models.reward_model import reward_values, run_model_folder
-from segppo.segments import segmenter_entropy
-
-
-@dataclass
-class Segmentation:
-    """How a reward model's responses are cut into segments."""
-
-    granularity: str  # segment | token | bandit (the paper's sentinel thresholds are resolved)
-    threshold: float
-
-    @classmethod
-    def resolve(cls, granularity: str, threshold: float) -> Segmentation:
-        return cls(resolve_granularity(granularity, threshold), float(threshold))
-
-    @property
-    def needs_entropy(self) -> bool:
-        return self.granularity == "segment"
+from segppo.normalizer import DEFAULT_SIGMA_FLOOR, Normalizer
+from segppo.segments import Segmentation, segmenter_entropy
 
 
 @dataclass
@@ -128,3 +113,55 @@ def load_scorer(
         segmentation=segmentation,
         device=device,
     )
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map the same strings to the same ids (token ids can be shared)."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+@dataclass
+class NormalizerChoice:
+    """Which location-aware normalizer turns a reward model's segment scores into rewards."""
+
+    params: tuple[float, float, float, float] | None  # [a, b, c, d]; None: raw segment rewards
+    sigma_floor: float
+    source: str | None  # where the params came from (None when there are none)
+
+
+def resolve_normalizer(
+    metadata: SegppoMetadata,
+    granularity: str,
+    *,
+    normalize: bool = True,
+    normalizer: str | None = None,
+    reward_mean: float | None = None,
+    reward_std: float | None = None,
+    sigma_floor: float | None = None,
+) -> NormalizerChoice:
+    """The normalizer PPO and eval use, in this order: none (`--no-normalize`), `--normalizer FILE`,
+    `--reward-mean/--reward-std`, what the RM records (its normalizer, else a bandit RM's global
+    score mean/std), else none. `--sigma-floor` overrides the chosen normalizer's own floor."""
+
+    def floor(own: float = DEFAULT_SIGMA_FLOOR) -> float:
+        return sigma_floor if sigma_floor is not None else float(own)
+
+    if not normalize:
+        return NormalizerChoice(None, floor(), None)
+    if normalizer:
+        fitted = Normalizer.load(normalizer)
+        return NormalizerChoice(fitted.as_kernel_params(), floor(fitted.sigma_floor), str(normalizer))
+    if reward_mean is not None or reward_std is not None:
+        if reward_mean is None or reward_std is None:
+            raise ValueError("--reward-mean and --reward-std go together")
+        return NormalizerChoice((0.0, 0.0, reward_mean, reward_std), floor(), "--reward-mean/--reward-std")
+    recorded = metadata.normalizer or {}
+    if recorded.get("params"):
+        params = tuple(float(x) for x in recorded["params"])
+        return NormalizerChoice(
+            params, floor(recorded.get("sigma_floor") or DEFAULT_SIGMA_FLOOR), "segppo.json"
+        )
+    if granularity == "bandit" and metadata.score_mean is not None and metadata.score_std:
+        params = (0.0, 0.0, float(metadata.score_mean), float(metadata.score_std))
+        return NormalizerChoice(params, floor(), "segppo.json score_mean/std")
+    return NormalizerChoice(None, floor(), None)

@@ -1,0 +1,235 @@
+"""Generation: sampling settings, stop tokens, cutting at the stop, and the `generate` call.
+
+PPO, evaluation and the demo all generate through here, so every response has one token layout
+whatever produced it: `segppo.data`'s `ResponseBatch` (left-padded prompts, right-padded responses
+starting at column P), each row cut after its own first stop token (`has_eos`), a row that never
+stops keeping `max_new_tokens` tokens with `has_eos` false, and an empty response replaced by one
+pad token without EOS. An engine is anything with `generate(prompts, sampling, seeds=None) ->
+ResponseBatch` (`Engine`); `HFEngine` is Hugging Face `generate`, and another engine (vLLM) plugs
+in behind the same call.
+
+Two ways to draw:
+- `seeds=None` (PPO): the global torch RNG, so a row's draws depend on which rows share its batch;
+  PPO seeds each micro-rollout itself, so a run is the same on any number of ranks.
+- per-row `seeds` (evaluation): common random numbers across policies. Each (prompt, sample index)
+  sees the same random numbers whichever policy answers it and however the rows are batched: two
+  policies that agree on a prompt give the same response (a tie, not noise), and the result does
+  not depend on the batch size. The distribution is the same: softmax(logits / temperature)
+  restricted to the top-p nucleus (no top-k), after whatever logits processors the model's
+  generation config adds. The draw is Gumbel-max: token = argmax(processed logits + g) with
+  g = −log(−log u) for a uniform u computed by a counter-based hash of (row seed, step, token id),
+  so it needs no RNG state and is a pure function of those three numbers. `SeededSampling` does
+  the perturbation inside Hugging Face `generate` (a logits processor; greedy decoding takes the
+  argmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from segppo.data import EncodedPrompt, ResponseBatch, collate_prompts, collate_responses
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    synced_gpus: bool = False  # ZeRO-3 on several ranks: every rank steps until all are done
+
+
+def stop_token_ids(chat, tokenizer, extra: Sequence[str] | None) -> tuple[int, ...]:
+    """The chat format's stop ids plus each `--stop-token` (one token of `tokenizer` each), deduplicated."""
+    ids = list(chat.stop_token_ids)
+    for token in extra or []:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"--stop-token {token!r} is not a single token of the policy's tokenizer")
+        ids.append(int(token_id))
+    return tuple(dict.fromkeys(ids))
+
+
+def cut_row_at_stop(ids: Sequence[int], stop_token_ids) -> tuple[list[int], bool]:
+    """(ids up to and including the first stop token, whether there was one) of one sequence."""
+    stops = set(stop_token_ids)
+    for i, token in enumerate(ids):
+        if token in stops:
+            return list(ids[: i + 1]), True
+    return list(ids), False
+
+
+def cut_at_stop(generated: torch.Tensor, stop_token_ids) -> tuple[list[list[int]], list[bool]]:
+    """Each row's response up to and including its own first stop token; `has_eos` per row.
+
+    Rows are cut independently: a row that stopped early never inherits another row's length, and
+    one that never stopped keeps all its tokens with `has_eos = False`.
+    """
+    cut = [cut_row_at_stop(row, stop_token_ids) for row in generated.tolist()]
+    return [ids for ids, _ in cut], [stopped for _, stopped in cut]
+
+
+Prompts = Sequence[EncodedPrompt] | Sequence[Sequence[int]]
+
+
+class Engine(Protocol):
+    """What generates responses: one response per prompt, in `ResponseBatch` layout."""
+
+    def generate(
+        self, prompts: Prompts, sampling: SamplingConfig, seeds: Sequence[int] | None = None
+    ) -> ResponseBatch: ...
+
+
+def _prompt_ids(prompts: Prompts) -> list[list[int]]:
+    return [list(p.prompt_ids) if isinstance(p, EncodedPrompt) else list(p) for p in prompts]
+
+
+def responses_batch(prompt_ids, generated: torch.Tensor, sampling: SamplingConfig, pad_token_id: int):
+    """The `ResponseBatch` of `generated` (the new tokens only, `[B, N]`): cut, padded, collated."""
+    responses, has_eos = cut_at_stop(generated, sampling.stop_token_ids)
+    # An empty response (impossible with max_new_tokens ≥ 1; kept for safety) has no token to score,
+    # so it keeps the pad token as a one-token, EOS-less response.
+    responses = [r if r else [pad_token_id] for r in responses]
+    return collate_responses(prompt_ids, responses, has_eos, pad_token_id)
+
+
+@dataclass
+class HFEngine:
+    """Hugging Face `generate` on a (possibly DeepSpeed-wrapped) causal LM."""
+
+    model: object
+    pad_token_id: int
+    device: torch.device | str = "cpu"
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Prompts, sampling: SamplingConfig, seeds: Sequence[int] | None = None
+    ) -> ResponseBatch:
+        prompt_ids = _prompt_ids(prompts)
+        batch = collate_prompts(prompt_ids, self.pad_token_id).to(self.device)
+        width = batch.input_ids.shape[1]
+        if seeds is None:
+            draw = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        else:
+            if len(seeds) != len(prompt_ids):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+            processor = SeededSampling(
+                torch.as_tensor(list(seeds), dtype=torch.int64, device=self.device),
+                prompt_width=width,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+            )
+            draw = dict(  # the argmax of the Gumbel-perturbed logits is the sample
+                do_sample=False,
+                num_beams=1,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                logits_processor=LogitsProcessorList([processor]),
+            )
+        module = getattr(self.model, "module", self.model)
+        out = module.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=list(sampling.stop_token_ids),
+            pad_token_id=self.pad_token_id,
+            synced_gpus=sampling.synced_gpus,
+            **draw,
+        )
+        return responses_batch(prompt_ids, out[:, width:], sampling, self.pad_token_id).to(self.device)
+
+
+def generate(model, prompts: Prompts, sampling: SamplingConfig, pad_token_id: int, device) -> ResponseBatch:
+    """One response per prompt from `model` with Hugging Face `generate`, global-RNG draws."""
+    return HFEngine(model, pad_token_id, device).generate(prompts, sampling)
+
+
+def generate_seeded(
+    model, prompts: Prompts, sampling: SamplingConfig, seeds: Sequence[int], pad_token_id: int, device
+) -> ResponseBatch:
+    """One response per prompt, row `i` drawing with `seeds[i]` (see the module doc)."""
+    return HFEngine(model, pad_token_id, device).generate(prompts, sampling, seeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row seeded draws
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2³² for int64 x in [0, 2³²), without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def hash32(x):
+    """A 32-bit integer mixing function (xorshift-multiply, "lowbias32"): int64 tensors or ints."""
+    if isinstance(x, int):
+        x &= _M32
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & _M32
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & _M32
+        return x ^ (x >> 16)
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def row_seed(seed: int, *parts: int) -> int:
+    """A 32-bit seed for one row from the run's seed and the row's coordinates (prompt, sample, turn)."""
+    x = seed & _M32
+    for part in parts:
+        x = hash32(x ^ hash32((part & _M32) + 0x9E3779B9))
+    return x
+
+
+def gumbel_noise(seeds: torch.Tensor, step: int, vocab_size: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise `[B, V]` float64, a pure function of (seed[b], step, token id)."""
+    device = seeds.device
+    key = hash32(seeds.to(torch.int64) ^ hash32(torch.tensor(step, dtype=torch.int64, device=device) + 1))
+    tokens = hash32(torch.arange(vocab_size, dtype=torch.int64, device=device) * 2 + 1)
+    bits = hash32(key[:, None] ^ tokens[None, :])
+    u = (bits.to(torch.float64) + 0.5) / 2.0**32  # in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+class SeededSampling(LogitsProcessor):
+    """Temperature, top-p, then Gumbel noise keyed by each row's seed; greedy decoding samples.
+
+    `prompt_width` is the padded prompt width of the batch, so that `input_ids.shape[1] −
+    prompt_width` is the number of tokens generated so far (the step).
+    """
+
+    def __init__(self, seeds: torch.Tensor, prompt_width: int, temperature: float = 1.0, top_p: float = 1.0):
+        self.seeds = seeds
+        self.prompt_width = prompt_width
+        self.warpers = []
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        step = input_ids.shape[1] - self.prompt_width
+        noise = gumbel_noise(self.seeds.to(scores.device), step, scores.shape[-1])
+        return (scores.double() + noise).to(scores.dtype)
+
+
+def sample_token(logits: torch.Tensor, seeds: torch.Tensor, step: int, temperature=1.0, top_p=1.0):
+    """One seeded draw per row from `logits [B, V]` (what `SeededSampling` makes generate do)."""
+    processor = SeededSampling(seeds, prompt_width=0, temperature=temperature, top_p=top_p)
+    dummy = torch.zeros(logits.shape[0], step, dtype=torch.long, device=logits.device)
+    return processor(dummy, logits.float()).argmax(-1)

@@ -1,0 +1,68 @@
+"""A PPO run's state (to resume) and its policy export (to use)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from segppo.config import PPOConfig
+from segppo.distributed import full_state_dict, latest_state, load_training_state, save_training_state
+from segppo.models import SegppoMetadata, save_policy
+from segppo.ppo.losses import KLController
+from segppo.ppo.rollout import RewardShaping
+
+
+def save_state(cfg: PPOConfig, models, kl_ctl: KLController, step: int) -> None:
+    """Actor, critic (DeepSpeed: weights, optimizer, schedule, RNG) and the KL controller after `step`."""
+    save_training_state(
+        {"actor": models.actor, "critic": models.critic},
+        cfg.output_dir / "state",
+        f"step-{step}",
+        {"step": step, "kl": kl_ctl.state_dict()},
+    )
+
+
+def load_state(cfg: PPOConfig, models, kl_ctl: KLController) -> int:
+    """Restore the latest state; returns the number of steps it has done."""
+    state = load_training_state(
+        {"actor": models.actor, "critic": models.critic}, latest_state(cfg.output_dir / "state")
+    )
+    kl_ctl.load_state_dict(state["kl"])
+    return int(state["step"])
+
+
+def export_policy(
+    cfg: PPOConfig,
+    actor,
+    tokenizer,
+    chat_template,
+    shaping: RewardShaping,
+    folder: Path,
+    *,
+    steps: int,
+    is_main: bool,
+) -> None:
+    """The policy as a Hugging Face folder loadable with AutoModelForCausalLM, with its segppo.json."""
+    state = full_state_dict(actor)
+    if is_main:
+        seg = shaping.segmentation
+        meta = SegppoMetadata(
+            kind="policy",
+            granularity=seg.granularity,
+            threshold=seg.threshold,
+            segmenter=cfg.reference or cfg.policy,
+            chat_template=chat_template,
+            base_model=cfg.policy,
+            normalizer={"params": list(shaping.normalizer), "sigma_floor": shaping.sigma_floor}
+            if shaping.normalizer
+            else None,
+            data={
+                "prompts": cfg.prompts,
+                "split": cfg.split,
+                "reward_model": cfg.reward_model,
+                "steps": steps,
+            },
+        )
+        save_policy(actor.module, tokenizer, folder, meta, state_dict=state)
+    torch.distributed.barrier()

@@ -1,0 +1,201 @@
+"""Setting up a PPO run: the reward model and its reading, prompts, the four models.
+
+Everything here runs once per run, before the first step; `segppo.ppo.trainer` then only steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from segppo.config import PPOConfig
+from segppo.data import ChatFormat, EncodedPrompt, LayoutOptions, encode_prompts, load_rows
+from segppo.distributed import DistInfo, frozen_on_device
+from segppo.io import same_source
+from segppo.models import (
+    SegppoMetadata,
+    create_reward_model,
+    disable_dropout,
+    load_policy,
+    load_reward_model,
+    load_tokenizer,
+)
+from segppo.models.reward_model import run_model_folder
+from segppo.optim import training_engine
+from segppo.ppo.rollout import RewardShaping, foreign_bandit_rm_values, shared_rm_values
+from segppo.rm.scoring import resolve_normalizer, same_vocabulary
+from segppo.segments import Segmentation
+from segppo.tracking import console
+
+
+@dataclass
+class RewardModelSpec:
+    model: torch.nn.Module
+    metadata: SegppoMetadata
+    tokenizer: object
+    shares_tokenizer: bool
+
+    @property
+    def segmentation(self) -> Segmentation:
+        return Segmentation.resolve(self.metadata.granularity, self.metadata.threshold or 0.0)
+
+
+def load_reward(cfg: PPOConfig, policy_tokenizer) -> RewardModelSpec:
+    """The frozen reward model, checked against the policy's tokenizer (DESIGN.md §3.6)."""
+    model, metadata = load_reward_model(
+        cfg.reward_model,
+        trust_remote_code=cfg.trust_remote_code,
+        granularity=cfg.reward_granularity,
+        threshold=cfg.entropy_threshold,
+    )
+    folder = run_model_folder(Path(cfg.reward_model)) if Path(cfg.reward_model).is_dir() else cfg.reward_model
+    tokenizer = load_tokenizer(folder, trust_remote_code=cfg.trust_remote_code)
+    spec = RewardModelSpec(model, metadata, tokenizer, same_vocabulary(tokenizer, policy_tokenizer))
+    granularity = spec.segmentation.granularity
+    if not spec.shares_tokenizer and granularity != "bandit":
+        raise ValueError(
+            f"the {granularity}-level reward model {cfg.reward_model} uses a different tokenizer from the "
+            f"policy {cfg.policy}; dense rewards are placed on the policy's tokens, so they must share one "
+            "(only a bandit RM can be scored through its own tokenizer)"
+        )
+    disable_dropout(model)
+    return spec
+
+
+def reward_shaping(cfg: PPOConfig, reward: RewardModelSpec) -> RewardShaping:
+    """How this run turns RM values into per-token rewards; warns when a dense RM has no normalizer."""
+    segmentation = reward.segmentation
+    choice = resolve_normalizer(
+        reward.metadata,
+        segmentation.granularity,
+        normalize=cfg.normalize,
+        normalizer=cfg.normalizer,
+        reward_mean=cfg.reward_mean,
+        reward_std=cfg.reward_std,
+        sigma_floor=cfg.sigma_floor,
+    )
+    if cfg.normalize and choice.params is None and segmentation.granularity != "bandit":
+        console.print(
+            "[yellow]warning:[/] no normalizer for a dense reward model: segment rewards are used raw. "
+            "Fit one with `segppo fit-normalizer` and pass --normalizer (or --no-normalize to silence this)."
+        )
+    return RewardShaping(
+        segmentation=segmentation,
+        normalizer=choice.params,
+        sigma_floor=choice.sigma_floor,
+        distribute=cfg.distribute,
+        reward_clip=cfg.reward_clip,
+        kl_estimator=cfg.kl_estimator,
+        missing_eos_penalty=cfg.missing_eos_penalty,
+        overlong_penalty=cfg.overlong_penalty,
+        max_response_len=cfg.max_response_len,
+    )
+
+
+def warn_on_segmenter_mismatch(cfg: PPOConfig, reward: RewardModelSpec) -> None:
+    meta = reward.metadata
+    reference_name = cfg.reference or cfg.policy
+    if (
+        reward.segmentation.needs_entropy
+        and meta.segmenter
+        and not same_source(meta.segmenter, reference_name)
+    ):
+        console.print(
+            f"[yellow]warning:[/] the reward model was segmented with {meta.segmenter}, but PPO takes "
+            f"entropy from the reference {reference_name}; segments may differ from the RM's training"
+        )
+
+
+def resolve_chat_template(cfg: PPOConfig, reward: RewardModelSpec) -> str | None:
+    """PPO formats prompts as the RM was trained, so the RM reads the same text (DESIGN.md §3.6)."""
+    recorded = reward.metadata.chat_template
+    if not reward.shares_tokenizer:
+        return cfg.chat_template
+    if cfg.chat_template and recorded and cfg.chat_template != recorded:
+        template = (
+            Path(cfg.chat_template).read_text() if Path(cfg.chat_template).is_file() else cfg.chat_template
+        )
+        if template != recorded:
+            raise ValueError(
+                "--chat-template differs from the template the reward model was trained with (segppo.json); "
+                "the RM would read PPO's responses in another format than its training data"
+            )
+    return cfg.chat_template or recorded
+
+
+def load_prompts(cfg: PPOConfig, tokenizer, template: str | None) -> list[EncodedPrompt]:
+    rows = load_rows(cfg.prompts, split=cfg.split, max_samples=cfg.max_samples)
+    prompts, report = encode_prompts(
+        rows,
+        tokenizer,
+        LayoutOptions(prompt_key=cfg.prompt_key),
+        max_prompt_len=cfg.max_prompt_len,
+        on_long_prompt=cfg.long_prompts,
+        chat_template=template,
+    )
+    if not prompts:
+        raise ValueError(f"{cfg.prompts}: the prompt set is empty ({report})")
+    return prompts
+
+
+@dataclass
+class Models:
+    """Actor and critic train under DeepSpeed; reference and RM are frozen."""
+
+    actor: object
+    actor_sched: object
+    critic: object
+    critic_sched: object
+    reference: torch.nn.Module
+    rm_values_fn: Callable  # batch -> [B, T] the RM's per-token values on the response
+
+
+def load_models(
+    cfg: PPOConfig,
+    info: DistInfo,
+    reward: RewardModelSpec,
+    tokenizer,
+    *,
+    total_updates: int,
+    grad_accum: int,
+    prompt_messages: Callable,
+) -> Models:
+    """`prompt_messages(batch)`: the prompt messages of each row (for an RM with its own tokenizer)."""
+    meta = reward.metadata
+    dtype = "bf16" if cfg.bf16 else "fp32"
+    kw = dict(trust_remote_code=cfg.trust_remote_code)
+    actor = load_policy(cfg.policy, gradient_checkpointing=cfg.gradient_checkpointing, **kw)
+    if cfg.critic_init == "rm":
+        if not reward.shares_tokenizer:
+            raise ValueError("--critic-init rm needs an RM that shares the policy's tokenizer; use sft")
+        critic, _ = load_reward_model(
+            cfg.reward_model,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            granularity=meta.granularity,
+            threshold=meta.threshold,
+            **kw,
+        )
+    else:
+        critic = create_reward_model(cfg.policy, gradient_checkpointing=cfg.gradient_checkpointing, **kw)
+    for model in (actor, critic):
+        disable_dropout(model)
+    reference = load_policy(cfg.reference or cfg.policy, dtype=dtype, **kw)
+    reference = frozen_on_device(reference, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
+    rm = frozen_on_device(reward.model, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
+    if reward.shares_tokenizer:
+        rm_values_fn = shared_rm_values(rm)
+    else:
+        rm_chat = ChatFormat(reward.tokenizer, meta.chat_template)
+        rm_values_fn = foreign_bandit_rm_values(rm, rm_chat, tokenizer, prompt_messages, info.device)
+    engine = dict(
+        total_steps=total_updates,
+        micro_batch_size=cfg.micro_train_batch_size,
+        grad_accum=grad_accum,
+        config=cfg,
+    )
+    actor, actor_sched = training_engine(actor, lr=cfg.actor_lr, **engine)
+    critic, critic_sched = training_engine(critic, lr=cfg.critic_lr, **engine)
+    return Models(actor, actor_sched, critic, critic_sched, reference, rm_values_fn)

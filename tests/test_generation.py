@@ -1,0 +1,99 @@
+"""`segppo.generation`: one generation module for PPO, eval and the demo (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from segppo.data import ChatFormat, PromptExample, collate_responses
+from segppo.generation import HFEngine, SamplingConfig, cut_at_stop, cut_row_at_stop, stop_token_ids
+from segppo.models import load_policy, load_tokenizer
+
+
+def test_eval_imports_no_training_code_and_losses_no_communication():
+    """Eval needs no trainer (nor DeepSpeed); PPO's losses take reduced statistics, not a process group."""
+    code = (
+        "import sys; import segppo.eval; print(' '.join(sys.modules)); "
+        "import segppo.ppo.losses; assert 'segppo.distributed' not in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    modules = set(out.stdout.split())
+    # segppo.config names the advantage estimators (segppo.ppo.advantages); nothing else of PPO
+    assert {m for m in modules if m.startswith("segppo.ppo.")} <= {"segppo.ppo.advantages"}
+    assert "deepspeed" not in modules and "segppo.distributed" not in modules
+
+
+def test_chat_format_and_generation_cut_at_the_same_place(tiny_lm_dir):
+    chat = ChatFormat(load_tokenizer(tiny_lm_dir))
+    stop = chat.stop_token_ids[0]
+    rows = [[5, 6, stop, 7, stop], [5, 6, 7, 8, 9], [stop, 1, 1, 1, 1]]
+    cut, has_eos = cut_at_stop(torch.tensor(rows), chat.stop_token_ids)
+    assert list(zip(cut, has_eos, strict=True)) == [chat.cut_at_stop(r) for r in rows]
+    assert cut_row_at_stop([5, stop, 6], [stop]) == ([5, stop], True)
+
+
+def test_stop_tokens_add_extra_tokens_once_and_refuse_unknown_ones(tiny_lm_dir):
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    chat = ChatFormat(tokenizer)
+    own = tuple(chat.stop_token_ids)
+    extra = tokenizer.convert_ids_to_tokens(own[0])
+    assert stop_token_ids(chat, tokenizer, [extra]) == own
+    with pytest.raises(ValueError, match="not a single token"):
+        stop_token_ids(chat, tokenizer, ["<no such token here>"])
+
+
+def test_both_draws_give_the_response_layout(tiny_lm_dir):
+    """Global-RNG (PPO) and per-row seeded (eval) draws: each row cut at its own first stop, collated."""
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    chat = ChatFormat(tokenizer)
+    engine = HFEngine(load_policy(tiny_lm_dir).eval(), chat.pad_token_id, "cpu")
+    prompts = [chat.encode_prompt(PromptExample([{"role": "user", "content": t}])) for t in ("a b", "c")]
+    sampling = SamplingConfig(max_new_tokens=6, stop_token_ids=tuple(chat.stop_token_ids))
+    torch.manual_seed(0)
+    for seeds in (None, [1, 2]):
+        batch = engine.generate(prompts, sampling, seeds)
+        lengths = batch.response_mask.sum(-1).tolist()
+        responses = [row[:n] for row, n in zip(batch.response_ids.tolist(), lengths, strict=True)]
+        for ids, eos in zip(responses, batch.has_eos.tolist(), strict=True):
+            assert 1 <= len(ids) <= 6
+            assert eos == (ids[-1] in sampling.stop_token_ids)
+            assert not set(ids[:-1]) & set(sampling.stop_token_ids)
+        again = collate_responses(
+            [p.prompt_ids for p in prompts], responses, batch.has_eos.tolist(), chat.pad_token_id
+        )
+        assert torch.equal(again.input_ids, batch.input_ids) and torch.equal(
+            again.position_ids, batch.position_ids
+        )
+    seeded = [engine.generate(prompts, sampling, [1, 2]).input_ids for _ in range(2)]
+    assert torch.equal(*seeded)  # seeded draws need no RNG state
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        engine.generate(prompts, sampling, [1])
+
+
+def test_eval_generates_through_any_engine(tiny_lm_dir, tmp_path):
+    """`generate_responses` takes an Engine in place of a model, with the same results."""
+    from segppo.eval import generate_responses
+    from segppo.eval.prompts import prompts_from_rows
+
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    chat = ChatFormat(tokenizer)
+    model = load_policy(tiny_lm_dir).eval()
+    prompts, _ = prompts_from_rows([{"prompt": "a b"}, {"prompt": "c d e"}])
+    sampling = SamplingConfig(max_new_tokens=5, stop_token_ids=tuple(chat.stop_token_ids))
+
+    class Counting(HFEngine):
+        calls = 0
+
+        def generate(self, prompts, sampling, seeds=None):
+            Counting.calls += 1
+            return super().generate(prompts, sampling, seeds)
+
+    direct = generate_responses(model, tokenizer, chat, prompts, sampling, num_samples=2, batch_size=3)
+    engine = Counting(model, chat.pad_token_id, "cpu")
+    through = generate_responses(engine, tokenizer, chat, prompts, sampling, num_samples=2, batch_size=3)
+    assert Counting.calls == 2
+    assert [g.response_ids for g in through] == [g.response_ids for g in direct]
