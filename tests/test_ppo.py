@@ -412,3 +412,55 @@ def test_ppo_reads_a_normalizer_json(tiny_lm_dir, reward_models, prompts_file, t
     raw, norm = (read_metrics(c.output_dir, split="train")[0] for c in (plain, normed))
     assert raw["reward"] == pytest.approx(norm["reward"])  # same rollouts, same RM scores
     assert raw["normalized_reward"] != pytest.approx(norm["normalized_reward"])
+
+
+# -- regrouping a rollout into training micro-batches -----------------------------------------
+
+
+def test_micro_batches_of_the_pool_are_what_collate_gives_those_rows():
+    """Rows regrouped from micro-rollouts of other widths: the layout `collate_responses` gives them."""
+    from segppo.data import collate_responses
+    from segppo.ppo.rollout import Experience
+    from segppo.ppo.samples import TRAINING_TENSORS, RolloutPool
+
+    pad = 0
+    generator = torch.Generator().manual_seed(0)
+    rows, experiences = [], []
+    for prompts, responses in (
+        ([[5, 6, 7], [8]], [[9, 10], [11, 12, 13, 14]]),
+        ([[15, 16, 17, 18, 19]], [[20]]),
+        ([[21, 22], [23, 24, 25]], [[26, 27, 28], [29, 30]]),
+    ):
+        batch = collate_responses(prompts, responses, [len(r) % 2 == 0 for r in responses], pad)
+        shape = batch.response_mask.shape
+        # values past each response are not 0 here, as the scoring passes leave them
+        tensors = {name: torch.randn(shape, generator=generator) for name in TRAINING_TENSORS}
+        experiences.append(
+            Experience(
+                batch,
+                ref_logprobs=None,
+                ref_entropy=None,
+                policy_entropy=None,
+                rm_values=None,
+                **tensors,
+            )
+        )
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            rows.append(
+                (p, r, len(r) % 2 == 0, {name: tensors[name][i, : len(r)] for name in TRAINING_TENSORS})
+            )
+    pool = RolloutPool.of(experiences, pad)
+    assert len(pool) == 5 and pool.tokens([0, 2]) == 3
+    for chosen in ([0], [2, 1], [4, 0, 3], [1, 2, 3, 4, 0]):
+        batch, tensors = pool.micro_batch(chosen)
+        want = collate_responses(
+            [rows[i][0] for i in chosen], [rows[i][1] for i in chosen], [rows[i][2] for i in chosen], pad
+        )
+        for field in ("input_ids", "attention_mask", "position_ids", "response_mask", "has_eos"):
+            assert torch.equal(getattr(batch, field), getattr(want, field)), (chosen, field)
+        assert batch.prompt_len == want.prompt_len
+        for name in TRAINING_TENSORS:
+            expected = torch.zeros(want.response_mask.shape)
+            for k, i in enumerate(chosen):
+                expected[k, : len(rows[i][1])] = rows[i][3][name]
+            assert torch.equal(tensors[name], expected), (chosen, name)

@@ -210,3 +210,27 @@ def test_zero3_bf16_gradient_checkpointing(tiny_lm_dir, preferences_file, tmp_pa
     assert {w.dtype for w in weights.values()} == {torch.bfloat16}
     model = AutoModelForTokenClassification.from_pretrained(cfg.output_dir / "model")
     assert model.config.num_labels == 1
+
+
+def test_one_normalizer_resolution_for_ppo_and_eval(tmp_path):
+    """`--no-normalize`, `--normalizer`, `--reward-mean/std`, then what the RM records, in that order."""
+    from segppo.normalizer import DEFAULT_SIGMA_FLOOR, Normalizer
+    from segppo.rm.scoring import resolve_normalizer
+
+    recorded = SegppoMetadata(
+        kind="reward_model", normalizer={"params": [0.1, 0.2, 0.3, 0.4], "sigma_floor": 0.05}
+    )
+    bandit = SegppoMetadata(kind="reward_model", score_mean=1.5, score_std=2.0)
+    fitted = Normalizer((1.0, 2.0, 3.0, 4.0), sigma_floor=0.2).save(tmp_path / "normalizer.json")
+
+    choice = resolve_normalizer(recorded, "segment")
+    assert (choice.params, choice.sigma_floor, choice.source) == ((0.1, 0.2, 0.3, 0.4), 0.05, "segppo.json")
+    choice = resolve_normalizer(recorded, "segment", normalizer=str(fitted), sigma_floor=0.5)
+    assert (choice.params, choice.sigma_floor) == ((1.0, 2.0, 3.0, 4.0), 0.5)
+    choice = resolve_normalizer(recorded, "segment", reward_mean=1.0, reward_std=3.0)
+    assert choice.params == (0.0, 0.0, 1.0, 3.0) and choice.sigma_floor == DEFAULT_SIGMA_FLOOR
+    assert resolve_normalizer(recorded, "segment", normalize=False).params is None
+    assert resolve_normalizer(bandit, "bandit").params == (0.0, 0.0, 1.5, 2.0)
+    assert resolve_normalizer(bandit, "segment").params is None  # a dense RM: raw segment rewards
+    with pytest.raises(ValueError, match="go together"):
+        resolve_normalizer(recorded, "segment", reward_mean=1.0)
