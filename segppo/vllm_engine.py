@@ -63,7 +63,7 @@ class VLLMEngine:
         max_model_len: int | None = None,
         kv_cache_memory_bytes: int = 256 * 2**20,
         seed: int = 0,
-        enforce_eager: bool = False,  # False: vLLM compiles the model (~3x eager on CPU)
+        enforce_eager: bool = False,  # False: vLLM compiles the model (faster on CPU too: see the benchmark)
         **llm_kwargs,
     ) -> None:
         try:
