@@ -7,10 +7,15 @@ environment already names the rank and world size and segppo simply joins.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import socket
+import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.spawn import ProcessException
 
 from segppo.io import atomic_write_text, replace_folder
+from segppo.tracking import quiet_progress_bars
 
 if not torch.cuda.is_available():
     # DeepSpeed probes for accelerators noisily; on a CPU-only machine say it up front.
@@ -100,6 +107,8 @@ def init_distributed() -> DistInfo:
         _skip_shm_comm_build()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    if dist.get_rank() != 0:
+        quiet_progress_bars()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -109,12 +118,41 @@ def shutdown() -> None:
     A one-rank group stays up: DeepSpeed caches its groups, so a second run in the same process
     (a notebook, a test, the demo's stages) reuses the group rather than a destroyed one.
     """
+    if sys.exc_info()[0] is not None:
+        # Called from a `finally` while an error propagates: the other ranks may be waiting in a
+        # collective for this one, so a barrier here would hang every rank. `launch` stops them.
+        return
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
         dist.destroy_process_group()
 
 
-def _spawned_worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+class RankFailed(RuntimeError):
+    """A spawned rank raised; the message names the rank and its error in one line."""
+
+
+# Error types re-raised as themselves (with the rank in the message), so that callers and the
+# CLI treat a user error from a spawned rank like the same error from a single process.
+_RERAISED = {
+    t.__name__: t
+    for t in (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        KeyError,
+        FloatingPointError,
+    )
+}
+
+
+def _error_record(log_dir: Path, rank: int) -> Path:
+    return log_dir / f".rank{rank}.error.json"
+
+
+def _spawned_worker(
+    local_rank: int, world_size: int, port: int, fn: Callable, args: tuple, log_dir: str, record_dir: str
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -126,11 +164,28 @@ def _spawned_worker(local_rank: int, world_size: int, port: int, fn: Callable, a
     if not torch.cuda.is_available():
         # Ranks share the CPU: more threads than cores make every op wait on descheduled threads.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    fn(*args)
+    try:
+        fn(*args)
+    except BaseException as err:
+        # The full traceback goes to the run folder; the parent reads the one-line record and
+        # reports the rank that failed first (the others may fail after it, on a broken group).
+        log = Path(log_dir) / f"rank{local_rank}.error.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"rank {local_rank} of {world_size} failed:\n{traceback.format_exc()}")
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        record = {"rank": local_rank, "time": time.time(), "type": type(err).__name__, "message": message}
+        record["log"] = str(log)
+        atomic_write_text(_error_record(Path(record_dir), local_rank), json.dumps(record))
+        raise
 
 
-def launch(fn: Callable, *args: Any, nproc: int = 1) -> None:
-    """Run `fn(*args)` on `nproc` local ranks; in-process when `nproc == 1` or under a launcher."""
+def launch(fn: Callable, *args: Any, nproc: int = 1, log_dir: Path | None = None) -> None:
+    """Run `fn(*args)` on `nproc` local ranks; in-process when `nproc == 1` or under a launcher.
+
+    When a spawned rank fails, every rank is stopped and the error is raised here as one line
+    naming the rank (its type kept for user errors); the rank's full traceback is written to
+    `log_dir/rankN.error.log` (a temporary folder when `log_dir` is None).
+    """
     if nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
     if nproc == 1 or under_launcher():
@@ -140,9 +195,34 @@ def launch(fn: Callable, *args: Any, nproc: int = 1) -> None:
         raise ValueError(
             f"--nproc {nproc} asks for more ranks than the {torch.cuda.device_count()} GPUs here"
         )
-    torch.multiprocessing.start_processes(
-        _spawned_worker, args=(nproc, _free_port(), fn, args), nprocs=nproc, start_method="spawn"
-    )
+    log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="segppo-ranks-"))
+    with tempfile.TemporaryDirectory(prefix="segppo-errors-") as record_dir:
+        # torch logs a warning per rank it stops after a failure; the error below says it all.
+        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+        try:
+            context = torch.multiprocessing.start_processes(
+                _spawned_worker,
+                args=(nproc, _free_port(), fn, args, str(log_dir), record_dir),
+                nprocs=nproc,
+                start_method="spawn",
+                join=False,
+            )
+            # A short grace period: ranks left waiting in a collective on a failed rank never finish.
+            while not context.join(grace_period=5):
+                pass
+        except ProcessException as err:
+            records = [json.loads(p.read_text()) for p in Path(record_dir).glob(".rank*.error.json")]
+            if not records:  # a rank died without raising (killed, out of memory, a crash)
+                raise RankFailed(f"rank {err.error_index} ended without an error message: {err}") from None
+            first = min(records, key=lambda r: r["time"])
+            message = f"rank {first['rank']}: {first['message']} (traceback in {first['log']})"
+            error_type = _RERAISED.get(first["type"])
+            if error_type is None:
+                message = (
+                    f"rank {first['rank']}: {first['type']}: {first['message']} (traceback in {first['log']})"
+                )
+                error_type = RankFailed
+            raise error_type(message) from None
 
 
 def set_seed(seed: int) -> None:

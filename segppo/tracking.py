@@ -123,6 +123,18 @@ def truncate_metrics(output_dir: Path, after_step: int, name: str = "metrics.jso
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def quiet_progress_bars() -> None:
+    """Turn off the libraries' own progress bars and info logs (for ranks other than 0)."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 class LiveProgress:
     """A rich progress bar whose description shows the latest metrics (rank 0 only)."""
 

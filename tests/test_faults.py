@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from segppo.tracking import read_metrics
 
 TESTS = Path(__file__).parent
 
@@ -70,3 +73,98 @@ def test_a_stale_torch_extension_lock_does_not_block_rm_train(tiny_lm_dir, prefe
     assert code == 0, output[-3000:]
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert "deepspeed_shm_comm" not in output
+
+
+# --- Errors read as one line, before the slow start-up -----------------------------------------
+
+
+def test_a_mistyped_model_folder_offline_says_what_was_tried(preferences_file, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cfg = tiny_rm_config("nomodel", preferences_file, tmp_path / "run")
+    with pytest.raises(FileNotFoundError) as caught:
+        train_reward_model(cfg)
+    message = str(caught.value)
+    assert message.startswith(f"--model nomodel: tried the folder {tmp_path / 'nomodel'} (not there)")
+    assert "the hub is offline" in message and "\n" not in message
+    assert not (tmp_path / "run").exists()  # failed before anything started
+
+
+def test_a_hub_name_that_cannot_be_found_or_reached_is_one_line(preferences_file, tmp_path, monkeypatch):
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+
+    monkeypatch.chdir(tmp_path)
+    name = "segppo-tests/no-such-model-7f3a9c"
+    with pytest.raises(
+        FileNotFoundError, match=f"^--model {name}: tried the folder .* and the hub model"
+    ) as caught:
+        train_reward_model(tiny_rm_config(name, preferences_file, tmp_path / "run"))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("dataset", "missing.jsonl", "--dataset missing.jsonl: no such file or folder"),
+        ("dataset", "./prefs", "--dataset ./prefs: no such file or folder"),
+        ("segmenter", "../segmenter", "--segmenter ../segmenter: no such folder"),
+        ("model", "{data}", "is a file, not a model folder"),
+    ],
+)
+def test_missing_paths_are_reported_before_start_up(
+    tiny_lm_dir, preferences_file, tmp_path, field, value, message
+):
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+
+    sources = dict(model=tiny_lm_dir, dataset=preferences_file)
+    sources[field] = value.format(data=preferences_file)
+    cfg = tiny_rm_config(sources.pop("model"), sources.pop("dataset"), tmp_path / "run", **sources)
+    with pytest.raises((FileNotFoundError, NotADirectoryError), match=re.escape(message)):
+        train_reward_model(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_layout_that_does_not_fit_the_ranks_is_reported_before_start_up(
+    tiny_lm_dir, preferences_file, tmp_path
+):
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+
+    cfg = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", batch_size=8, nproc=2)
+    with pytest.raises(ValueError, match="multiple of --micro-batch-size 8 × 2 rank"):
+        train_reward_model(cfg)
+
+
+# --- A failing rank stops every rank ---------------------------------------------------------------
+
+
+def fail_on_rank_1(step: int, metrics: dict) -> None:
+    """A step callback (picklable, for spawned ranks) that breaks rank 1 after its first step."""
+    if os.environ["RANK"] == "1" and step == 1:
+        raise ValueError("rank one is broken")
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_every_rank_with_one_line(tiny_lm_dir, preferences_file, tmp_path):
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+
+    cfg = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=20, nproc=2)
+    with pytest.raises(ValueError) as caught:
+        train_reward_model(cfg, step_callback=fail_on_rank_1)
+    log = tmp_path / "run" / "rank1.error.log"
+    assert str(caught.value) == f"rank 1: rank one is broken (traceback in {log})"
+    assert "Traceback" in log.read_text() and "fail_on_rank_1" in log.read_text()
+    assert not (tmp_path / "run" / "model").exists()
+    assert len(read_metrics(tmp_path / "run", split="train")) < 20  # rank 0 was stopped, not run to the end

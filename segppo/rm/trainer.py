@@ -57,6 +57,7 @@ from segppo.models import (
     save_reward_model,
 )
 from segppo.optim import training_engine
+from segppo.preflight import check_rm_train
 from segppo.rm.loss import bradley_terry_loss
 from segppo.rm.scoring import Segmentation, score_responses
 from segppo.tracking import LiveProgress, Tracker, console, truncate_metrics, write_config
@@ -185,8 +186,9 @@ def evaluate_pairs(
 
 def train_reward_model(cfg: RMConfig, *, step_callback: StepCallback | None = None) -> Path:
     """Train on `cfg.nproc` local ranks (or the ranks of an outer launcher); returns the model folder."""
+    check_rm_train(cfg)
     check_run_folder(cfg.output_dir, resume=cfg.resume)
-    launch(_train, cfg, step_callback, nproc=cfg.nproc)
+    launch(_train, cfg, step_callback, nproc=cfg.nproc, log_dir=cfg.output_dir)
     return cfg.output_dir / "model"
 
 
