@@ -19,7 +19,7 @@ def demo(values: dict[str, Any]) -> None:
     """
     from rich.console import Console
 
-    from segppo.demo.pipeline import comparison_table, results_table, run_demo, save_curves
+    from segppo.demo.pipeline import comparison_table, paired_table, results_table, run_demo, save_curves
 
     cfg = build_config(DemoConfig, values)
     summary = run_or_exit(lambda: run_demo(cfg))
@@ -27,6 +27,13 @@ def demo(values: dict[str, Any]) -> None:
     console.print(results_table(summary))
     if cfg.compare:
         console.print(comparison_table(summary))
+        console.print(paired_table(summary))
+        if not summary["is_comparison"]:
+            console.print(
+                f"[yellow]the {summary['budget']} budget is a pipeline check for CI, not a comparison"
+            )
+    for warning in summary["warnings"]:
+        console.print(f"[yellow]warning:[/] {warning}")
     plot = save_curves(summary, Path(cfg.output) / "rewards_across_ppo_steps.png")
     console.print(
         f"total {summary['total_seconds']:.0f}s (task data {summary['prepare_seconds']:.0f}s); "

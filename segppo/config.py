@@ -476,6 +476,10 @@ class EvalConfig:
         return Path(self.output)
 
 
+# The demo's gold tasks (`segppo.demo.task`): one-token decisions | phrases right or wrong as a whole.
+DEMO_TASKS = ("animals", "pairs")
+
+
 @dataclass
 class DemoConfig:
     """`segppo demo`: the whole method end to end on the built-in synthetic task (no network, CPU)."""
@@ -485,7 +489,8 @@ class DemoConfig:
         "default", help="small (about a minute) | default (at most 5 minutes on 2 CPU cores)."
     )
     compare: list[str] | None = option(None, help="Granularities to compare, e.g. bandit,token,segment.")
-    seeds: int = option(1, help="Seeds per setting (with --compare).")
+    seeds: int | None = option(None, help="Seeds per setting (default: 3 with --compare, else 1).")
+    task: str = option("animals", help="Gold task: animals (one-token decisions) | pairs (multi-token).")
     seed: int = 0
     cache_dir: str | None = option(None, help="SFT policy cache (default ~/.cache/segppo/demo).")
     threads: int | None = option(None, help="torch CPU threads.")
@@ -498,7 +503,10 @@ class DemoConfig:
         for granularity in self.compare or []:
             if granularity not in GRANULARITIES:
                 raise ValueError(f"--compare takes granularities from {GRANULARITIES}, got {granularity!r}")
-        check_positive(self, "seeds")
+        if self.seeds is not None:
+            check_positive(self, "seeds")
+        if self.task not in DEMO_TASKS:
+            raise ValueError(f"--task takes one of {DEMO_TASKS}, got {self.task!r}")
         if self.threads is not None:
             check_positive(self, "threads")
 

@@ -33,6 +33,12 @@ class DemoBudget:
     rm_batch_size: int = 32
     rm_epochs: int = 1
     normalizer_pairs: int = 512
+    # `--compare`: every granularity's RM gets the same epochs, with held-out accuracy measured
+    # `rm_evals_per_epoch` times an epoch, so the table can say whether each one had levelled off
+    # (measured on the animals task: one epoch leaves the bandit and segment RMs still climbing).
+    compare_rm_epochs: int = 2
+    rm_evals_per_epoch: int = 2
+    credit_responses: int = 256  # held-out preference responses for the RM's local credit
     # PPO settings measured on the task: a larger actor lr games the RM (repeated phrases) and gold falls.
     ppo_steps: int = 48
     ppo_rollout_batch_size: int = 256
@@ -62,6 +68,8 @@ class DemoBudget:
             ppo_prompts=1024,
             heldout_prompts=256,
             normalizer_pairs=256,
+            compare_rm_epochs=1,
+            credit_responses=128,
             ppo_steps=12,
             ppo_rollout_batch_size=64,
             ppo_train_batch_size=32,

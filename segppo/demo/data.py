@@ -171,7 +171,9 @@ def sample_preferences(
     round_ = 0
     while len(rows) < n:  # dropped pairs (identical responses) are made up with fresh prompts
         need = n - len(rows)
-        prompts = sample_prompts(need + need // 8 + 4, f"preferences-{seed}-{round_}", split)
+        prompts = sample_prompts(
+            need + need // 8 + 4, f"preferences-{seed}-{round_}", split, task=budget.sft.task
+        )
         doubled = [p for p in prompts for _ in range(2)]
         samples = sample_responses(
             model,
@@ -250,8 +252,8 @@ def prepare(
     training = json.loads((policy / TRAINING_FILE).read_text())
 
     start = time.perf_counter()
-    heldout = sample_prompts(budget.heldout_prompts, seed, "heldout")
-    train = sample_prompts(budget.ppo_prompts, seed, "train")
+    heldout = sample_prompts(budget.heldout_prompts, seed, "heldout", task=budget.sft.task)
+    train = sample_prompts(budget.ppo_prompts, seed, "train", task=budget.sft.task)
     prompts_train = write_jsonl(data_dir / "prompts_train.jsonl", [{"prompt": p} for p in train])
     prompts_heldout = write_jsonl(data_dir / "prompts_heldout.jsonl", [{"prompt": p} for p in heldout])
     timings["prompts"] = time.perf_counter() - start
@@ -273,6 +275,7 @@ def prepare(
 
     report: dict = {
         "task_version": TASK_VERSION,
+        "task": budget.sft.task,
         "budget": asdict(budget),
         "seed": seed,
         "sft_training": training,

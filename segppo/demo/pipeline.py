@@ -11,8 +11,10 @@ granularities and seeds on the same SFT policy and data.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -29,8 +31,15 @@ from segppo.rm.trainer import train_reward_model
 from segppo.tracking import console, read_metrics
 
 from .budget import DemoBudget, get_budget
+from .credit import local_credit
 from .data import DemoData, prepare
 from .task import gold_rewards
+
+# Held-out RM accuracy below this is reported as near chance: with 512 held-out pairs the standard
+# error of an accuracy near 0.5 is 0.022, so 0.6 is more than 4 of them above chance.
+NEAR_CHANCE_ACCURACY = 0.6
+# An RM whose held-out accuracy rose more than this over its last epoch had not levelled off.
+STILL_CLIMBING = 0.01
 
 
 @dataclass
@@ -49,6 +58,11 @@ class SettingResult:
     ppo_rm_reward: float
     sft_rm_reward: float
     num_prompts: int
+    sft_length: float = float("nan")  # mean response length in tokens, held-out prompts
+    ppo_length: float = float("nan")
+    rm_accuracy_curve: list[dict] = field(default_factory=list)  # held-out accuracy during rm train
+    rm_last_epoch_gain: float = float("nan")  # held-out accuracy gained over the RM's last epoch
+    local_credit: float = float("nan")  # corr(dense reward summed per phrase, its gold contribution)
     seconds: dict[str, float] = field(default_factory=dict)
     curve: list[dict] = field(default_factory=list)  # per PPO step: RM reward and gold reward
 
@@ -58,7 +72,11 @@ class SettingResult:
         return (self.ppo_gold - self.sft_gold) / se if se > 0 else float("inf")
 
 
-def rm_config(budget: DemoBudget, data: DemoData, out: Path, granularity: str, seed: int) -> RMConfig:
+def rm_config(
+    budget: DemoBudget, data: DemoData, out: Path, granularity: str, seed: int, epochs: int | None = None
+) -> RMConfig:
+    epochs = epochs or budget.rm_epochs
+    steps_per_epoch = budget.preference_pairs // budget.rm_batch_size
     return RMConfig(
         model=str(data.policy),
         dataset=str(data.preferences),
@@ -68,7 +86,8 @@ def rm_config(budget: DemoBudget, data: DemoData, out: Path, granularity: str, s
         lr=budget.rm_lr,
         batch_size=budget.rm_batch_size,
         micro_batch_size=budget.rm_batch_size,
-        epochs=budget.rm_epochs,
+        epochs=epochs,
+        eval_every=max(1, steps_per_epoch // budget.rm_evals_per_epoch),
         max_len=budget.max_len,
         max_prompt_len=budget.max_prompt_len,
         zero_stage=0,
@@ -155,7 +174,29 @@ def gold_curve(ppo_dir: Path) -> list[dict]:
     return curve
 
 
-def run_setting(budget: DemoBudget, data: DemoData, out: Path, granularity: str, seed: int) -> SettingResult:
+def rm_accuracy_curve(rm_dir: Path, steps_per_epoch: int) -> tuple[list[dict], float]:
+    """Held-out accuracy at each evaluation of rm train, and how much it rose over the last epoch."""
+    curve = [{"step": m["step"], "accuracy": m["accuracy"]} for m in read_metrics(rm_dir, split="eval")]
+    last = curve[-1]
+    before = [c for c in curve if c["step"] <= last["step"] - steps_per_epoch]
+    gain = last["accuracy"] - before[-1]["accuracy"] if before else float("nan")
+    return curve, gain
+
+
+def heldout_responses(data: DemoData, n: int) -> tuple[list[str], list[str]]:
+    """Prompts and responses of the held-out preference pairs (both sides), at most `n` responses."""
+    prompts, responses = [], []
+    for line in (data.preferences / "test.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for side in ("chosen", "rejected"):
+            prompts.append(row["prompt"])
+            responses.append(row[side])
+    return prompts[:n], responses[:n]
+
+
+def run_setting(
+    budget: DemoBudget, data: DemoData, out: Path, granularity: str, seed: int, rm_epochs: int | None = None
+) -> SettingResult:
     """rm train → fit-normalizer → ppo train → eval, for one granularity and seed."""
     seconds: dict[str, float] = {}
 
@@ -166,7 +207,8 @@ def run_setting(budget: DemoBudget, data: DemoData, out: Path, granularity: str,
         seconds[name] = time.perf_counter() - start
         return result
 
-    stage("rm train", lambda: train_reward_model(rm_config(budget, data, out, granularity, seed)))
+    rm_cfg = rm_config(budget, data, out, granularity, seed, rm_epochs)
+    stage("rm train", lambda: train_reward_model(rm_cfg))
     if granularity != "bandit":  # a bandit RM's normalizer is its score mean/std, recorded by rm train
         stage("fit-normalizer", lambda: run_fit_normalizer(normalizer_config(budget, data, out, seed)))
     stage("ppo train", lambda: train_ppo(ppo_config(budget, data, out, seed)))
@@ -181,12 +223,15 @@ def run_setting(budget: DemoBudget, data: DemoData, out: Path, granularity: str,
         return by_rm, by_gold
 
     by_rm, by_gold = stage("eval", evaluate_both)
-    rm_eval = read_metrics(out / "rm", split="eval")[-1]
+    curve, last_epoch_gain = rm_accuracy_curve(out / "rm", budget.preference_pairs // budget.rm_batch_size)
+    credit = stage(
+        "local credit", lambda: local_credit(out / "rm", *heldout_responses(data, budget.credit_responses))
+    )
     sft, ppo = by_gold.policies["sft"], by_gold.policies["ppo"]
     return SettingResult(
         granularity=granularity,
         seed=seed,
-        rm_accuracy=rm_eval["accuracy"],
+        rm_accuracy=curve[-1]["accuracy"],
         sft_gold=sft.score.mean,
         sft_gold_se=sft.score.se,
         ppo_gold=ppo.score.mean,
@@ -196,6 +241,11 @@ def run_setting(budget: DemoBudget, data: DemoData, out: Path, granularity: str,
         ppo_rm_reward=by_rm.policies["ppo"].score.mean,
         sft_rm_reward=by_rm.policies["sft"].score.mean,
         num_prompts=len(sft.generations),
+        sft_length=sft.response_length.mean,
+        ppo_length=ppo.response_length.mean,
+        rm_accuracy_curve=curve,
+        rm_last_epoch_gain=last_epoch_gain,
+        local_credit=credit["correlation"],
         seconds=seconds,
         curve=gold_curve(out / "ppo"),
     )
@@ -206,27 +256,110 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     budget = get_budget(cfg.budget)
+    budget = dataclasses.replace(budget, sft=dataclasses.replace(budget.sft, task=cfg.task))
     out = Path(cfg.output)
     start = time.perf_counter()
     console.rule("[bold]task: SFT policy, prompts, preference pairs")
     data = prepare(out, budget, cache_dir=cfg.cache_dir, seed=cfg.seed, measure=False, log=console.print)
     prepare_seconds = time.perf_counter() - start
     granularities = cfg.compare or ["segment"]
-    seeds = range(cfg.seed, cfg.seed + cfg.seeds)
-    results = []
-    for granularity in granularities:
-        for seed in seeds:
-            folder = out / granularity / f"seed-{seed}" if cfg.compare or cfg.seeds > 1 else out
-            results.append(run_setting(budget, data, folder, granularity, seed))
-    summary = {
+    num_seeds = cfg.seeds or (COMPARE_SEEDS if cfg.compare else 1)
+    seeds = range(cfg.seed, cfg.seed + num_seeds)
+    # A comparison gives every granularity's RM the same, longer training (see `compare_rm_epochs`).
+    rm_epochs = budget.compare_rm_epochs if cfg.compare else budget.rm_epochs
+    rows: list[dict] = []
+    # Seed by seed, and results.json rewritten after every setting, so that an interrupted
+    # comparison leaves complete seeds with their paired differences.
+    for seed in seeds:
+        for granularity in granularities:
+            folder = out / granularity / f"seed-{seed}" if cfg.compare or num_seeds > 1 else out
+            result = run_setting(budget, data, folder, granularity, seed, rm_epochs)
+            rows.append(dataclasses.asdict(result) | {"gain_in_se": result.gain_in_se})
+            summary = _summary(cfg, budget, data, num_seeds, rows, prepare_seconds, start)
+            atomic_write_json(out / "results.json", summary)
+    return summary
+
+
+def _summary(
+    cfg: DemoConfig,
+    budget: DemoBudget,
+    data: DemoData,
+    num_seeds: int,
+    rows: list[dict],
+    prepare_seconds,
+    start,
+) -> dict:
+    return {
         "budget": budget.name,
+        "task": cfg.task,
+        "is_comparison": bool(cfg.compare) and budget.name != "small",
+        "run": run_record(cfg, num_seeds),
         "prepare_seconds": prepare_seconds,
         "total_seconds": time.perf_counter() - start,
-        "settings": [dataclasses.asdict(r) | {"gain_in_se": r.gain_in_se} for r in results],
-        "task": data.report,
+        "settings": rows,
+        "paired_differences": paired_differences(rows),
+        "warnings": rm_warnings(rows),
+        "task_report": data.report,
     }
-    atomic_write_json(out / "results.json", summary)
-    return summary
+
+
+COMPARE_SEEDS = 3  # `--compare` without `--seeds`
+
+
+def run_record(cfg: DemoConfig, num_seeds: int) -> dict:
+    """What a rerun needs to give the same numbers: seeds, threads and the versions of the stack."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import transformers
+
+    try:
+        segppo_version = version("segppo")
+    except PackageNotFoundError:
+        segppo_version = "not installed"
+    return {
+        "seed": cfg.seed,
+        "seeds": list(range(cfg.seed, cfg.seed + num_seeds)),
+        "threads": torch.get_num_threads(),
+        "versions": {
+            "segppo": segppo_version,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "platform": platform.platform(),
+    }
+
+
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """For each pair of granularities, the gold gain of one minus the other's on the same seed (same
+    SFT policy, data, prompts and sampling seeds), mean ± s.e. over seeds, with the per-seed values."""
+    gain = {(r["granularity"], r["seed"]): r["ppo_gold"] - r["sft_gold"] for r in rows}
+    order = list(dict.fromkeys(r["granularity"] for r in rows))
+    out = []
+    for a, b in itertools.combinations(order, 2):
+        seeds = sorted(s for g, s in gain if g == a and (b, s) in gain)
+        per_seed = [gain[a, s] - gain[b, s] for s in seeds]
+        mean, se = _mean_se(per_seed)
+        out.append({"a": a, "b": b, "seeds": seeds, "per_seed": per_seed, "mean": mean, "se": se})
+    return out
+
+
+def rm_warnings(rows: list[dict]) -> list[str]:
+    """RMs near chance (then PPO differences are noise) and RMs still climbing when training ended."""
+    warnings = []
+    for r in rows:
+        name = f"{r['granularity']} RM (seed {r['seed']})"
+        if r["rm_accuracy"] < NEAR_CHANCE_ACCURACY:
+            warnings.append(
+                f"{name}: held-out accuracy {r['rm_accuracy']:.3f} is near chance; its PPO result says "
+                "nothing about the granularity"
+            )
+        if r["rm_last_epoch_gain"] > STILL_CLIMBING:
+            warnings.append(
+                f"{name}: held-out accuracy rose {r['rm_last_epoch_gain']:+.3f} over its last epoch; "
+                "it had not levelled off"
+            )
+    return warnings
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -240,7 +373,10 @@ def results_table(summary: dict):
     from rich.table import Table
 
     settings = summary["settings"]
-    table = Table(title=f"segppo demo ({summary['budget']} budget): gold reward on held-out prompts")
+    table = Table(
+        title=f"segppo demo ({summary['budget']} budget, task {summary['task']}): "
+        "gold reward on held-out prompts"
+    )
     for column in (
         "setting",
         "SFT gold",
@@ -248,13 +384,16 @@ def results_table(summary: dict):
         "gain / s.e.",
         "gold win rate",
         "RM accuracy",
+        "local credit",
+        "length SFT → PPO",
         "RM reward SFT → PPO",
-        "time (rm / fit / ppo / eval)",
+        "time (rm / fit / ppo / eval / credit)",
     ):
         table.add_column(column, justify="left" if column == "setting" else "right")
     for s in settings:
         t = s["seconds"]
-        times = " / ".join(f"{t.get(k, 0):.0f}s" for k in ("rm train", "fit-normalizer", "ppo train", "eval"))
+        stages = ("rm train", "fit-normalizer", "ppo train", "eval", "local credit")
+        times = " / ".join(f"{t.get(k, 0):.0f}s" for k in stages)
         table.add_row(
             f"{s['granularity']} (seed {s['seed']})",
             f"{s['sft_gold']:.3f} ± {s['sft_gold_se']:.3f}",
@@ -262,6 +401,8 @@ def results_table(summary: dict):
             f"{s['gain_in_se']:+.1f}",
             f"{s['gold_win_rate']:.3f} ± {s['gold_win_rate_se']:.3f}",
             f"{s['rm_accuracy']:.3f}",
+            f"{s['local_credit']:+.3f}",
+            f"{s['sft_length']:.1f} → {s['ppo_length']:.1f}",
             f"{s['sft_rm_reward']:.2f} → {s['ppo_rm_reward']:.2f}",
             times,
         )
@@ -269,25 +410,66 @@ def results_table(summary: dict):
 
 
 def comparison_table(summary: dict):
-    """Gold reward per granularity, mean ± s.e. over seeds (`--compare`)."""
+    """Per granularity, mean ± s.e. over seeds: the RM (held-out accuracy, its rise over the last
+    epoch, local credit) and what PPO on it did (gold gain over SFT, win rate, response length)."""
     from rich.table import Table
 
-    table = Table(title="gold reward of the PPO policy per reward granularity (mean ± s.e. over seeds)")
-    for column in ("granularity", "seeds", "PPO gold", "gain over SFT", "gold win rate vs SFT"):
+    title = "per reward granularity, mean ± s.e. over seeds"
+    if not summary.get("is_comparison", True):
+        title += f" ({summary['budget']} budget: a pipeline check, NOT a comparison)"
+    table = Table(title=title)
+    columns = (
+        "granularity",
+        "seeds",
+        "RM accuracy",
+        "last-epoch rise",
+        "local credit",
+        "gain over SFT",
+        "gold win rate",
+        "length SFT → PPO",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "granularity" else "right")
     by_granularity: dict[str, list[dict]] = {}
     for s in summary["settings"]:
         by_granularity.setdefault(s["granularity"], []).append(s)
+
+    def cell(rows, key, fmt=".3f"):
+        mean, se = _mean_se([r[key] for r in rows])
+        return f"{mean:{fmt}} ± {se:.3f}"
+
     for granularity, rows in by_granularity.items():
-        gold, gold_se = _mean_se([r["ppo_gold"] for r in rows])
-        gain, gain_se = _mean_se([r["ppo_gold"] - r["sft_gold"] for r in rows])
-        win, win_se = _mean_se([r["gold_win_rate"] for r in rows])
+        for r in rows:
+            r["gain"] = r["ppo_gold"] - r["sft_gold"]
         table.add_row(
             granularity,
             str(len(rows)),
-            f"{gold:.3f} ± {gold_se:.3f}",
-            f"{gain:+.3f} ± {gain_se:.3f}",
-            f"{win:.3f} ± {win_se:.3f}",
+            cell(rows, "rm_accuracy"),
+            cell(rows, "rm_last_epoch_gain", "+.3f"),
+            cell(rows, "local_credit", "+.3f"),
+            cell(rows, "gain", "+.3f"),
+            cell(rows, "gold_win_rate"),
+            f"{statistics.fmean(r['sft_length'] for r in rows):.1f} → "
+            f"{statistics.fmean(r['ppo_length'] for r in rows):.1f}",
+        )
+    return table
+
+
+def paired_table(summary: dict):
+    """Gold gain of granularity a minus b on the same seeds, mean ± s.e. over seeds."""
+    from rich.table import Table
+
+    table = Table(title="paired differences in gold gain (a − b, same seed, SFT, data and prompts)")
+    for column in ("a − b", "seeds", "mean ± s.e.", "mean / s.e.", "per seed"):
+        table.add_column(column, justify="left" if column == "a − b" else "right")
+    for d in summary["paired_differences"]:
+        ratio = d["mean"] / d["se"] if d["se"] and math.isfinite(d["se"]) else float("nan")
+        table.add_row(
+            f"{d['a']} − {d['b']}",
+            str(len(d["seeds"])),
+            f"{d['mean']:+.3f} ± {d['se']:.3f}",
+            f"{ratio:+.1f}",
+            " ".join(f"{v:+.3f}" for v in d["per_seed"]),
         )
     return table
 

@@ -43,6 +43,7 @@ class SFTSettings:
     takes far longer than the demo's budget to learn copying (the signal is halved by the noise).
     """
 
+    task: str = "animals"  # the gold task whose demonstrations the policy learns (`segppo.demo.task.TASKS`)
     hidden_size: int = 64
     intermediate_size: int = 192
     num_layers: int = 2
@@ -66,7 +67,7 @@ class SFTSettings:
         """The cache key: a hash of these settings, the task version and a fingerprint of the task
         (its vocabulary, chat template and a few demonstrations), so that editing the task's code
         without bumping TASK_VERSION still trains a new policy."""
-        sample = sft_corpus(16, 0)
+        sample = sft_corpus(16, 0, task=self.task)
         text = json.dumps(
             {
                 "task": TASK_VERSION,
@@ -165,7 +166,12 @@ def train_sft(settings: SFTSettings, *, log=None, callback=None) -> tuple[LlamaF
         [(settings.pretrain_steps, settings.pretrain_p_correct), (settings.sft_steps, settings.p_correct)]
     ):
         if steps:
-            corpus = sft_corpus(steps * settings.batch_size, settings.seed * 2 + i, Demonstrator(p_correct))
+            corpus = sft_corpus(
+                steps * settings.batch_size,
+                settings.seed * 2 + i,
+                Demonstrator(p_correct),
+                task=settings.task,
+            )
             phases.append((steps, *encode_corpus(tokenizer, corpus.prompts, corpus.responses)))
 
     torch.manual_seed(settings.seed)

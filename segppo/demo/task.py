@@ -41,6 +41,18 @@ Example (`describe : Big Red Fox ; mood : Calm`):
     that is all .    +0.25  (closing)
     -> 16 words, no length penalty: gold = 1.0
 
+The `pairs` task (`--task pairs`) has one prompt kind whose phrases are right or wrong only as a
+whole, the situation the paper argues segment-level rewards are for:
+
+    list : COLOR ANIMAL ; COLOR ANIMAL [; COLOR ANIMAL]    (distinct colors, distinct animals)
+
+e.g. "list : Red Fox ; Blue Owl". A response lists items "the COLOR ANIMAL ." and an item earns
++1 when (color, animal) is one of the prompt's pairs (the first time), -0.5 for a repeat, and
+-1 otherwise; in particular a swap ("the blue fox .") has a color and an animal that are both in
+the prompt, so neither word alone tells a right item from a wrong one. Other templates are
+unrequested (-0.25); filler, closing, malformed and length are as above. Its demonstrator's wrong
+items are mostly swaps.
+
 Rewards come from phrases anywhere in the response, not only from its end, so credit assignment
 matters: that is what the bandit/token/segment comparison is about. The layout is chosen so that
 entropy segmentation finds the phrases: a reference model's entropy spikes where a value is chosen
@@ -64,8 +76,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from segppo.config import DEMO_TASKS
+
 # Part of every cache key: change it with any change to prompts, responses or the gold reward.
 TASK_VERSION = "animals-v2"
+# The demo's gold tasks (`--task`) differ in their prompt distribution; the gold reward reads the
+# prompt's kind.
+TASKS = DEMO_TASKS
 
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "gray")
 SIZES = ("tiny", "small", "big", "huge")
@@ -127,11 +144,12 @@ def vocabulary() -> list[str]:
 class TaskPrompt:
     """A parsed prompt: `describe` with slot values, or `list` with count, trait and exclusion."""
 
-    kind: str  # "describe" | "list"
+    kind: str  # "describe" | "list" | "pairs"
     slots: tuple[tuple[str, str], ...] = ()  # describe: (slot, value) pairs, animal first
     count: int = 0  # list
     trait: str = ""  # list
     exclude: str | None = None  # list
+    pairs: tuple[tuple[str, str], ...] = ()  # pairs: (color, animal)
 
     @property
     def slot_values(self) -> dict[str, str]:
@@ -140,6 +158,8 @@ class TaskPrompt:
     def text(self) -> str:
         """The prompt as the task writes it: slot values capitalised (`Red Fox`), see `PROMPT_CASE`."""
         c = str.capitalize
+        if self.kind == "pairs":
+            return "list : " + " ; ".join(f"{c(color)} {c(animal)}" for color, animal in self.pairs)
         if self.kind == "list":
             number = next(k for k, v in NUMBERS.items() if v == self.count)
             text = f"list {number} animals that are {c(self.trait)}"
@@ -157,6 +177,16 @@ class PromptError(ValueError):
 def parse_prompt(prompt: str) -> TaskPrompt:
     """The structure of a prompt in the task's grammar; raises PromptError otherwise."""
     w = words(prompt)
+    if w[:2] == ["list", ":"]:
+        parts = " ".join(w[2:]).split(" ; ")
+        pairs = tuple(tuple(part.split()) for part in parts)
+        if not 2 <= len(pairs) <= 3 or any(
+            len(p) != 2 or p[0] not in COLORS or p[1] not in ANIMALS for p in pairs
+        ):
+            raise PromptError(f"not a pairs prompt (2 or 3 'Color Animal' separated by ';'): {prompt!r}")
+        if len({p[0] for p in pairs}) < len(pairs) or len({p[1] for p in pairs}) < len(pairs):
+            raise PromptError(f"a pairs prompt has distinct colors and animals: {prompt!r}")
+        return TaskPrompt("pairs", pairs=pairs)
     if w[:1] == ["list"]:
         if len(w) < 6 or w[1] not in NUMBERS or w[2:5] != ["animals", "that", "are"] or w[5] not in TRAITS:
             raise PromptError(f"not a list prompt: {prompt!r}")
@@ -188,8 +218,14 @@ def parse_prompt(prompt: str) -> TaskPrompt:
     return TaskPrompt("describe", slots=ordered)
 
 
-def sample_prompt(rng: random.Random, list_fraction: float = 0.25) -> TaskPrompt:
-    """One prompt from the task's distribution (a quarter are `list` prompts by default)."""
+def sample_prompt(rng: random.Random, list_fraction: float = 0.25, task: str = "animals") -> TaskPrompt:
+    """One prompt from `task`'s distribution (for `animals`, a quarter are `list` prompts by default)."""
+    check_task(task)
+    if task == "pairs":
+        n = rng.choice((2, 3))
+        return TaskPrompt(
+            "pairs", pairs=tuple(zip(rng.sample(COLORS, n), rng.sample(ANIMALS, n), strict=True))
+        )
     if rng.random() < list_fraction:
         trait = rng.choice(tuple(TRAITS))
         exclude = rng.choice(TRAITS[trait]) if rng.random() < 0.5 else None
@@ -201,22 +237,31 @@ def sample_prompt(rng: random.Random, list_fraction: float = 0.25) -> TaskPrompt
     )
 
 
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown demo task {task!r}; one of {list(TASKS)}")
+
+
 def is_heldout(prompt: str, fraction: float = 0.2) -> bool:
     """Whether a prompt belongs to the held-out split: a fixed hash of its text, independent of seeds."""
     key = f"{TASK_VERSION}|{' '.join(words(prompt))}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64 < fraction
 
 
-def sample_prompts(n: int, seed: int | str, split: str = "train", list_fraction: float = 0.25) -> list[str]:
+def sample_prompts(
+    n: int, seed: int | str, split: str = "train", list_fraction: float = 0.25, task: str = "animals"
+) -> list[str]:
     """`n` prompt texts of one split ("train" or "heldout"), drawn from the task's distribution
     restricted to that split (repeats possible: there are only ~200 distinct list prompts).
     Different seeds (ints or strings such as "preferences-0") give independent streams."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    rng = random.Random(f"{TASK_VERSION}|{split}|{seed}")
+    check_task(task)
+    # The animals task keeps its stream (its prompts are those of before there were two tasks).
+    rng = random.Random(f"{TASK_VERSION}|{split}|{seed}" + ("" if task == "animals" else f"|{task}"))
     out = []
     while len(out) < n:
-        text = sample_prompt(rng, list_fraction).text()
+        text = sample_prompt(rng, list_fraction, task).text()
         if is_heldout(text) == (split == "heldout"):
             out.append(text)
     return out
@@ -231,10 +276,10 @@ class Phrase:
     """One phrase of a response with what it says and what it earned."""
 
     words: list[str]
-    kind: str  # slot | item | filler | closing | malformed
+    kind: str  # slot | item | pair | filler | closing | malformed
     slot: str | None = None
     value: str | None = None
-    animal: str | None = None  # items
+    animal: str | None = None  # items and pairs (a pair's value is its color)
     reward: float = 0.0
     reason: str = ""
 
@@ -252,6 +297,8 @@ def _classify(w: list[str]) -> Phrase:
         return Phrase(w, "slot", slot=body[0], value=body[1])
     if n == 4 and body[0] == "the" and body[1] in ANIMALS and body[2] == "is" and body[3] in TRAITS:
         return Phrase(w, "item", value=body[3], animal=body[1])
+    if n == 3 and body[0] == "the" and body[1] in COLORS and body[2] in ANIMALS:
+        return Phrase(w, "pair", value=body[1], animal=body[2])
     if body == ["i", "like", "it"] or (n == 2 and body[0] == "it" and body[1] in VERBS):
         return Phrase(w, "filler")
     if body == ["that", "is", "all"]:
@@ -279,6 +326,8 @@ def phrase_rewards(prompt: str | TaskPrompt, response: str) -> list[Phrase]:
     stated: set[str] = set()  # describe: slots stated correctly; list: animals listed
     correct_items = 0
     for i, p in enumerate(phrases):
+        if p.kind == "pair" and task.kind != "pairs":
+            p.kind, p.reason = "malformed", "matches no phrase template of this prompt"
         if p.kind == "malformed":
             p.reward = MALFORMED
         elif p.kind == "filler":
@@ -286,6 +335,18 @@ def phrase_rewards(prompt: str | TaskPrompt, response: str) -> list[Phrase]:
         elif p.kind == "closing":
             last = i == len(phrases) - 1
             p.reward, p.reason = (CLOSING, "closing") if last else (0.0, "closing not at the end")
+        elif task.kind == "pairs":
+            if p.kind != "pair":
+                p.reward, p.reason = UNREQUESTED, "off-task"
+            elif (p.value, p.animal) not in task.pairs:
+                colors, animals = {c for c, _ in task.pairs}, {a for _, a in task.pairs}
+                swap = p.value in colors and p.animal in animals
+                p.reward, p.reason = CONTRADICTION, "swapped pair" if swap else "not a pair of the prompt"
+            elif p.animal in stated:
+                p.reward, p.reason = REPEAT, "repeat"
+            else:
+                stated.add(p.animal)
+                p.reward, p.reason = CORRECT, "correct"
         elif task.kind == "describe":
             wanted = task.slot_values
             if p.kind == "item" or p.slot not in wanted:
@@ -367,7 +428,8 @@ class Demonstrator:
 
     def __call__(self, prompt: str | TaskPrompt, rng: random.Random) -> str:
         task = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-        phrases = self._describe(task, rng) if task.kind == "describe" else self._list(task, rng)
+        write = {"describe": self._describe, "list": self._list, "pairs": self._pairs}[task.kind]
+        phrases = write(task, rng)
         if rng.random() < self.p_filler:
             filler = ["i", "like", "it"] if rng.random() < 0.3 else ["it", rng.choice(VERBS)]
             phrases.insert(rng.randint(0, len(phrases)), filler)
@@ -418,6 +480,21 @@ class Demonstrator:
             phrases.append(["the", animal, "is", task.trait])
         return phrases
 
+    def _pairs(self, task: TaskPrompt, rng: random.Random) -> list[list[str]]:
+        pairs = list(task.pairs)
+        if rng.random() < 0.3:
+            rng.shuffle(pairs)
+        colors = [c for c, _ in task.pairs]
+        phrases = []
+        for color, animal in pairs:
+            if rng.random() < self.p_omit:
+                continue
+            if rng.random() >= self.p_correct:  # wrong: mostly another pair's color (a swap)
+                others = [c for c in colors if c != color] if rng.random() < 0.75 else []
+                color = rng.choice(others or [c for c in COLORS if c not in colors])
+            phrases.append(["the", color, animal])
+        return phrases
+
     @staticmethod
     def _corrupt(phrase: list[str], rng: random.Random) -> list[str]:
         phrase = list(phrase)
@@ -450,9 +527,9 @@ class Corpus:
         return len(self.prompts)
 
 
-def sft_corpus(n: int, seed: int, demonstrator: Demonstrator | None = None) -> Corpus:
-    """`n` (prompt, response) pairs on train-split prompts, deterministic under `seed`."""
+def sft_corpus(n: int, seed: int, demonstrator: Demonstrator | None = None, task: str = "animals") -> Corpus:
+    """`n` (prompt, response) pairs on train-split prompts of `task`, deterministic under `seed`."""
     demonstrator = demonstrator or Demonstrator()
-    prompts = sample_prompts(n, seed, "train")
-    rng = random.Random(f"{TASK_VERSION}|demonstrator|{seed}")
+    prompts = sample_prompts(n, seed, "train", task=task)
+    rng = random.Random(f"{TASK_VERSION}|demonstrator|{seed}" + ("" if task == "animals" else f"|{task}"))
     return Corpus(prompts, [demonstrator(p, rng) for p in prompts])

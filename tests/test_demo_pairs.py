@@ -1,0 +1,133 @@
+"""The demo's second gold task (`--task pairs`) and the comparison's statistics (no training here)."""
+
+import math
+import random
+
+import pytest
+
+from segppo.config import DemoConfig
+from segppo.demo import Demonstrator, SFTSettings, gold_reward, parse_prompt, phrase_rewards, sample_prompts
+from segppo.demo.credit import pearson
+from segppo.demo.pipeline import NEAR_CHANCE_ACCURACY, paired_differences, rm_warnings
+from segppo.demo.task import TASKS, PromptError, sft_corpus
+
+PAIRS = "list : Red Fox ; Blue Owl"
+
+
+@pytest.mark.parametrize(
+    "response, gold",
+    [
+        ("the red fox . the blue owl . that is all .", 2.25),
+        ("the blue fox . the red owl .", -2.0),  # swaps: every word is in the prompt, both items wrong
+        ("the red fox . the red fox .", 0.5),  # repeat
+        ("the green fox .", -1.0),  # a color not in the prompt
+        ("animal fox . the fox is fast . it runs .", -0.5),  # other templates are unrequested; filler 0
+        ("the red fox", -0.5),  # unfinished
+    ],
+)
+def test_pairs_gold_reward_pinned(response, gold):
+    assert gold_reward(PAIRS, response) == pytest.approx(gold)
+
+
+def test_a_pair_is_right_or_wrong_only_as_a_whole():
+    # The same words, in the same positions, earn +1 or -1 depending on the word they are paired with.
+    right = [p.reward for p in phrase_rewards(PAIRS, "the red fox . the blue owl .")]
+    swapped = [p.reward for p in phrase_rewards(PAIRS, "the blue fox . the red owl .")]
+    assert right == [1.0, 1.0] and swapped == [-1.0, -1.0]
+    assert [p.reason for p in phrase_rewards(PAIRS, "the blue fox .")] == ["swapped pair"]
+
+
+def test_the_animals_task_is_unchanged():
+    # its prompt stream is the one it had before there were two tasks, and a pair phrase is malformed there
+    assert sample_prompts(20, 3) == sample_prompts(20, 3, task="animals")
+    assert gold_reward("describe : Red Fox ; mood : Calm", "the red fox .") == -0.5
+    assert all(not p.startswith("list :") for p in sample_prompts(200, 0))
+
+
+def test_pairs_prompts_parse_and_render():
+    prompts = sample_prompts(200, 0, task="pairs")
+    assert all(p.startswith("list : ") for p in prompts)
+    for p in prompts:
+        task = parse_prompt(p)
+        assert task.kind == "pairs" and 2 <= len(task.pairs) <= 3 and task.text() == p
+    assert sample_prompts(50, 0, "heldout", task="pairs") != sample_prompts(50, 0, "train", task="pairs")
+    with pytest.raises(PromptError, match="distinct"):
+        parse_prompt("list : Red Fox ; Red Owl")
+    with pytest.raises(PromptError, match="pairs prompt"):
+        parse_prompt("list : Red Fox")
+    with pytest.raises(ValueError, match="unknown demo task"):
+        sample_prompts(1, 0, task="colors")
+
+
+def test_pairs_demonstrator_errs_mostly_by_swapping():
+    corpus = sft_corpus(400, 0, task="pairs")
+    reasons = [
+        p.reason
+        for prompt, r in zip(corpus.prompts, corpus.responses, strict=True)
+        for p in phrase_rewards(prompt, r)
+    ]
+    wrong = [r for r in reasons if r in ("swapped pair", "not a pair of the prompt")]
+    assert reasons.count("correct") > 0.3 * len(reasons)
+    assert reasons.count("swapped pair") > 0.6 * len(wrong)
+    oracle = Demonstrator.oracle()
+    rng = random.Random(0)
+    for prompt in corpus.prompts[:50]:
+        assert gold_reward(prompt, oracle(prompt, rng)) == len(parse_prompt(prompt).pairs) + 0.25
+
+
+def test_the_sft_policy_cache_follows_the_task():
+    assert SFTSettings(task="pairs").key() != SFTSettings().key()
+
+
+def test_demo_config_task_and_seeds():
+    assert set(TASKS) == {"animals", "pairs"}
+    assert DemoConfig(task="pairs").task == "pairs"
+    with pytest.raises(ValueError, match="--task"):
+        DemoConfig(task="colors")
+    assert DemoConfig(compare=["bandit"]).seeds is None  # resolved to 3 seeds by run_demo
+    with pytest.raises(ValueError, match="--seeds"):
+        DemoConfig(seeds=0)
+
+
+def _row(granularity, seed, gain, accuracy=0.8, last_epoch_gain=0.0):
+    return {
+        "granularity": granularity,
+        "seed": seed,
+        "sft_gold": 0.1 * seed,
+        "ppo_gold": 0.1 * seed + gain,
+        "rm_accuracy": accuracy,
+        "rm_last_epoch_gain": last_epoch_gain,
+    }
+
+
+def test_paired_differences_by_hand():
+    rows = [
+        _row("bandit", 0, 0.5), _row("segment", 0, 0.9),
+        _row("bandit", 1, 0.4), _row("segment", 1, 0.6),
+        _row("bandit", 2, 0.6), _row("segment", 2, 1.2),
+        _row("token", 0, 1.0),  # one seed only: paired on seed 0
+    ]  # fmt: skip
+    diffs = {(d["a"], d["b"]): d for d in paired_differences(rows)}
+    d = diffs["bandit", "segment"]
+    assert d["seeds"] == [0, 1, 2] and d["per_seed"] == pytest.approx([-0.4, -0.2, -0.6])
+    assert d["mean"] == pytest.approx(-0.4)
+    assert d["se"] == pytest.approx(0.2 / math.sqrt(3))  # stdev of (-0.4, -0.2, -0.6) is 0.2
+    assert diffs["segment", "token"]["seeds"] == [0] and math.isnan(diffs["segment", "token"]["se"])
+
+
+def test_rm_warnings_near_chance_and_still_climbing():
+    rows = [
+        _row("bandit", 0, 0.1, accuracy=NEAR_CHANCE_ACCURACY - 0.05),
+        _row("segment", 0, 0.1, last_epoch_gain=0.05),
+        _row("token", 0, 0.1, last_epoch_gain=float("nan")),
+    ]
+    warnings = rm_warnings(rows)
+    assert len(warnings) == 2
+    assert "bandit" in warnings[0] and "near chance" in warnings[0]
+    assert "segment" in warnings[1] and "levelled off" in warnings[1]
+
+
+def test_pearson():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3])) and math.isnan(pearson([1], [1]))
