@@ -464,3 +464,80 @@ def test_micro_batches_of_the_pool_are_what_collate_gives_those_rows():
             for k, i in enumerate(chosen):
                 expected[k, : len(rows[i][1])] = rows[i][3][name]
             assert torch.equal(tensors[name], expected), (chosen, name)
+
+
+def test_non_finite_rewards_on_one_rank_stop_both_and_resume_continues(tiny_lm_dir, reward_models, tmp_path):
+    """Only rank 1 sees NaN rewards (at step 2): the check is collective, so both ranks save the state
+    after step 1 as `step-1` and stop at once with one error; a resume with the RM repaired ends
+    as a run that never broke."""
+    import signal
+    import time
+
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    poison = "Zebra quokka?"
+    known = {i for p in PROMPTS for i in tokenizer.encode(p)}
+    poison_ids = sorted(set(tokenizer.encode(poison)) - known - set(tokenizer.all_special_ids))
+    assert poison_ids
+    # 32 prompts, 16 per step, 8 per micro-rollout: micro-rollout j of a step runs on rank j mod 2.
+    # Rank 1's prompts of the second step (of episode 0's order) get the poison word.
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(0)).tolist()
+    rank1_step2 = set(order[24:32])
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": poison if i in rank1_step2 else PROMPTS[i % 4]} for i in range(32)]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # The policy never generates the poison (its generation config suppresses it), so only prompts
+    # bring it in.
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_lm_dir, policy)
+    generation = json.loads((policy / "generation_config.json").read_text())
+    (policy / "generation_config.json").write_text(json.dumps({**generation, "suppress_tokens": poison_ids}))
+    rm = tmp_path / "rm"
+    shutil.copytree(f"{reward_models['token']}/model", rm)
+    good = load_file(rm / "model.safetensors")
+    bad = dict(good)
+    name = next(k for k in good if k.endswith("embed_tokens.weight"))
+    bad[name] = good[name].clone()
+    bad[name][poison_ids] = float("nan")  # NaN RM values only on rows holding the poison word
+    save_file(bad, rm / "model.safetensors", metadata={"format": "pt"})
+
+    base = dict(max_steps=2, nproc=2, zero_stage=2, num_logged_samples=0)
+    straight_rm = tmp_path / "straight_rm"
+    shutil.copytree(rm, straight_rm)
+    save_file(good, straight_rm / "model.safetensors", metadata={"format": "pt"})
+    straight = ppo_config(str(policy), str(straight_rm), str(prompts), tmp_path / "straight", **base)
+    broken = ppo_config(str(policy), str(rm), str(prompts), tmp_path / "broken", **base)
+
+    def hung(signum, frame):
+        raise TimeoutError("the ranks did not stop")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(300)  # a deadlock (one rank in a barrier, the other in a collective) would hang here
+    try:
+        start = time.perf_counter()
+        # one line naming a rank (which rank reports first is a race; both raise the same error)
+        with pytest.raises(Exception, match="step 2: a reward or advantage is not finite") as err:
+            train_ppo(broken)
+        elapsed = time.perf_counter() - start
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert "after step 1" in str(err.value)
+    assert (broken.output_dir / "state" / "latest").read_text().strip() == "step-1"
+    assert [r["step"] for r in read_metrics(broken.output_dir, split="train")] == [1]
+    print(f"two ranks stopped {elapsed:.1f} s after start")
+
+    save_file(good, rm / "model.safetensors", metadata={"format": "pt"})
+    train_ppo(dataclasses.replace(broken, resume=True))
+    train_ppo(straight)
+    want, got = (
+        read_metrics(straight.output_dir, split="train"),
+        read_metrics(broken.output_dir, split="train"),
+    )
+    assert [r["step"] for r in got] == [1, 2]
+    for w, g in zip(want, got, strict=True):
+        for key in ("reward", "kl", "policy_loss", "value_loss"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
+    wa = load_file(straight.output_dir / "policy" / "model.safetensors")
+    wb = load_file(broken.output_dir / "policy" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from segppo.data import ChatFormat, collate_responses
-from segppo.data.chat import truncate_left
 from segppo.kernels import segment_rewards
-from segppo.rm.scoring import RewardScorer, resolve_normalizer, same_vocabulary
+from segppo.rm.scoring import RewardScorer, encode_for_reward_model, resolve_normalizer, same_vocabulary
 
 ScorerFn = Callable[[list, list[str]], Sequence[float]]
 
@@ -192,15 +191,7 @@ class RewardModelScorer:
     def _encode(self, item: ScoringItem, direct: bool) -> tuple[list[int], list[int], bool]:
         if direct:
             return item.prompt_ids, item.response_ids, item.has_eos
-        chat = self.chat
-        prompt_ids = chat.prompt_ids(item.messages)
-        response_ids, has_eos = chat.response_ids(item.messages, item.text, prompt_ids=prompt_ids)
-        if not item.has_eos and has_eos:  # a cut-off generation is scored without its end of turn
-            response_ids, has_eos = response_ids[:-1], False
-        if not response_ids:  # nothing left to score: keep the end-of-turn token
-            response_ids, has_eos = [chat.end_of_turn_id], True
-        prompt_ids, _ = truncate_left(prompt_ids, self.max_prompt_len)
-        return prompt_ids, response_ids, has_eos
+        return encode_for_reward_model(self.chat, item.messages, item.text, item.has_eos, self.max_prompt_len)
 
     def score(self, items: Sequence[ScoringItem], batch_size: int = 16, *, direct: bool = False) -> ScoreSet:
         """Score `items`; `direct` scores the policy's ids as they are (see `reads_policy_ids`)."""

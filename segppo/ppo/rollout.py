@@ -17,6 +17,7 @@ from segppo.data import ChatFormat, ResponseBatch, collate_responses
 from segppo.kernels import SegmentRewards, gae, segment_rewards, sequence_scores
 from segppo.models.reward_model import reward_values
 from segppo.ppo.losses import kl_penalty, token_rewards, whiten
+from segppo.rm.scoring import encode_for_reward_model
 from segppo.segments import Segmentation, logprobs_and_entropy
 
 
@@ -141,8 +142,9 @@ def shared_rm_values(reward_model):
 
 
 def foreign_bandit_rm_values(reward_model, rm_chat: ChatFormat, policy_tokenizer, prompts_of, device):
-    """A bandit RM with its own tokenizer: decode each response, re-format it with the RM's chat
-    format, score it, and place the score at the response's last token in the policy's tokens.
+    """A bandit RM with its own tokenizer: decode each response, re-encode it as eval does
+    (`encode_for_reward_model`), score it, and place the score at the response's last token in the
+    policy's tokens.
 
     `prompts_of(batch)` returns the prompt messages of each row.
     """
@@ -152,11 +154,8 @@ def foreign_bandit_rm_values(reward_model, rm_chat: ChatFormat, policy_tokenizer
             [ids[m].tolist() for ids, m in zip(batch.response_ids, batch.response_mask, strict=True)],
             skip_special_tokens=True,
         )
-        encoded = []
-        for messages, text in zip(prompts_of(batch), texts, strict=True):
-            prompt_ids = rm_chat.prompt_ids(messages)
-            response_ids, has_eos = rm_chat.response_ids(messages, text, prompt_ids=prompt_ids)
-            encoded.append((prompt_ids, response_ids, has_eos))
+        rows = zip(prompts_of(batch), texts, batch.has_eos.tolist(), strict=True)
+        encoded = [encode_for_reward_model(rm_chat, messages, text, eos) for messages, text, eos in rows]
         rm_batch = collate_responses(*zip(*encoded, strict=True), rm_chat.pad_token_id).to(device)
         values = reward_values(
             reward_model, rm_batch.input_ids, rm_batch.attention_mask, rm_batch.position_ids
