@@ -80,6 +80,7 @@ class RMConfig:
     gradient_checkpointing: bool = False
     eval_every: int = option(0, help="Evaluate every N steps (0: at the end only).")
     save_every: int = option(0, help="Checkpoint every N steps (0: at the end only).")
+    save_total_limit: int = option(2, help="Training states kept in state/, newest first (0: all).")
     seed: int = 42
     nproc: int = option(1, help="Local ranks to run (DeepSpeed).")
     resume: bool = option(False, help="Continue the run in --output from its last state.")
@@ -287,6 +288,7 @@ class PPOConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     save_every: int = option(0, help="Checkpoint every N steps (0: at the end only).")
+    save_total_limit: int = option(2, help="Training states kept in state/, newest first (0: all).")
     num_logged_samples: int = option(4, help="Generations per step written to samples.jsonl.")
     seed: int = 42
     nproc: int = option(1, help="Local ranks to run (DeepSpeed).")

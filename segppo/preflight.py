@@ -152,9 +152,15 @@ def check_world_size(cfg: Any) -> None:
             getattr(cfg, layout)(world_size)
 
 
+def check_save_options(cfg: Any) -> None:
+    if getattr(cfg, "save_total_limit", 0) < 0:
+        raise ValueError(f"--save-total-limit must be 0 (keep all) or more, got {cfg.save_total_limit}")
+
+
 def check_rm_train(cfg: Any) -> None:
     check_sources(cfg, models=("model", "segmenter"), datasets=("dataset",))
     check_world_size(cfg)
+    check_save_options(cfg)
 
 
 def check_ppo_train(cfg: Any) -> None:
@@ -165,6 +171,7 @@ def check_ppo_train(cfg: Any) -> None:
         files=("normalizer",),
     )
     check_world_size(cfg)
+    check_save_options(cfg)
 
 
 def check_fit_normalizer(cfg: Any) -> None:

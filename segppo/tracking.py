@@ -113,14 +113,36 @@ def read_metrics(output_dir: Path, split: str | None = None) -> list[dict[str, A
     return [r for r in rows if split is None or r.get("split") == split]
 
 
+def _rows_at_last_save(output_dir: Path, name: str) -> int | None:
+    """How many rows of `output_dir/name` the latest training state recorded (None: not recorded)."""
+    from segppo.distributed import LATEST, LOG_ROWS  # segppo.distributed imports this module
+
+    pointer = Path(output_dir) / "state" / LATEST
+    if not pointer.exists():
+        return None
+    record = Path(output_dir) / "state" / pointer.read_text().strip() / LOG_ROWS
+    if not record.exists():
+        return None
+    return json.loads(record.read_text()).get(name, 0)
+
+
 def truncate_metrics(output_dir: Path, after_step: int, name: str = "metrics.jsonl") -> None:
-    """Drop rows of `output_dir/name` logged after `after_step` (a resumed run logs them again)."""
+    """Keep the rows of `output_dir/name` that the resumed state had seen (a resumed run logs the rest again).
+
+    That is the rows the latest state recorded when it was saved, so a row logged after the save
+    at the same step (a final evaluation) or torn by a kill is dropped; for a state that recorded
+    none, the complete rows up to `after_step`.
+    """
     path = Path(output_dir) / name
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= after_step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    complete = path.read_bytes().split(b"\n")[:-1]  # a last line without its newline was torn
+    recorded = _rows_at_last_save(output_dir, name)
+    if recorded is not None:
+        kept = complete[:recorded]
+    else:
+        kept = [line for line in complete if line.strip() and json.loads(line)["step"] <= after_step]
+    atomic_write_text(path, "".join(line.decode() + "\n" for line in kept))
 
 
 def quiet_progress_bars() -> None:

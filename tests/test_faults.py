@@ -6,6 +6,7 @@ world does: a stale build lock, a `kill -9`, a failing rank.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -168,3 +169,93 @@ def test_a_failing_rank_stops_every_rank_with_one_line(tiny_lm_dir, preferences_
     assert "Traceback" in log.read_text() and "fail_on_rank_1" in log.read_text()
     assert not (tmp_path / "run" / "model").exists()
     assert len(read_metrics(tmp_path / "run", split="train")) < 20  # rank 0 was stopped, not run to the end
+
+
+# --- Nothing is lost, nothing is kept twice, old states are pruned -----------------------------------
+
+
+def test_a_run_resumed_after_its_last_step_logs_each_row_once(tiny_lm_dir, preferences_file, tmp_path):
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+
+    cfg = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=2)
+    train_reward_model(cfg)
+    before = read_metrics(cfg.output_dir)
+    train_reward_model(dataclasses.replace(cfg, resume=True))  # e.g. killed during the final export
+    after = read_metrics(cfg.output_dir)
+    assert [(r["step"], r["split"]) for r in after] == [(r["step"], r["split"]) for r in before]
+    assert [(r["step"], r["split"]) for r in after] == [(1, "train"), (2, "train"), (2, "eval")]
+
+
+def test_a_torn_last_metrics_row_is_dropped_on_resume(tiny_lm_dir, preferences_file, tmp_path):
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+
+    cfg = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=3, save_every=1)
+    with pytest.raises(Stop):
+        train_reward_model(cfg, step_callback=_stop_after(2))
+    with (cfg.output_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "split": "tr')  # killed while writing a row
+    train_reward_model(dataclasses.replace(cfg, resume=True))
+    assert [(r["step"], r["split"]) for r in read_metrics(cfg.output_dir)] == [
+        (1, "train"),
+        (2, "train"),
+        (3, "train"),
+        (3, "eval"),
+    ]
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_after(step: int):
+    def callback(done, metrics):
+        if done == step:
+            raise Stop
+
+    return callback
+
+
+def test_only_the_newest_states_are_kept(tiny_lm_dir, preferences_file, tmp_path):
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+
+    cfg = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=4, save_every=1)
+    cfg = dataclasses.replace(cfg, save_total_limit=2)
+    train_reward_model(cfg)
+    states = sorted(p.name for p in (cfg.output_dir / "state").iterdir())
+    assert states == ["latest", "step-3", "step-4"]
+
+
+def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_state(
+    tiny_lm_dir, preferences_file, tmp_path, monkeypatch
+):
+    import shutil
+
+    from tiny import tiny_rm_config
+
+    from segppo import distributed
+    from segppo.distributed import latest_state
+    from segppo.rm.trainer import train_reward_model
+
+    cfg = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=3, save_every=1)
+    real_disk_usage = shutil.disk_usage
+
+    def disk_fills_after_step_1(path):
+        usage = real_disk_usage(path)
+        saved = latest_state(cfg.output_dir / "state")
+        return usage._replace(free=1024) if saved is not None else usage
+
+    monkeypatch.setattr(distributed.shutil, "disk_usage", disk_fills_after_step_1)
+    with pytest.raises(OSError, match="not enough free space to save the training state") as caught:
+        train_reward_model(cfg)
+    assert "step-1 is intact" in str(caught.value)
+    assert latest_state(cfg.output_dir / "state").name == "step-1"
+    assert not any(p.name.endswith(".tmp") for p in (cfg.output_dir / "state").iterdir())
+    monkeypatch.undo()
+    train_reward_model(dataclasses.replace(cfg, resume=True))
+    assert (cfg.output_dir / "model" / "model.safetensors").exists()

@@ -339,16 +339,29 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
                 tracker.log(done, evaluate(), split="eval")
                 engine.train()
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-                save_training_state({"reward_model": engine}, out / "state", f"step-{done}", {"step": done})
+                save_training_state(
+                    {"reward_model": engine},
+                    out / "state",
+                    f"step-{done}",
+                    {"step": done},
+                    keep=cfg.save_total_limit,
+                )
                 _export(engine, tokenizer, out / "checkpoints" / f"step-{done}", metadata, info)
             if step_callback is not None:
                 step_callback(done, metrics)
 
     engine.eval()
     final = evaluate()
-    tracker.log(total_steps, final, split="eval")
     metadata = dataclasses.replace(metadata, score_mean=final["score_mean"], score_std=final["score_std"])
-    save_training_state({"reward_model": engine}, out / "state", f"step-{total_steps}", {"step": total_steps})
+    # Saved before the final row is logged: a run resumed after its last step evaluates and logs once.
+    save_training_state(
+        {"reward_model": engine},
+        out / "state",
+        f"step-{total_steps}",
+        {"step": total_steps},
+        keep=cfg.save_total_limit,
+    )
+    tracker.log(total_steps, final, split="eval")
     _export(engine, tokenizer, out / "model", metadata, info)
     tracker.close()
     if info.is_main:
