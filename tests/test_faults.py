@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from segppo.tracking import read_metrics
 
@@ -22,7 +26,9 @@ TESTS = Path(__file__).parent
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    # Not the rank variables that an in-process run of this test session set for its own group.
+    rank_variables = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in rank_variables}
     env.update(PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     env.update(extra)
     return env
@@ -259,3 +265,75 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_state(
     monkeypatch.undo()
     train_reward_model(dataclasses.replace(cfg, resume=True))
     assert (cfg.output_dir / "model" / "model.safetensors").exists()
+
+
+# --- kill -9, then --resume: the same weights and metrics as an unbroken run --------------------------
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
+    """SIGKILL `process` as soon as `ready()` is true (polled every few milliseconds)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed:\n{process.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the run never reached the point where it is killed")
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+
+
+def _train_rows(output_dir: Path) -> int:
+    path = output_dir / "metrics.jsonl"
+    return path.read_bytes().count(b'"split": "train"') if path.exists() else 0
+
+
+def _assert_same_run(got: Path, want: Path, weights: str) -> None:
+    from safetensors.torch import load_file
+
+    rows = lambda folder: [(r["step"], r["split"]) for r in read_metrics(folder)]  # noqa: E731
+    assert rows(got) == rows(want)
+    for g, w in zip(read_metrics(got), read_metrics(want), strict=True):
+        for key in ("loss", "accuracy", "lr"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
+    a, b = load_file(want / weights), load_file(got / weights)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def unbroken_rm_run(tiny_lm_dir, preferences_file, tmp_path_factory):
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+
+    cfg = tiny_rm_config(
+        tiny_lm_dir, preferences_file, tmp_path_factory.mktemp("unbroken") / "run", **RM_KILL_RUN
+    )
+    train_reward_model(cfg)
+    return cfg
+
+
+RM_KILL_RUN = dict(max_steps=5, save_every=1, eval_every=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["step", "save"])
+def test_rm_train_killed_then_resumed_ends_as_an_unbroken_run(unbroken_rm_run, tmp_path, moment):
+    from segppo.rm.trainer import train_reward_model
+
+    out = tmp_path / "run"
+    run = _rm_train_process(
+        unbroken_rm_run.model, unbroken_rm_run.dataset, out, _env(tmp_path), **RM_KILL_RUN
+    )
+    if moment == "step":
+        at = random.Random().randint(1, RM_KILL_RUN["max_steps"] - 1)  # a random step; any must do
+        _kill_when(run, lambda: _train_rows(out) >= at)
+    else:  # while the state of step 2 is being written
+        _kill_when(run, lambda: (out / "state" / ".step-2.tmp").exists())
+    assert not (out / "model").exists()
+    train_reward_model(dataclasses.replace(unbroken_rm_run, output=str(out), resume=True))
+    _assert_same_run(out, unbroken_rm_run.output_dir, "model/model.safetensors")
