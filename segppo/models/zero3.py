@@ -1,0 +1,196 @@
+"""ZeRO-3 loading: build models already partitioned across ranks, never one full copy per rank.
+
+Without this, every rank calls `from_pretrained` on the full model and DeepSpeed partitions it only
+in `deepspeed.initialize`, so at load each rank briefly holds whole copies of all four PPO models.
+With `HfDeepSpeedConfig` alive (transformers keeps only a weak reference to it, so the caller must
+hold it), transformers' `from_pretrained` constructs the model under `deepspeed.zero.Init`: every
+parameter is partitioned as it is created, and the checkpoint is copied in one parameter at a time
+(gathered, filled on rank 0, re-partitioned). `deepspeed.initialize` then finds the parameters
+already partitioned.
+
+The config must stay registered for as long as the models are used, not only while they load:
+transformers asks `is_deepspeed_zero3_enabled()` again later (e.g. `generate` then keeps all ranks
+stepping together, `resize_token_embeddings` gathers). So the training loop holds the context open
+for the whole run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict[str, Any]) -> Iterator[object | None]:
+    """While open, `from_pretrained` (and `from_config`) build models partitioned under ZeRO-3.
+
+    A no-op for stages 0-2. The process group must already be initialised (`init_distributed`)."""
+    if zero_stage(ds_config) != 3:
+        yield None
+        return
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "ZeRO-3 loading needs the process group first (segppo.distributed.init_distributed)"
+        )
+    registered = HfDeepSpeedConfig(ds_config)  # the reference transformers' weakref points to
+    try:
+        yield registered
+    finally:
+        unset_hf_deepspeed_config()
+        del registered
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """True when the model's parameters are ZeRO-3 partitions (DeepSpeed marks them with `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def local_numel(model: torch.nn.Module) -> int:
+    """Elements this rank holds: its partitions under ZeRO-3, everything otherwise."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Weight name -> the safetensors file that holds it (single file or a sharded index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{folder}: ZeRO-3 loading reads safetensors weights; none found")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def from_pretrained_partitioned(
+    model_class,
+    folder: str | os.PathLike,
+    ds_config: dict[str, Any],
+    *,
+    config=None,
+    dtype: torch.dtype = torch.float32,
+    missing_ok: tuple[str, ...] = (),
+) -> torch.nn.Module:
+    """`model_class.from_pretrained(folder)` built partitioned, with the checkpoint read on rank 0
+    only, one tensor at a time: no rank ever holds more than its partitions plus one gathered
+    weight. (transformers' own ZeRO-3 path has every rank read the whole checkpoint, so a rank
+    peaks at a full copy again; see tests/test_zero3_loading.py.)
+
+    `missing_ok` names weights the checkpoint may lack (a new reward head), left as initialised.
+    Call inside `partitioned_loading` with the process group up.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    if zero_stage(ds_config) != 3:
+        raise ValueError("from_pretrained_partitioned is for ZeRO stage 3")
+    folder = Path(folder)
+    if config is None:
+        config = AutoConfig.from_pretrained(folder)
+    _return_freed_host_memory()
+    with partitioned_loading(ds_config):
+        model = model_class.from_config(config, dtype=dtype)
+    files = _checkpoint_files(folder)
+    tied = {n for n in _tied_names(model)}
+    absent = [
+        n for n, _ in model.named_parameters() if n not in files and n not in tied and n not in missing_ok
+    ]
+    if absent:
+        raise ValueError(f"{folder}: the checkpoint lacks {absent[:8]}")
+    main = dist.get_rank() == 0
+    headers = {path: _safetensors_header(path) for path in set(files.values())} if main else {}
+    for name, param in model.named_parameters():
+        if name not in files:
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if main:
+                tensor = _read_tensor(files[name], headers[files[name]], name)
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"{folder}: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                    )
+                with torch.no_grad():
+                    param.copy_(tensor)
+    return model
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_header(path: Path) -> tuple[int, dict]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
+
+
+def _read_tensor(path: Path, header: tuple[int, dict], name: str) -> torch.Tensor:
+    """One tensor read into its own buffer. (A memory map, as `safe_open` uses, would leave the
+    whole file's pages resident in this process once every tensor was read.)"""
+    base, entries = header
+    entry = entries[name]
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ValueError(f"{path}: {name} has dtype {entry['dtype']}, which ZeRO-3 loading does not read")
+    start, end = entry["data_offsets"]
+    buffer = bytearray(end - start)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(base + start)
+        f.readinto(buffer)
+    return (
+        torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+        if buffer
+        else torch.empty(entry["shape"], dtype=dtype)
+    )
+
+
+def _return_freed_host_memory() -> None:
+    """zero.Init creates each weight whole, then keeps only this rank's slice. glibc raises its mmap
+    threshold after such frees, so later whole weights come from the heap and their freed memory
+    stays resident: on CPU a rank's RSS then climbs towards a full copy anyway. Pinning the
+    threshold (M_MMAP_THRESHOLD = -3, glibc's default 128 KiB) returns every large freed block."""
+    if torch.cuda.is_available():
+        return  # the weights are created on the GPU; host memory is not where they live
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def _tied_names(model: torch.nn.Module) -> list[str]:
+    """Parameters another name already covers (e.g. an LM head tied to the input embeddings)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return []
+    output = model.get_output_embeddings()
+    if output is None:
+        return []
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is output.weight]
