@@ -186,6 +186,17 @@ def hash32(x):
     return x ^ (x >> 16)
 
 
+def seed_for(*parts: int) -> int:
+    """PPO's seed for the global RNG from (run seed, step, micro-rollout or epoch, ...).
+
+    Kept apart from `row_seed` (eval's per-row seeds): changing either changes what a run draws.
+    """
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part) % (2**31 - 1)
+    return value
+
+
 def row_seed(seed: int, *parts: int) -> int:
     """A 32-bit seed for one row from the run's seed and the row's coordinates (prompt, sample, turn)."""
     x = seed & _M32

@@ -38,7 +38,7 @@ from segppo.distributed import (
     set_seed,
     shutdown,
 )
-from segppo.generation import HFEngine, SamplingConfig, stop_token_ids
+from segppo.generation import HFEngine, SamplingConfig, seed_for, stop_token_ids
 from segppo.models import load_tokenizer
 from segppo.ppo import checkpoint
 from segppo.ppo.losses import (
@@ -82,13 +82,6 @@ def _train(cfg: PPOConfig, step_callback: StepCallback | None) -> None:
         PPOTrainer(cfg, info).fit(step_callback)
     finally:
         shutdown()
-
-
-def _seed_for(*parts: int) -> int:
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + part) % (2**31 - 1)
-    return value
 
 
 def global_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,16 +159,7 @@ class PPOTrainer:
         metrics = self.rollout_metrics(experiences)
         if metrics.pop("nonfinite") > 0:
             self._stop_non_finite(step, "a reward or advantage", updated=False)
-        if self.info.is_main and experiences and cfg.num_logged_samples > 0:
-            messages = lambda ids: self._prompt_of_ids[tuple(ids)]  # noqa: E731
-            log_samples(
-                cfg.output_dir / "samples.jsonl",
-                experiences[0],
-                self.tokenizer,
-                messages,
-                cfg.num_logged_samples,
-                step + 1,
-            )
+        self._log_samples(experiences, step + 1)
         with _timed(timing, "training"):
             metrics.update(self.update(RolloutPool.of(experiences, self.tokenizer.pad_token_id), step))
         metrics["explained_variance"] = self.explained_variance(experiences)
@@ -198,7 +182,7 @@ class PPOTrainer:
             prompts = [self.prompts[i] for i in chosen[j * m : (j + 1) * m]]
             for p in prompts:
                 self._prompt_of_ids[tuple(p.prompt_ids)] = p.messages
-            torch.manual_seed(_seed_for(cfg.seed, step, j))
+            torch.manual_seed(seed_for(cfg.seed, step, j))
             batches.append(self.engine.generate(prompts, self.sampling))
         return batches
 
@@ -208,7 +192,7 @@ class PPOTrainer:
         per_update = cfg.train_batch_size // info.world_size
         updates = []
         for epoch in range(cfg.ppo_epochs):
-            generator = torch.Generator().manual_seed(_seed_for(cfg.seed, step, epoch, info.rank))
+            generator = torch.Generator().manual_seed(seed_for(cfg.seed, step, epoch, info.rank))
             order = torch.randperm(len(pool), generator=generator).tolist()
             updates += [order[u : u + per_update] for u in range(0, len(order), per_update)]
         # Every update's token count over all ranks, in one collective: each micro-batch's loss is a
@@ -374,6 +358,12 @@ class PPOTrainer:
             steps=self.total_steps,
             is_main=self.info.is_main,
         )
+
+    def _log_samples(self, experiences: list[Experience], step: int) -> None:
+        if self.info.is_main and experiences and self.cfg.num_logged_samples > 0:
+            path, count = self.cfg.output_dir / "samples.jsonl", self.cfg.num_logged_samples
+            messages = lambda ids: self._prompt_of_ids[tuple(ids)]  # noqa: E731
+            log_samples(path, experiences[0], self.tokenizer, messages, count, step)
 
     def _stop_non_finite(self, step: int, what: str, *, updated: bool) -> None:
         """Stop every rank (all call this together); save the state when it is the end of a step.
