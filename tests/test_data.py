@@ -348,7 +348,9 @@ def test_truncation_cuts_the_prompt_first_then_the_response(tokenizer, chat):
     pair = chat.encode_pair(example, max_prompt_len=prompt_len - 5)
     kept = text(tokenizer, pair.prompt_ids)
     assert len(pair.prompt_ids) <= prompt_len - 5 and pair.prompt_truncated
-    assert kept.startswith("<|im_start|>user\n") and kept.endswith("lazy dog.<|im_end|>\n<|im_start|>assistant\n")
+    assert kept.startswith("<|im_start|>user\n") and kept.endswith(
+        "lazy dog.<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert pair.chosen_ids == full.chosen_ids and pair.chosen_has_eos
     short_prompt = pair.prompt_ids
 
@@ -541,3 +543,54 @@ def test_held_out_rows_are_disjoint_from_training_rows():
     assert len(held_out) == 2 and set(train["id"]).isdisjoint(held_out["id"])
     with pytest.raises(ValueError, match="no split 'dev'"):
         split_train_eval(DatasetDict({"train": dataset}), eval_split="dev")
+
+
+# --- Fuzz: every row is used or counted in the skip report, with its reason and row ---------------
+
+_GOOD_ROWS = {
+    "prompt_response": {"prompt": "Q?", "chosen": "yes", "rejected": "no"},
+    "conversation": {
+        "chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "yes"}],
+        "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "no"}],
+    },
+    "hh": {"chosen": "\n\nHuman: Q?\n\nAssistant: yes", "rejected": "\n\nHuman: Q?\n\nAssistant: no"},
+}
+_MISSING = object()
+_BAD_VALUES = [
+    _MISSING, None, "", 0, 1.5, True, float("nan"), [], {}, [None], ["text"], [{"role": None}],
+    [{"role": "user"}], [{"content": "x"}], [{"role": "user", "content": 5}],
+    {"role": "user", "content": "x"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", sorted(_GOOD_ROWS))
+@pytest.mark.parametrize("position", [0, 2])
+def test_fuzz_malformed_rows_are_used_or_reported(layout, position):
+    from segppo.data.layouts import to_preference_examples, to_prompt_examples
+
+    good = _GOOD_ROWS[layout]
+    for key in good:
+        for value in _BAD_VALUES:
+            bad = {k: v for k, v in good.items() if k != key}
+            if value is not _MISSING:
+                bad[key] = value
+            rows = [dict(good) for _ in range(4)]
+            rows.insert(position, bad)
+            for convert in (to_preference_examples, to_prompt_examples):
+                if convert is to_prompt_examples and layout == "prompt_response" and key != "prompt":
+                    continue  # a prompt dataset reads only the prompt column
+                examples, report = convert(rows)
+                used = [e.row for e in examples]
+                case = (layout, key, repr(value)[:40], convert.__name__)
+                assert report.total == 5 and len(used) + report.skipped == 5, case
+                assert used == [i for i in range(5) if i != position] or used == list(range(5)), case
+                if position not in used:
+                    assert report.reasons[0].startswith(f"row {position}: "), case
+
+
+def test_fuzz_a_10_mb_response_is_used():
+    from segppo.data.layouts import to_preference_examples
+
+    big = {"prompt": "Q?", "chosen": "yes " * 2_500_000, "rejected": "no"}
+    examples, report = to_preference_examples([_GOOD_ROWS["prompt_response"], big])
+    assert [e.row for e in examples] == [0, 1] and report.skipped == 0

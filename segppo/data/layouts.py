@@ -216,16 +216,31 @@ def _column_names(dataset: Any) -> list[str]:
     names = getattr(dataset, "column_names", None)
     if names is not None:
         return list(names)
-    return list(dataset[0]) if len(dataset) else []
+    # Rows without a schema: the keys of the first rows, so one malformed row does not decide.
+    keys: dict[str, None] = {}
+    for i in range(min(len(dataset), _DETECT_ROWS)):
+        if isinstance(dataset[i], Mapping):
+            keys.update(dict.fromkeys(dataset[i]))
+    return list(keys)
 
 
 def _first_value(dataset: Any, key: str) -> Any:
-    """The first non-None value of a column among the first rows (None if there is none)."""
+    """A typical value of a column among the first rows: one of the kind (text or message list)
+    most of them hold, so that a malformed first row does not decide the layout of the others;
+    else the first non-None value, else None."""
+    by_kind: dict[str, list] = {}
+    fallback = None
     for i in range(min(len(dataset), _DETECT_ROWS)):
-        value = dataset[i].get(key)
-        if value is not None:
-            return value
-    return None
+        value = dataset[i].get(key) if isinstance(dataset[i], Mapping) else None
+        if isinstance(value, str) and value:
+            by_kind.setdefault("text", []).append(value)
+        elif isinstance(value, list) and value and all(isinstance(m, Mapping) for m in value):
+            by_kind.setdefault("messages", []).append(value)
+        elif fallback is None:
+            fallback = value
+    if by_kind:
+        return max(by_kind.values(), key=len)[0]  # ties: the kind seen first
+    return fallback
 
 
 def _layout_error(dataset: Any, kind: str, detail: str) -> ValueError:
