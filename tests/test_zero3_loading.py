@@ -111,6 +111,7 @@ def _run(folder, warmup, mode, tmp_path):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(NPROC)]
 
 
+@pytest.mark.slow  # three 2-rank launches: about 100 s on 2 shared cores
 def test_zero3_load_is_partitioned_and_peaks_lower(checkpoint, tmp_path):
     folder, warmup, numel, checksum = checkpoint
     full_mib = numel * 4 / 2**20
@@ -130,5 +131,5 @@ def test_zero3_load_is_partitioned_and_peaks_lower(checkpoint, tmp_path):
         + ", ".join(f"{mode} {peak:.1f} MiB ({peak / peaks['full']:.2f}x)" for mode, peak in peaks.items())
     )
     # Half a model is the floor with 2 ranks; ~6 MiB of the rest does not grow with the model
-    # (measured 0.63x at this size). The target, 0.6x, is for models of real size.
+    # (measured 0.60-0.63x at this size). The target, 0.6x, is for models of real size.
     assert peaks["segppo"] <= 0.7 * peaks["full"], runs
