@@ -60,6 +60,7 @@ class RMConfig:
     prompt_key: str | None = option(None, help="Column of the prompt (overrides detection).")
     chosen_key: str | None = option(None, help="Column of the chosen response.")
     rejected_key: str | None = option(None, help="Column of the rejected response.")
+    strict: bool = option(False, help="A malformed data row is an error naming it (default: skip and count).")
     chat_template: str | None = option(None, help="Jinja chat template (string or file).")
     max_len: int = option(2048, help="Prompt + response tokens.")
     max_prompt_len: int | None = option(

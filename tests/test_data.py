@@ -594,3 +594,58 @@ def test_fuzz_a_10_mb_response_is_used():
     big = {"prompt": "Q?", "chosen": "yes " * 2_500_000, "rejected": "no"}
     examples, report = to_preference_examples([_GOOD_ROWS["prompt_response"], big])
     assert [e.row for e in examples] == [0, 1] and report.skipped == 0
+
+
+def _write_bad_jsonl(path) -> None:
+    good = json.dumps({"prompt": "Q?", "chosen": "yes", "rejected": "no"})
+    lines = [
+        good.encode(),
+        b'{"prompt": "Q?", "chosen": "\xff\xfe", "rejected": "no"}',  # not UTF-8
+        good.encode(),
+        b"[1, 2]",  # not an object
+        json.dumps({"prompt": "Q?", "chosen": ["not", "text"], "rejected": "no"}).encode(),  # odd type
+        json.dumps({"prompt": "Q?", "chosen": "big " * 2_500_000, "rejected": "no"}).encode(),  # 10 MB
+        good.encode()[:25],  # the last line, cut off by a kill
+    ]
+    path.write_bytes(b"\n".join(lines))
+
+
+def test_fuzz_unreadable_jsonl_lines_are_counted_with_their_line(tmp_path):
+    from segppo.data import load_splits
+    from segppo.data.layouts import to_preference_examples
+
+    _write_bad_jsonl(tmp_path / "bad.jsonl")
+    rows = load_splits(tmp_path / "bad.jsonl")["train"]
+    examples, report = to_preference_examples(rows)
+    assert [e.row for e in examples] == [0, 2, 5]
+    assert report.total == 7 and report.skipped == 4
+    assert report.reasons == [
+        "row 1: line 2: not UTF-8",
+        "row 3: line 4: a JSON list, not an object",
+        "row 4: line 5: column 'chosen' holds list, not str",
+        "row 6: line 7: not JSON (Expecting ':' delimiter; the last line is cut off)",
+    ]
+
+
+def test_strict_turns_the_first_skip_into_an_error_naming_the_row(tmp_path):
+    from segppo.data import load_splits
+    from segppo.data.layouts import to_preference_examples
+
+    _write_bad_jsonl(tmp_path / "bad.jsonl")
+    rows = load_splits(tmp_path / "bad.jsonl")["train"]
+    with pytest.raises(ValueError, match=r"^--strict: row 1 is malformed: line 2: not UTF-8$"):
+        to_preference_examples(rows, LayoutOptions(strict=True))
+
+
+def test_a_parquet_with_other_column_names_is_a_clear_error(tmp_path):
+    from segppo.data import load_splits
+    from segppo.data.layouts import to_preference_examples
+
+    Dataset.from_list([{"question": "q", "good": "a", "bad": "b"}] * 3).to_parquet(tmp_path / "other.parquet")
+    rows = load_splits(tmp_path / "other.parquet")["train"]
+    with pytest.raises(ValueError, match=r"no column \['chosen', 'rejected'\].*chosen_key"):
+        to_preference_examples(rows)
+    examples, report = to_preference_examples(
+        rows, LayoutOptions(prompt_key="question", chosen_key="good", rejected_key="bad")
+    )
+    assert len(examples) == 3 and report.skipped == 0

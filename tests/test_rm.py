@@ -234,3 +234,18 @@ def test_one_normalizer_resolution_for_ppo_and_eval(tmp_path):
     assert resolve_normalizer(bandit, "segment").params is None  # a dense RM: raw segment rewards
     with pytest.raises(ValueError, match="go together"):
         resolve_normalizer(recorded, "segment", reward_mean=1.0)
+
+
+def test_strict_stops_at_the_first_malformed_row(tiny_lm_dir, tmp_path):
+    from tiny import write_preferences
+
+    data = tmp_path / "prefs.jsonl"
+    write_preferences(data, n=40)
+    data.write_bytes(data.read_bytes() + b'{"prompt": "Q?", "chosen": "\xff", "rejected": "no"}\n')
+    with pytest.raises(ValueError, match=r"--strict: row \d+ is malformed: line 41: not UTF-8"):
+        train_reward_model(
+            rm_config(tiny_lm_dir, str(data), tmp_path / "out", strict=True, eval_fraction=0.1)
+        )
+    train_reward_model(
+        rm_config(tiny_lm_dir, str(data), tmp_path / "lenient", max_steps=1, eval_fraction=0.1)
+    )

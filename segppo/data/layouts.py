@@ -72,6 +72,7 @@ class LayoutOptions:
     chosen_score_key: str | None = None
     rejected_score_key: str | None = None
     layout: str | None = None
+    strict: bool = False  # a malformed row is an error naming it, not a skip
 
     @property
     def prompt(self) -> str:
@@ -122,6 +123,21 @@ class SkipReport:
 
 class MalformedRow(ValueError):
     """A row that cannot be converted; the message says what is wrong with it."""
+
+
+# Column a tolerant file reader (`sources.load_splits`) sets on a row it could not read, with why.
+UNREADABLE = "_segppo_unreadable"
+
+
+def _check_readable(row: Mapping) -> None:
+    if row.get(UNREADABLE):
+        raise MalformedRow(row[UNREADABLE])
+
+
+def _skip(report: SkipReport, options: LayoutOptions, index: int, reason: str) -> None:
+    if options.strict:
+        raise ValueError(f"--strict: row {index} is malformed: {reason}")
+    report.skip(index, reason)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +231,7 @@ def parse_hh(text: Any, what: str = "conversation") -> list[dict]:
 def _column_names(dataset: Any) -> list[str]:
     names = getattr(dataset, "column_names", None)
     if names is not None:
-        return list(names)
+        return [name for name in names if name != UNREADABLE]
     # Rows without a schema: the keys of the first rows, so one malformed row does not decide.
     keys: dict[str, None] = {}
     for i in range(min(len(dataset), _DETECT_ROWS)):
@@ -411,10 +427,11 @@ def to_preference_examples(
     for index, row in enumerate(dataset):
         report.total += 1
         try:
+            _check_readable(row)
             prompt, chosen, rejected = convert(row, options)
             margin = _margin(row, score_keys)
         except MalformedRow as err:
-            report.skip(index, str(err))
+            _skip(report, options, index, str(err))
             continue
         examples.append(PreferenceExample(prompt, chosen, rejected, margin, row=index))
     if not examples:
@@ -435,9 +452,10 @@ def to_prompt_examples(
     for index, row in enumerate(dataset):
         report.total += 1
         try:
+            _check_readable(row)
             examples.append(PromptExample(_prompt_of_row(row, layout, options), row=index))
         except MalformedRow as err:
-            report.skip(index, str(err))
+            _skip(report, options, index, str(err))
     if not examples:
         raise _layout_error(
             dataset, "prompt", f"all {report.total} rows are malformed as layout {layout!r} ({report})"

@@ -10,10 +10,16 @@ it has one, otherwise a seeded held-out fraction that is never part of the train
 
 from __future__ import annotations
 
+import codecs
+import json
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset
+
+from segppo.data.layouts import UNREADABLE
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -33,6 +39,65 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+def _value_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return type(value).__name__
+
+
+def _is_utf8(path: Path, chunk: int = 1 << 20) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            while block := f.read(chunk):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def read_jsonl_tolerantly(path: Path) -> Dataset:
+    """The rows of a JSONL file that `datasets` cannot read as a whole (a torn last line, a line
+    that is not UTF-8, not JSON or not an object, a column of mixed types).
+
+    Every line becomes one row, in order; a line that cannot be used becomes a row whose only
+    value is its reason in the `UNREADABLE` column, so the layouts count it in the skip report.
+    A value whose type differs from what most rows of its column hold is dropped the same way.
+    """
+    rows: list[dict] = []
+    lines = path.read_bytes().split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            problem = None if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+        except UnicodeDecodeError:
+            problem = "not UTF-8"
+        except json.JSONDecodeError as err:
+            torn = number == len(lines)  # the file does not end with a newline
+            problem = f"not JSON ({err.msg}{'; the last line is cut off' if torn else ''})"
+        rows.append({UNREADABLE: f"line {number}: {problem}"} if problem else {**row, "_line": number})
+    kinds: dict[str, Counter] = {}
+    for row in rows:
+        for key, value in row.items():
+            if value is not None and key not in (UNREADABLE, "_line"):
+                kinds.setdefault(key, Counter())[_value_kind(value)] += 1
+    usual = {key: counts.most_common(1)[0][0] for key, counts in kinds.items()}
+    for row in rows:
+        line = row.pop("_line", None)
+        odd = [k for k, v in row.items() if k in usual and v is not None and _value_kind(v) != usual[k]]
+        if odd:
+            reason = f"line {line}: column {odd[0]!r} holds {_value_kind(row[odd[0]])}, not {usual[odd[0]]}"
+            row.clear()
+            row[UNREADABLE] = reason
+    columns = [*usual, UNREADABLE]
+    return Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
+
+
 def load_splits(source: str | Path, cache_dir: str | None = None) -> DatasetDict:
     """All splits of a local file, a local folder, or a hub dataset (by name)."""
     path = Path(source).expanduser()
@@ -42,7 +107,14 @@ def load_splits(source: str | Path, cache_dir: str | None = None) -> DatasetDict
             raise ValueError(
                 f"{path}: unsupported file type {path.suffix!r}; supported: {sorted(FILE_BUILDERS)}"
             )
-        return load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir)
+        if path.suffix.lower() == ".jsonl" and not _is_utf8(path):
+            return DatasetDict(train=read_jsonl_tolerantly(path))  # pyarrow would fail on reading a row
+        try:
+            return load_dataset(builder, data_files={"train": str(path)}, cache_dir=cache_dir)
+        except Exception:  # noqa: BLE001  (datasets raises several kinds for one bad line)
+            if path.suffix.lower() != ".jsonl":
+                raise
+            return DatasetDict(train=read_jsonl_tolerantly(path))
     if path.is_dir():
         files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
         if not any(p.suffix.lower() in FILE_BUILDERS for p in files):

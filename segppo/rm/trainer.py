@@ -76,7 +76,7 @@ class PreferenceData:
 def prepare_preferences(cfg: RMConfig, tokenizer) -> PreferenceData:
     """Load, split, format and tokenize the preference data (the held-out part is never trained on)."""
     options = LayoutOptions(
-        prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key
+        prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key, strict=cfg.strict
     )
     # The dataset's own eval split when it has one (or --eval-split names one), else a held-out fraction.
     train_rows, eval_rows = split_train_eval(
