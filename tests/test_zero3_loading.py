@@ -133,3 +133,23 @@ def test_zero3_load_is_partitioned_and_peaks_lower(checkpoint, tmp_path):
     # Half a model is the floor with 2 ranks; ~6 MiB of the rest does not grow with the model
     # (measured 0.60-0.63x at this size). The target, 0.6x, is for models of real size.
     assert peaks["segppo"] <= 0.7 * peaks["full"], runs
+
+
+def test_nested_partitioned_loading_keeps_the_outer_registration():
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from segppo.models.zero3 import partitioned_loading
+
+    init_distributed()
+    config = deepspeed_config(**_args())
+    with partitioned_loading(config):
+        with partitioned_loading(config):
+            assert is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()
+    with partitioned_loading(deepspeed_config(**{**_args(), "zero_stage": 2})) as registered:
+        assert registered is None and not is_deepspeed_zero3_enabled()
+
+
+def _args():
+    return dict(micro_batch_size=1, grad_accum=1, zero_stage=3, bf16=False, grad_clip=None)

@@ -5,7 +5,7 @@ in `deepspeed.initialize`, so at load each rank briefly holds whole copies of al
 With `HfDeepSpeedConfig` alive (transformers keeps only a weak reference to it, so the caller must
 hold it: `partitioned_loading`), transformers' `from_pretrained` constructs the model under
 `deepspeed.zero.Init`, every parameter partitioned as it is created; but it has every rank read the
-whole checkpoint, so each rank's peak host memory is no lower than a full load (measured 1.6-1.9x of
+whole checkpoint, so each rank's peak host memory is no lower than a full load (measured 1.56-1.9x of
 it on 2 CPU ranks). `from_pretrained_partitioned` builds the model the same way and then copies the
 checkpoint in on rank 0 only, one tensor at a time (gathered, filled, re-partitioned): measured
 0.60-0.63x of a full load for a 31 MiB model on 2 ranks, where 0.5x is the floor. `deepspeed.initialize`
@@ -43,8 +43,13 @@ def partitioned_loading(ds_config: dict[str, Any]) -> Iterator[object | None]:
         return
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
+    if is_deepspeed_zero3_enabled():
+        # Nested (e.g. `from_pretrained_partitioned` inside the run's own context): the outer
+        # registration stays, and leaving this one must not unregister it.
+        yield None
+        return
     if not dist.is_initialized():
         raise RuntimeError(
             "ZeRO-3 loading needs the process group first (segppo.distributed.init_distributed)"
