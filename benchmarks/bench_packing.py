@@ -5,7 +5,9 @@ Each micro-batch is 8 pairs (16 sequences) with lengths drawn from the log-norma
 prompts ~64 tokens, responses ~33 at the median, long right tail). Variants:
   padded   `collate_responses` + `reward_values` (left-padded prompts, right-padded responses);
   packed   `pack_responses` (rows of at most the padded width) + `packed_reward_values` with the
-           4D block mask (the CPU path).
+           4D block mask (the CPU path);
+  packed-position_ids  the same rows with position_ids only (transformers builds the mask; the
+           flash-attention varlen path on GPU).
 extra_info has real tokens, padding tokens and real tokens/s per micro-batch set.
 
     python -m pytest benchmarks/bench_packing.py -q --benchmark-min-rounds=3
@@ -50,7 +52,7 @@ def micro_batches():
     return batches
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed-position_ids"])
 def test_rm_forward(benchmark, reward_model, micro_batches, layout):
     benchmark.group = f"rm forward packed vs padded, scale {SCALE:g}"
     real = sum(sum(p) + sum(r) for p, r, _, _ in micro_batches)
@@ -64,6 +66,7 @@ def test_rm_forward(benchmark, reward_model, micro_batches, layout):
                     reward_values(reward_model, b.input_ids, b.attention_mask, b.position_ids)
 
     else:
+        mode = "position_ids" if layout.endswith("position_ids") else "mask"
         inputs = [
             pack_responses(pr, rs, [True] * SEQUENCES, 0, max_tokens=max(p) + max(r))
             for p, r, pr, rs in micro_batches
@@ -73,7 +76,7 @@ def test_rm_forward(benchmark, reward_model, micro_batches, layout):
         def run():
             with torch.no_grad():
                 for b in inputs:
-                    packed_reward_values(reward_model, b)
+                    packed_reward_values(reward_model, b, mode)
 
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(
