@@ -38,6 +38,7 @@ from segppo.normalizer import (
     import_param_json,
     save_plot,
 )
+from segppo.preflight import check_fit_normalizer
 from segppo.rm.scoring import RewardScorer, load_scorer
 from segppo.tracking import LiveProgress, console
 
@@ -66,6 +67,7 @@ def fit_normalizer_from_rm(cfg: FitNormalizerConfig) -> Normalizer:
     A fitted std line that drops below `sigma_floor` is recorded in the normalizer and emitted
     here as a `StdFloorWarning`.
     """
+    check_fit_normalizer(cfg)  # paths and hub names, in one line, before any start-up
     check_fit_inputs(cfg)
     launch(_fit_worker, cfg, nproc=cfg.nproc)
     normalizer = Normalizer.load(cfg.output)

@@ -285,17 +285,18 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
 
 
 def _train_rows(output_dir: Path) -> int:
+    """Train rows logged so far (a kill waits for one saved state too, so that there is one to resume)."""
     path = output_dir / "metrics.jsonl"
     return path.read_bytes().count(b'"split": "train"') if path.exists() else 0
 
 
-def _assert_same_run(got: Path, want: Path, weights: str) -> None:
+def _assert_same_run(got: Path, want: Path, weights: str, keys=("loss", "accuracy", "lr")) -> None:
     from safetensors.torch import load_file
 
     rows = lambda folder: [(r["step"], r["split"]) for r in read_metrics(folder)]  # noqa: E731
     assert rows(got) == rows(want)
     for g, w in zip(read_metrics(got), read_metrics(want), strict=True):
-        for key in ("loss", "accuracy", "lr"):
+        for key in keys:
             if key in w:
                 assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
     a, b = load_file(want / weights), load_file(got / weights)
@@ -331,9 +332,78 @@ def test_rm_train_killed_then_resumed_ends_as_an_unbroken_run(unbroken_rm_run, t
     )
     if moment == "step":
         at = random.Random().randint(1, RM_KILL_RUN["max_steps"] - 1)  # a random step; any must do
-        _kill_when(run, lambda: _train_rows(out) >= at)
+        _kill_when(run, lambda: _train_rows(out) >= at and (out / "state" / "latest").exists())
     else:  # while the state of step 2 is being written
         _kill_when(run, lambda: (out / "state" / ".step-2.tmp").exists())
     assert not (out / "model").exists()
     train_reward_model(dataclasses.replace(unbroken_rm_run, output=str(out), resume=True))
     _assert_same_run(out, unbroken_rm_run.output_dir, "model/model.safetensors")
+
+
+PPO_TRAIN = """
+import json, sys
+from segppo.config import PPOConfig
+from segppo.ppo.trainer import train_ppo
+train_ppo(PPOConfig(**json.loads(sys.argv[1])))
+"""
+
+PPO_KILL_RUN = dict(
+    rollout_batch_size=8,
+    micro_rollout_batch_size=8,
+    train_batch_size=8,
+    micro_train_batch_size=8,
+    max_new_tokens=8,
+    max_prompt_len=48,
+    actor_lr=1e-2,
+    critic_lr=1e-2,
+    critic_init="sft",
+    ppo_epochs=1,
+    zero_stage=0,
+    warmup_ratio=0.0,
+    max_steps=4,
+    save_every=1,
+    seed=0,
+)
+PPO_KEYS = ("reward", "kl", "entropy", "response_length", "actor_lr", "critic_lr")
+
+
+@pytest.fixture(scope="module")
+def ppo_inputs(tiny_lm_dir, preferences_file, tmp_path_factory):
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+
+    rm = tmp_path_factory.mktemp("ppo_rm") / "run"
+    train_reward_model(tiny_rm_config(tiny_lm_dir, preferences_file, rm, max_steps=4))
+    prompts = tmp_path_factory.mktemp("ppo_prompts") / "prompts.jsonl"
+    prompts.write_text(
+        "\n".join(json.dumps({"prompt": p}) for p in ["Name the capital.", "Which city?"] * 20)
+    )
+    return dict(policy=tiny_lm_dir, reward_model=str(rm), prompts=str(prompts))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["step", "save"])
+def test_ppo_train_killed_then_resumed_ends_as_an_unbroken_run(ppo_inputs, tmp_path, moment):
+    from segppo.config import PPOConfig
+    from segppo.ppo.trainer import train_ppo
+
+    unbroken = PPOConfig(**ppo_inputs, output=str(tmp_path / "unbroken"), **PPO_KILL_RUN)
+    train_ppo(unbroken)
+    out = tmp_path / "run"
+    values = dict(ppo_inputs, output=str(out), **PPO_KILL_RUN)
+    run = subprocess.Popen(
+        [sys.executable, "-c", PPO_TRAIN, json.dumps(values)],
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if moment == "step":
+        at = random.Random().randint(1, PPO_KILL_RUN["max_steps"] - 1)  # a random step; any must do
+        _kill_when(run, lambda: _train_rows(out) >= at and (out / "state" / "latest").exists())
+    else:
+        _kill_when(run, lambda: (out / "state" / ".step-2.tmp").exists())
+    assert not (out / "policy").exists()
+    train_ppo(PPOConfig(**values, resume=True))
+    _assert_same_run(out, unbroken.output_dir, "policy/model.safetensors", keys=PPO_KEYS)

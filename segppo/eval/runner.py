@@ -35,6 +35,7 @@ from segppo.generation import SamplingConfig, stop_token_ids
 from segppo.io import atomic_write_json, atomic_write_text
 from segppo.models import SegppoMetadata, load_policy, load_tokenizer
 from segppo.models.metadata import METADATA_FILE
+from segppo.preflight import check_eval
 from segppo.rm.scoring import load_scorer
 from segppo.tracking import LiveProgress
 
@@ -254,6 +255,7 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
     of `cfg.reward_model`/`cfg.scorer` (exactly one of the three). `progress` shows a progress bar.
     Returns the results; `results.json` and the other files are in `cfg.output`.
     """
+    check_eval(cfg)  # paths and hub names, in one line, before any model is loaded
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs, baseline = policy_specs(cfg)
