@@ -1,9 +1,10 @@
 """PPO's small pure functions: token rewards, KL, losses, whitening, KL control.
 
 Per-token tensors are `[B, T]` on response tokens with a `mask` of the same shape. Losses return
-the *sum* over the batch's tokens scaled by `scale`, so that a caller can normalise by the token
-count of the whole rollout (see `segppo.ppo.trainer`): a global token mean that does not depend on
-how samples are grouped into micro-batches or ranks. Statistics over every rank's tokens are taken
+the *sum* over the batch's tokens (token-mean) or of each sequence's token mean (seq-mean) scaled by
+`scale`, so that a caller can normalise by the token or sequence count of the whole optimizer step
+(`loss_denominator`, see `segppo.ppo.trainer`): a mean that does not depend on how samples are
+grouped into micro-batches or ranks. Statistics over every rank's tokens are taken
 from `masked_moments` that the caller has summed over ranks: nothing here communicates.
 """
 
@@ -80,6 +81,36 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.T
     return torch.where(mask.bool(), out, torch.zeros((), device=x.device))
 
 
+# |log π − log π_old| beyond this is clamped before `exp` (as verl does): e^20 ≈ 5·10⁸ is far outside
+# any clip range yet finite in float32 and bf16, where one token at e^89 would make the loss infinite.
+LOG_RATIO_LIMIT = 20.0
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
+
+
+def loss_denominator(response_lengths: list[int], agg: str) -> float:
+    """What one optimizer step's loss is averaged over: its tokens (token-mean) or sequences (seq-mean).
+
+    The caller takes it over every rank's rows of the step, so that the loss does not depend on
+    how they are split into micro-batches or ranks.
+    """
+    if agg == "token-mean":
+        return float(sum(response_lengths))
+    if agg == "seq-mean":
+        return float(len(response_lengths))
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {agg!r}")
+
+
+def _aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str, scale: float) -> torch.Tensor:
+    """Σ over tokens (token-mean) or Σ over sequences of each one's token mean (seq-mean), × `scale`."""
+    loss_denominator([], agg)  # validates `agg`
+    masked = torch.where(mask.bool(), loss, torch.zeros((), device=loss.device))
+    if agg == "token-mean":
+        return masked.sum() * scale
+    lengths = mask.sum(-1).clamp(min=1).to(loss.dtype)  # an empty response contributes 0
+    return (masked.sum(-1) / lengths).sum() * scale
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -88,19 +119,34 @@ def policy_loss(
     *,
     clip: float,
     scale: float,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate `max(−A·r, −A·clip(r, 1±ε))` summed over tokens × `scale`; sums for metrics."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    """Clipped surrogate `max(−A·r, −A·clip(r, 1−ε, 1+ε_high))`, aggregated by `agg`, × `scale`.
+
+    `clip_high` is ε_high (default ε). With `dual_clip` C > 1 the loss of a token with A < 0 is
+    at most C·|A| (Ye et al., 2020; OpenRLHF's and verl's dual clip). Metrics are token sums.
+    """
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    high = clip if clip_high is None else clip_high
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + high)
     loss = torch.maximum(unclipped, clipped)
-    log_ratio = (logprobs - old_logprobs).detach()
+    dual_clipped = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        bound = -dual_clip * advantages  # C·|A| where A < 0
+        dual_clipped = (advantages < 0) & (loss > bound)
+        loss = torch.where(dual_clipped, bound, loss)
+    log_ratio = log_ratio.detach()
     stats = {
         "policy_loss": masked_sum(loss.detach(), mask),
         "policy_clipfrac": masked_sum((clipped > unclipped).float(), mask),
+        "policy_dual_clipfrac": masked_sum(dual_clipped.float(), mask),
         "approx_kl": masked_sum(torch.expm1(log_ratio) - log_ratio, mask),
     }
-    return masked_sum(loss, mask) * scale, stats
+    return _aggregate(loss, mask, agg, scale), stats
 
 
 def value_loss(
@@ -111,8 +157,9 @@ def value_loss(
     *,
     clip: float,
     scale: float,
+    agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss `½·max((V−R)², (V_clip−R)²)` summed over tokens × `scale`."""
+    """Clipped value loss `½·max((V−R)², (V_clip−R)²)`, aggregated by `agg`, × `scale`."""
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     unclipped = (values - returns) ** 2
     clipped = (clipped_values - returns) ** 2
@@ -121,7 +168,7 @@ def value_loss(
         "value_loss": masked_sum(loss.detach(), mask),
         "value_clipfrac": masked_sum((clipped > unclipped).float(), mask),
     }
-    return masked_sum(loss, mask) * scale, stats
+    return _aggregate(loss, mask, agg, scale), stats
 
 
 def explained_variance(returns_moments: torch.Tensor, error_moments: torch.Tensor) -> float:
