@@ -271,10 +271,17 @@ class PPOConfig:
     value_clip: float | None = option(None, help="Default 0.25 dense, 0.2 bandit.")
     whiten_advantages: bool = True
     advantage: str = "gae"  # gae | rloo | grpo | reinforce++: the last three need no critic
-    n_samples_per_prompt: int = 1  # responses per prompt: the group of rloo/grpo's baseline
-    rollout_batch_size: int = option(1024, help="Prompts per rollout over all ranks.")
-    micro_rollout_batch_size: int = option(16, help="Prompts per generate call on one rank.")
-    train_batch_size: int = option(128, help="Samples per optimizer step over all ranks.")
+    n_samples_per_prompt: int = option(
+        1, help="Responses per prompt, consecutive rows of one micro-rollout: rloo/grpo's group."
+    )
+    rollout_batch_size: int = option(
+        1024, help="Prompts per rollout over all ranks (× --n-samples-per-prompt responses, as OpenRLHF)."
+    )
+    micro_rollout_batch_size: int = option(
+        16, help="Responses per generate call on one rank (a multiple of --n-samples-per-prompt)."
+    )
+    rollout_engine: str = option("hf", help="hf | vllm: the generation engine of the rollouts.")
+    train_batch_size: int = option(128, help="Responses per optimizer step over all ranks.")
     micro_train_batch_size: int = 4
     ppo_epochs: int = 1
     num_episodes: int = option(1, help="Passes over the prompt set.")
@@ -323,6 +330,7 @@ class PPOConfig:
             "kl_estimator": ("k1", "k3"),
             "distribute": ("interpolate", "repeat", "end"),
             "advantage": ESTIMATORS,
+            "rollout_engine": ("hf", "vllm"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -355,26 +363,36 @@ class PPOConfig:
     def output_dir(self) -> Path:
         return Path(self.output)
 
+    @property
+    def responses_per_rollout(self) -> int:
+        """Responses (rows) per rollout: `rollout_batch_size` prompts × `n_samples_per_prompt`."""
+        return self.rollout_batch_size * self.n_samples_per_prompt
+
     def batch_layout(self, world_size: int) -> tuple[int, int]:
-        """(prompts per rank per rollout, gradient-accumulation steps) for `world_size` ranks."""
-        if self.rollout_batch_size % (self.micro_rollout_batch_size * world_size):
+        """(responses per rank per rollout, gradient-accumulation steps) for `world_size` ranks."""
+        n = self.n_samples_per_prompt
+        # A prompt's n responses are consecutive rows of one micro-rollout, so a group never
+        # straddles micro-batches or ranks (rloo/grpo take their baseline within one batch).
+        if self.micro_rollout_batch_size % n:
             raise ValueError(
-                f"--rollout-batch-size {self.rollout_batch_size} must be a multiple of "
+                f"--micro-rollout-batch-size {self.micro_rollout_batch_size} (responses) must be a "
+                f"multiple of --n-samples-per-prompt {n}"
+            )
+        responses = self.responses_per_rollout
+        what = f"--rollout-batch-size {self.rollout_batch_size}" + (f" × {n} samples" if n > 1 else "")
+        if responses % (self.micro_rollout_batch_size * world_size):
+            raise ValueError(
+                f"{what} must be a multiple of "
                 f"--micro-rollout-batch-size {self.micro_rollout_batch_size} × {world_size} rank(s)"
             )
-        if self.rollout_batch_size % self.train_batch_size:
-            raise ValueError(
-                f"--rollout-batch-size {self.rollout_batch_size} must be a multiple of "
-                f"--train-batch-size {self.train_batch_size}"
-            )
+        if responses % self.train_batch_size:
+            raise ValueError(f"{what} must be a multiple of --train-batch-size {self.train_batch_size}")
         if self.train_batch_size % (self.micro_train_batch_size * world_size):
             raise ValueError(
                 f"--train-batch-size {self.train_batch_size} must be a multiple of "
                 f"--micro-train-batch-size {self.micro_train_batch_size} × {world_size} rank(s)"
             )
-        return self.rollout_batch_size // world_size, self.train_batch_size // (
-            self.micro_train_batch_size * world_size
-        )
+        return responses // world_size, self.train_batch_size // (self.micro_train_batch_size * world_size)
 
 
 @dataclass

@@ -132,3 +132,10 @@ def whitens(estimator: str, whiten_advantages: bool) -> bool:
     if estimator not in ESTIMATORS:
         raise ValueError(f"advantage estimator must be one of {ESTIMATORS}, got {estimator!r}")
     return {"reinforce++": True, "grpo": False}.get(estimator, whiten_advantages)
+
+
+def needs_critic(estimator: str) -> bool:
+    """Only GAE has a critic; the others take their baseline from the returns (no value model)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"advantage estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    return estimator == "gae"

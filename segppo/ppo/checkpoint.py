@@ -13,10 +13,15 @@ from segppo.ppo.losses import KLController
 from segppo.ppo.rollout import RewardShaping
 
 
+def trained_engines(models) -> dict:
+    """The DeepSpeed engines a state holds: the actor, and the critic when the estimator has one."""
+    return {"actor": models.actor} | ({"critic": models.critic} if models.critic is not None else {})
+
+
 def save_state(cfg: PPOConfig, models, kl_ctl: KLController, step: int) -> None:
     """Actor, critic (DeepSpeed: weights, optimizer, schedule, RNG) and the KL controller after `step`."""
     save_training_state(
-        {"actor": models.actor, "critic": models.critic},
+        trained_engines(models),
         cfg.output_dir / "state",
         f"step-{step}",
         {"step": step, "kl": kl_ctl.state_dict()},
@@ -25,9 +30,7 @@ def save_state(cfg: PPOConfig, models, kl_ctl: KLController, step: int) -> None:
 
 def load_state(cfg: PPOConfig, models, kl_ctl: KLController) -> int:
     """Restore the latest state; returns the number of steps it has done."""
-    state = load_training_state(
-        {"actor": models.actor, "critic": models.critic}, latest_state(cfg.output_dir / "state")
-    )
+    state = load_training_state(trained_engines(models), latest_state(cfg.output_dir / "state"))
     kl_ctl.load_state_dict(state["kl"])
     return int(state["step"])
 

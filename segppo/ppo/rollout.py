@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from segppo.data import ChatFormat, ResponseBatch, collate_responses
-from segppo.kernels import SegmentRewards, gae, segment_rewards, sequence_scores
+from segppo.kernels import SegmentRewards, segment_rewards, sequence_scores
 from segppo.models.reward_model import reward_values
+from segppo.ppo.advantages import advantages_and_returns, group_ids_for
 from segppo.ppo.losses import kl_penalty, token_rewards, whiten
 from segppo.rm.scoring import encode_for_reward_model
 from segppo.segments import Segmentation, logprobs_and_entropy
@@ -50,7 +51,7 @@ class Experience:
     ref_logprobs: torch.Tensor  # [B, T]
     ref_entropy: torch.Tensor  # [B, T] the reference's entropy: the segmentation signal
     policy_entropy: torch.Tensor  # [B, T]
-    values: torch.Tensor  # [B, T] the critic's
+    values: torch.Tensor  # [B, T] the critic's (0 without a critic)
     rm_values: torch.Tensor  # [B, T] the reward model's per-token values
     # Filled by `rewards`:
     segments: SegmentRewards | None = None  # dense normalized rewards, ends, counts
@@ -73,7 +74,10 @@ def score(batch: ResponseBatch, *, actor, critic, reference, rm_values_fn) -> Ex
     logprobs, policy_entropy = logprobs_and_entropy(actor, *args)
     # One pass over the reference's logits: KL log-probs and the segmentation entropy.
     ref_logprobs, ref_entropy = logprobs_and_entropy(reference, *args)
-    values = torch.where(batch.response_mask, critic_values(critic, batch), 0.0)
+    if critic is None:  # a critic-free estimator: no values (advantages come from returns-to-go)
+        values = torch.zeros(batch.response_mask.shape, device=batch.response_mask.device)
+    else:
+        values = torch.where(batch.response_mask, critic_values(critic, batch), 0.0)
     return Experience(batch, logprobs, ref_logprobs, ref_entropy, policy_entropy, values, rm_values_fn(batch))
 
 
@@ -117,11 +121,27 @@ def rewards(exp: Experience, shaping: RewardShaping, kl_coef: float) -> Experien
 
 @torch.no_grad()
 def advantages(
-    experiences: list[Experience], *, gamma: float, lam: float, whiten_with=None
+    experiences: list[Experience],
+    estimator: str = "gae",
+    *,
+    n_samples_per_prompt: int = 1,
+    gamma: float,
+    lam: float,
+    whiten_with=None,
 ) -> list[Experience]:
-    """GAE per batch; `whiten_with(advantages, mask) -> (mean, var)` (every rank's tokens) whitens."""
+    """`estimator`'s advantages per batch (`advantages_and_returns`; a batch holds whole groups of
+    `n_samples_per_prompt` consecutive rows); `whiten_with(advantages, mask) -> (mean, var)` (every
+    rank's tokens) whitens."""
     for e in experiences:
-        e.advantages, e.returns = gae(e.rewards, e.values, e.batch.response_mask, gamma=gamma, lam=lam)
+        e.advantages, e.returns = advantages_and_returns(
+            estimator,
+            e.rewards,
+            e.batch.response_mask,
+            values=e.values,
+            group_ids=group_ids_for(e.rewards.shape[0], n_samples_per_prompt),
+            gamma=gamma,
+            lam=lam,
+        )
     if whiten_with is not None:
         adv = torch.cat([e.advantages.flatten() for e in experiences])
         mask = torch.cat([e.batch.response_mask.flatten() for e in experiences])

@@ -25,6 +25,7 @@ from segppo.models import (
 )
 from segppo.models.reward_model import run_model_folder
 from segppo.optim import training_engine
+from segppo.ppo.advantages import needs_critic
 from segppo.ppo.rollout import RewardShaping, foreign_bandit_rm_values, shared_rm_values
 from segppo.rm.scoring import resolve_normalizer, same_vocabulary
 from segppo.segments import Segmentation
@@ -147,8 +148,8 @@ class Models:
 
     actor: object
     actor_sched: object
-    critic: object
-    critic_sched: object
+    critic: object | None  # None for a critic-free estimator
+    critic_sched: object | None
     reference: torch.nn.Module
     rm_values_fn: Callable  # batch -> [B, T] the RM's per-token values on the response
 
@@ -168,7 +169,9 @@ def load_models(
     dtype = "bf16" if cfg.bf16 else "fp32"
     kw = dict(trust_remote_code=cfg.trust_remote_code)
     actor = load_policy(cfg.policy, gradient_checkpointing=cfg.gradient_checkpointing, **kw)
-    if cfg.critic_init == "rm":
+    if not needs_critic(cfg.advantage):
+        critic = None  # rloo/grpo/reinforce++: no value model is built, trained or saved
+    elif cfg.critic_init == "rm":
         if not reward.shares_tokenizer:
             raise ValueError("--critic-init rm needs an RM that shares the policy's tokenizer; use sft")
         critic, _ = load_reward_model(
@@ -181,7 +184,8 @@ def load_models(
     else:
         critic = create_reward_model(cfg.policy, gradient_checkpointing=cfg.gradient_checkpointing, **kw)
     for model in (actor, critic):
-        disable_dropout(model)
+        if model is not None:
+            disable_dropout(model)
     reference = load_policy(cfg.reference or cfg.policy, dtype=dtype, **kw)
     reference = frozen_on_device(reference, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
     rm = frozen_on_device(reward.model, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
@@ -197,5 +201,5 @@ def load_models(
         config=cfg,
     )
     actor, actor_sched = training_engine(actor, lr=cfg.actor_lr, **engine)
-    critic, critic_sched = training_engine(critic, lr=cfg.critic_lr, **engine)
+    critic, critic_sched = training_engine(critic, lr=cfg.critic_lr, **engine) if critic else (None, None)
     return Models(actor, actor_sched, critic, critic_sched, reference, rm_values_fn)

@@ -41,6 +41,7 @@ from segppo.distributed import (
 from segppo.generation import HFEngine, SamplingConfig, seed_for, stop_token_ids
 from segppo.models import load_tokenizer
 from segppo.ppo import checkpoint
+from segppo.ppo.advantages import whitens
 from segppo.ppo.losses import (
     KLController,
     explained_variance,
@@ -123,7 +124,7 @@ class PPOTrainer:
             synced_gpus=cfg.zero_stage == 3 and info.world_size > 1,
         )
         self._prompt_of_ids: dict[tuple[int, ...], list[dict]] = {}
-        updates = self.total_steps * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.train_batch_size)
+        updates = self.total_steps * cfg.ppo_epochs * (cfg.responses_per_rollout // cfg.train_batch_size)
         self.models = load_models(
             cfg,
             info,
@@ -144,6 +145,7 @@ class PPOTrainer:
         """One PPO step: generate → score → rewards → advantages → update; returns its metrics."""
         cfg, m = self.cfg, self.models
         timing: dict[str, float] = {}
+        step_start = time.perf_counter()
         with _timed(timing, "generation"):
             batches = self.generate(step)
         with _timed(timing, "scoring"):
@@ -154,32 +156,44 @@ class PPOTrainer:
             ]
             with _timed(timing, "rewards"):  # segmentation through GAE
                 experiences = [rewards(e, self.shaping, self.kl_ctl.coef) for e in experiences]
-                whiten_with = global_mean_var if cfg.whiten_advantages else None
-                experiences = advantages(experiences, gamma=cfg.gamma, lam=cfg.lam, whiten_with=whiten_with)
+                whiten_with = global_mean_var if whitens(cfg.advantage, cfg.whiten_advantages) else None
+                experiences = advantages(
+                    experiences,
+                    cfg.advantage,
+                    n_samples_per_prompt=cfg.n_samples_per_prompt,
+                    gamma=cfg.gamma,
+                    lam=cfg.lam,
+                    whiten_with=whiten_with,
+                )
         metrics = self.rollout_metrics(experiences)
         if metrics.pop("nonfinite") > 0:
             self._stop_non_finite(step, "a reward or advantage", updated=False)
         self._log_samples(experiences, step + 1)
         with _timed(timing, "training"):
             metrics.update(self.update(RolloutPool.of(experiences, self.tokenizer.pad_token_id), step))
-        metrics["explained_variance"] = self.explained_variance(experiences)
+        if m.critic is not None:
+            metrics["explained_variance"] = self.explained_variance(experiences)
         self.kl_ctl.update(metrics["kl"], int(metrics["responses"]))
         metrics.update({f"time_{k}": v for k, v in timing.items()})
+        metrics.update(throughput(timing, time.perf_counter() - step_start, metrics["tokens"]))
         return metrics
 
     def generate(self, step: int):
-        """This rank's share of the step's prompts, one response each, in micro-rollout batches."""
+        """This rank's share of the step's prompts, `n_samples_per_prompt` responses each, in
+        micro-rollout batches."""
         cfg, info = self.cfg, self.info
         episode, index = divmod(step, self.steps_per_episode)
         order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(cfg.seed + episode))
         chosen = order[index * cfg.rollout_batch_size : (index + 1) * cfg.rollout_batch_size].tolist()
-        m = cfg.micro_rollout_batch_size
+        n = cfg.n_samples_per_prompt
+        per_micro = cfg.micro_rollout_batch_size // n  # prompts per micro-rollout
         batches = []
         self.models.actor.eval()
         # Micro-rollout j goes to rank j mod world and samples from a seed of its own, so a run gives
-        # the same responses on any number of ranks.
-        for j in range(info.rank, cfg.rollout_batch_size // m, info.world_size):
-            prompts = [self.prompts[i] for i in chosen[j * m : (j + 1) * m]]
+        # the same responses on any number of ranks. A prompt's n samples are consecutive rows of
+        # one micro-rollout (`group_ids_for`), so a group never straddles batches or ranks.
+        for j in range(info.rank, cfg.responses_per_rollout // cfg.micro_rollout_batch_size, info.world_size):
+            prompts = [self.prompts[i] for i in chosen[j * per_micro : (j + 1) * per_micro] for _ in range(n)]
             for p in prompts:
                 self._prompt_of_ids[tuple(p.prompt_ids)] = p.messages
             torch.manual_seed(seed_for(cfg.seed, step, j))
@@ -202,7 +216,8 @@ class PPOTrainer:
         names = ("policy_loss", "policy_clipfrac", "approx_kl", "value_loss", "value_clipfrac", "tokens")
         sums = torch.zeros(len(names), dtype=torch.float64, device=info.device)
         m.actor.train()
-        m.critic.train()
+        if m.critic is not None:
+            m.critic.train()
         for number, (rows, total) in enumerate(zip(updates, tokens, strict=True)):
             scale = self.grad_accum * info.world_size / max(total, 1.0)
             micro = [
@@ -223,8 +238,9 @@ class PPOTrainer:
                         self._stop_non_finite(step, what, updated=number > 0)
                 m.actor.backward(p_loss)
                 m.actor.step()
-                m.critic.backward(v_loss)
-                m.critic.step()
+                if m.critic is not None:
+                    m.critic.backward(v_loss)
+                    m.critic.step()
                 sums += torch.stack([stats[n] for n in names]).double()
         s = dict(zip(names, all_reduce_sum(sums).tolist(), strict=True))
         total_tokens = max(s.pop("tokens"), 1.0)
@@ -238,10 +254,14 @@ class PPOTrainer:
         p_loss, p_stats = policy_loss(
             logprobs, old["logprobs"], old["advantages"], mask, clip=self.cfg.policy_clip, scale=scale
         )
-        values = critic_values(self.models.critic, batch)
-        v_loss, v_stats = value_loss(
-            values, old["values"], old["returns"], mask, clip=self.value_clip, scale=scale
-        )
+        if self.models.critic is None:  # a critic-free estimator: no value loss
+            v_loss = torch.zeros((), device=mask.device)
+            v_stats = {"value_loss": v_loss, "value_clipfrac": v_loss}
+        else:
+            values = critic_values(self.models.critic, batch)
+            v_loss, v_stats = value_loss(
+                values, old["values"], old["returns"], mask, clip=self.value_clip, scale=scale
+            )
         return (p_loss, v_loss), {**p_stats, **v_stats, "tokens": mask.sum().float()}
 
     def rollout_metrics(self, experiences: list[Experience]) -> dict[str, float]:
@@ -332,7 +352,8 @@ class PPOTrainer:
                 metrics["time_step"] = elapsed
                 metrics["tokens_per_s"] = metrics["tokens"] / elapsed
                 metrics["actor_lr"] = m.actor_sched.get_last_lr()[0]
-                metrics["critic_lr"] = m.critic_sched.get_last_lr()[0]
+                if m.critic_sched is not None:
+                    metrics["critic_lr"] = m.critic_sched.get_last_lr()[0]
                 done = step + 1
                 tracker.log(done, metrics)
                 progress.update(1, reward=metrics["reward"], kl=metrics["kl"], len=metrics["response_length"])
@@ -381,6 +402,16 @@ class PPOTrainer:
         raise NonFiniteError(
             f"step {step + 1}: {what} is not finite; {saved} (resume with --resume after fixing the cause)"
         )
+
+
+def throughput(timing: dict[str, float], step_time: float, generated_tokens: float) -> dict[str, float]:
+    """Response tokens generated per second (every rank's tokens over this rank's generation time;
+    ranks generate in parallel) and the share of the step in generation, scoring (rewards and
+    advantages included) and training: what to compare the rollout engines by."""
+    out = {"generation_tokens_per_s": generated_tokens / max(timing["generation"], 1e-9)}
+    for phase in ("generation", "scoring", "training"):
+        out[f"share_{phase}"] = timing[phase] / max(step_time, 1e-9)
+    return out
 
 
 @contextmanager
