@@ -18,6 +18,7 @@ import yaml
 
 from segppo.kernels import GRANULARITIES
 from segppo.ppo.advantages import ESTIMATORS, GROUP_ESTIMATORS
+from segppo.ppo.losses import LOSS_AGGREGATIONS
 from segppo.presets import FIT_NORMALIZER_PRESETS, PPO_PRESETS, RM_PRESETS, preset_values  # re-exported
 
 
@@ -268,6 +269,17 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     policy_clip: float = 0.2
+    policy_clip_high: float | None = option(
+        None, help="ε_high of the ratio's upper clip 1 + ε_high (default --policy-clip; DAPO's clip-higher)."
+    )
+    dual_clip: float | None = option(
+        None, help="Dual clip C > 1: a token's policy loss where A < 0 is at most C·|A| (off by default)."
+    )
+    loss_agg: str = option(
+        "token-mean",
+        help="token-mean: over all tokens of an optimizer step | seq-mean: per response, then over "
+        "responses (the paper's code).",
+    )
     value_clip: float | None = option(None, help="Default 0.25 dense, 0.2 bandit.")
     whiten_advantages: bool = True
     advantage: str = "gae"  # gae | rloo | grpo | reinforce++: the last three need no critic
@@ -354,6 +366,12 @@ class PPOConfig:
         for name in ("kl_coef", "reward_clip", "policy_clip", "actor_lr", "critic_lr"):
             if getattr(self, name) < 0 or (name != "kl_coef" and getattr(self, name) == 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.policy_clip_high is not None and not self.policy_clip_high > 0:
+            raise ValueError(f"--policy-clip-high must be positive, got {self.policy_clip_high}")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"--dual-clip must be greater than 1, got {self.dual_clip}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"--loss-agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
         if self.overlong_penalty is not None and self.max_response_len is None:
             raise ValueError("--overlong-penalty needs --max-response-len")
         if self.max_steps is not None and self.max_steps < 1:

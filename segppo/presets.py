@@ -68,6 +68,7 @@ _PAPER_PPO = dict(
     reward_clip=10.0,
     gamma=1.0,
     lam=0.95,
+    loss_agg="seq-mean",  # the paper's code: each response's token mean, then the batch mean
 )
 _PPO_BACKBONES = {
     # name: (policy, RM hub prefix, episodes, micro train batch, micro rollout batch, bandit mean/std)

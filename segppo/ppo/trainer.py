@@ -6,8 +6,9 @@
   3. rewards: dense rewards (`segment_rewards`), clipped, − β·KL, penalties;
   4. advantages: GAE (`gae`), whitened over the whole rollout on every rank;
   5. update: `ppo_epochs` passes of clipped policy and value losses, `train_batch_size` samples per
-     optimizer step, normalised by the update's token count over all ranks (a global token mean,
-     whatever the micro-batch or rank split).
+     optimizer step, normalised by the update's token count over all ranks (a global token mean;
+     `--loss-agg seq-mean`: each response's mean over the update's responses), whatever the
+     micro-batch or rank split.
 Set-up is in `segppo.ppo.setup`, the phases in `segppo.ppo.rollout`, regrouping into micro-batches
 in `segppo.ppo.samples`, state and export in `segppo.ppo.checkpoint`.
 
@@ -45,6 +46,7 @@ from segppo.ppo.advantages import whitens
 from segppo.ppo.losses import (
     KLController,
     explained_variance,
+    loss_denominator,
     masked_moments,
     mean_var,
     policy_loss,
@@ -209,16 +211,27 @@ class PPOTrainer:
             generator = torch.Generator().manual_seed(seed_for(cfg.seed, step, epoch, info.rank))
             order = torch.randperm(len(pool), generator=generator).tolist()
             updates += [order[u : u + per_update] for u in range(0, len(order), per_update)]
-        # Every update's token count over all ranks, in one collective: each micro-batch's loss is a
-        # sum over its tokens divided by it, undoing DeepSpeed's mean over micro-batches and ranks.
-        tokens = torch.tensor([float(pool.tokens(rows)) for rows in updates], device=info.device)
-        tokens = all_reduce_sum(tokens).tolist()
-        names = ("policy_loss", "policy_clipfrac", "approx_kl", "value_loss", "value_clipfrac", "tokens")
+        # Every update's loss denominator over all ranks (its tokens, or its responses for seq-mean),
+        # in one collective: each micro-batch's loss is divided by it, undoing DeepSpeed's mean over
+        # micro-batches and ranks, so the loss does not depend on how rows are split between them.
+        counts = [
+            loss_denominator([pool.response_lengths[i] for i in rows], cfg.loss_agg) for rows in updates
+        ]
+        denominators = all_reduce_sum(torch.tensor(counts, device=info.device)).tolist()
+        names = (
+            "policy_loss",
+            "policy_clipfrac",
+            "policy_dual_clipfrac",
+            "approx_kl",
+            "value_loss",
+            "value_clipfrac",
+            "tokens",
+        )
         sums = torch.zeros(len(names), dtype=torch.float64, device=info.device)
         m.actor.train()
         if m.critic is not None:
             m.critic.train()
-        for number, (rows, total) in enumerate(zip(updates, tokens, strict=True)):
+        for number, (rows, total) in enumerate(zip(updates, denominators, strict=True)):
             scale = self.grad_accum * info.world_size / max(total, 1.0)
             micro = [
                 rows[k : k + cfg.micro_train_batch_size]
@@ -251,8 +264,17 @@ class PPOTrainer:
         mask = batch.response_mask
         args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
         logprobs, _ = logprobs_and_entropy(self.models.actor, *args)
+        cfg = self.cfg
         p_loss, p_stats = policy_loss(
-            logprobs, old["logprobs"], old["advantages"], mask, clip=self.cfg.policy_clip, scale=scale
+            logprobs,
+            old["logprobs"],
+            old["advantages"],
+            mask,
+            clip=cfg.policy_clip,
+            clip_high=cfg.policy_clip_high,
+            dual_clip=cfg.dual_clip,
+            agg=cfg.loss_agg,
+            scale=scale,
         )
         if self.models.critic is None:  # a critic-free estimator: no value loss
             v_loss = torch.zeros((), device=mask.device)
@@ -260,7 +282,13 @@ class PPOTrainer:
         else:
             values = critic_values(self.models.critic, batch)
             v_loss, v_stats = value_loss(
-                values, old["values"], old["returns"], mask, clip=self.value_clip, scale=scale
+                values,
+                old["values"],
+                old["returns"],
+                mask,
+                clip=self.value_clip,
+                scale=scale,
+                agg=cfg.loss_agg,
             )
         return (p_loss, v_loss), {**p_stats, **v_stats, "tokens": mask.sum().float()}
 
