@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from segppo.config import PPOConfig
 from segppo.ppo.losses import (
     KLController,
     loss_denominator,
@@ -17,6 +18,7 @@ from segppo.ppo.losses import (
     value_loss,
     whiten,
 )
+from segppo.presets import PPO_PRESETS
 
 LN = math.log
 
@@ -115,8 +117,12 @@ def test_loss_does_not_depend_on_the_micro_batch_split(agg):
     values, old_values, returns = (torch.randn(6, 5, generator=generator) for _ in range(3))
 
     def losses(rows: list[int], scale: float) -> torch.Tensor:
-        p, _ = policy_loss(logprobs[rows], old[rows], advantages[rows], mask[rows], clip=0.2, scale=scale, agg=agg)
-        v, _ = value_loss(values[rows], old_values[rows], returns[rows], mask[rows], clip=0.2, scale=scale, agg=agg)
+        p, _ = policy_loss(
+            logprobs[rows], old[rows], advantages[rows], mask[rows], clip=0.2, scale=scale, agg=agg
+        )
+        v, _ = value_loss(
+            values[rows], old_values[rows], returns[rows], mask[rows], clip=0.2, scale=scale, agg=agg
+        )
         return torch.stack([p, v])
 
     def split(groups: list[list[int]]) -> torch.Tensor:
@@ -197,3 +203,21 @@ def test_adaptive_kl_controller_follows_openrlhf():
     restored = KLController(coef=1.0, target=6.0)
     restored.load_state_dict(first.state_dict())
     assert restored.coef == first.coef
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("dual_clip", 1.0, "--dual-clip must be greater than 1"),
+        ("policy_clip_high", 0.0, "--policy-clip-high must be positive"),
+        ("loss_agg", "mean", "--loss-agg must be one of"),
+    ],
+)
+def test_bad_loss_options_are_refused(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", **{option: value})
+
+
+def test_paper_presets_use_seq_mean():
+    assert {preset["loss_agg"] for preset in PPO_PRESETS.values()} == {"seq-mean"}
+    assert PPOConfig(policy="p", reward_model="r", prompts="x", output="o").loss_agg == "token-mean"
