@@ -164,3 +164,20 @@ class VLLMEngine:
         )
         # cached KV blocks of earlier prompts were computed with the old weights
         self.llm.reset_prefix_cache()
+
+
+def gathered_weights(model: torch.nn.Module, *, zero_stage: int) -> Iterable[tuple[str, torch.Tensor]]:
+    """`(name, full tensor)` of each of `model`'s parameters, one at a time, for `update_weights`.
+
+    Under ZeRO-3 each parameter is gathered (`deepspeed.zero.GatheredParameters`) only while the
+    engine copies it, so no rank ever holds a full extra copy of the model. Every rank must iterate
+    (the gather is a collective); parameters come in the same order on all of them.
+    """
+    for name, param in model.named_parameters():
+        if zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                yield name, param.data
+        else:
+            yield name, param.data

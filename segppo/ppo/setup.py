@@ -203,3 +203,24 @@ def load_models(
     actor, actor_sched = training_engine(actor, lr=cfg.actor_lr, **engine)
     critic, critic_sched = training_engine(critic, lr=cfg.critic_lr, **engine) if critic else (None, None)
     return Models(actor, actor_sched, critic, critic_sched, reference, rm_values_fn)
+
+
+def build_rollout_engine(cfg: PPOConfig, info: DistInfo, actor, pad_token_id: int):
+    """The rollout engine `--rollout-engine` names: HF `generate` on the training actor, or a
+    colocated in-process vLLM engine on the policy folder. Call it *after* the DeepSpeed engines
+    are built (an in-process vLLM initialises torch.distributed itself); the trainer pushes the
+    actor's weights into a vLLM engine after every update and after a resume."""
+    from segppo.generation import HFEngine
+
+    if cfg.rollout_engine == "hf":
+        return HFEngine(actor, pad_token_id, info.device)
+    from segppo.vllm_engine import VLLMEngine
+
+    return VLLMEngine(
+        cfg.policy,
+        pad_token_id=pad_token_id,
+        dtype="bfloat16" if cfg.bf16 else "float32",
+        max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
+        seed=cfg.seed + info.rank,
+        trust_remote_code=cfg.trust_remote_code,
+    )

@@ -39,7 +39,7 @@ from segppo.distributed import (
     set_seed,
     shutdown,
 )
-from segppo.generation import HFEngine, SamplingConfig, seed_for, stop_token_ids
+from segppo.generation import SamplingConfig, seed_for, stop_token_ids
 from segppo.models import load_tokenizer
 from segppo.ppo import checkpoint
 from segppo.ppo.advantages import whitens
@@ -55,6 +55,7 @@ from segppo.ppo.losses import (
 from segppo.ppo.rollout import Experience, advantages, critic_values, rewards, score
 from segppo.ppo.samples import RolloutPool, log_samples
 from segppo.ppo.setup import (
+    build_rollout_engine,
     load_models,
     load_prompts,
     load_reward,
@@ -136,7 +137,7 @@ class PPOTrainer:
             grad_accum=self.grad_accum,
             prompt_messages=self._prompt_messages,
         )
-        self.engine = HFEngine(self.models.actor, self.tokenizer.pad_token_id, info.device)
+        self.engine = build_rollout_engine(cfg, info, self.models.actor, self.tokenizer.pad_token_id)
 
     def _prompt_messages(self, batch) -> list[list[dict]]:
         return [self._prompt_of_ids[tuple(batch.prompt_ids(row))] for row in range(batch.input_ids.shape[0])]
@@ -173,12 +174,22 @@ class PPOTrainer:
         self._log_samples(experiences, step + 1)
         with _timed(timing, "training"):
             metrics.update(self.update(RolloutPool.of(experiences, self.tokenizer.pad_token_id), step))
+            self.sync_rollout_engine()  # part of the update: the next rollout samples the new policy
         if m.critic is not None:
             metrics["explained_variance"] = self.explained_variance(experiences)
         self.kl_ctl.update(metrics["kl"], int(metrics["responses"]))
         metrics.update({f"time_{k}": v for k, v in timing.items()})
         metrics.update(throughput(timing, time.perf_counter() - step_start, metrics["tokens"]))
         return metrics
+
+    def sync_rollout_engine(self) -> None:
+        """Push the actor's weights into a vLLM rollout engine (the HF engine samples the actor itself)."""
+        if self.cfg.rollout_engine == "vllm":
+            from segppo.vllm_engine import gathered_weights
+
+            self.engine.update_weights(
+                gathered_weights(self.models.actor.module, zero_stage=self.cfg.zero_stage)
+            )
 
     def generate(self, step: int):
         """This rank's share of the step's prompts, `n_samples_per_prompt` responses each, in
@@ -358,6 +369,7 @@ class PPOTrainer:
         start_step = 0
         if cfg.resume:
             start_step = checkpoint.load_state(cfg, m, self.kl_ctl)
+            self.sync_rollout_engine()
             if info.is_main:
                 truncate_metrics(out, start_step)
                 truncate_metrics(out, start_step, name="samples.jsonl")
