@@ -72,7 +72,7 @@ if HAS_TRITON:
             # While every entry so far is -inf nothing has been accumulated and any finite shift is
             # right; shifting by -inf itself would turn exp(x - m) into exp(NaN).
             m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-            shift = tl.where(s > 0.0, m - m_use, 0.0)  # s > 0 implies m finite
+            shift = tl.where(s > 0.0, m - m_use, 0.0)  # s > 0 implies m finite (and m_use)
             alpha = tl.exp(shift)
             xc = x - m_use
             p = tl.exp(xc)
@@ -80,7 +80,9 @@ if HAS_TRITON:
             xp = tl.where(x == -float("inf"), 0.0, xc) * p
             w = alpha * (w + shift * s) + tl.sum(xp, axis=0)
             s = alpha * s + tl.sum(p, axis=0)
-            m = m_use
+            # Carry the real max: m_use is only a shift. Pinning m at the stand-in 0 after an
+            # all -inf first block would make every later exp underflow once x < -87 (H = NaN).
+            m = m_new
 
         # A fully masked row has s = 0: log s = -inf and both outputs come out NaN, as they should.
         bad = tl.max(nan_lanes, axis=0) > 0

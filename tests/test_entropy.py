@@ -142,6 +142,31 @@ def test_masked_entries(kernel_path, device, small_blocks):
     assert math.isnan(entropy[5].item())  # a fully masked row has no distribution
 
 
+def test_masked_first_block_then_very_negative_logits(kernel_path, device, small_blocks):
+    """A row whose first block is all -inf and whose other logits/T lie below exp's range (~ -87).
+
+    The running max must be the real max, not the stand-in shift used while nothing was seen;
+    otherwise every exp underflows to 0 and the row comes out H = NaN, log p = +inf.
+    """
+    V = 50
+    logits = torch.full((2, V), -200.0, device=device)
+    logits[:, :16] = NEG_INF  # exactly the first block (small_blocks: BLOCK_V = 16)
+    logits[0, 30] = -150.0
+    logits[1, 40:] = torch.linspace(-300.0, -120.0, 10, device=device)
+    targets = torch.tensor([30, 45], device=device)
+    entropy, logprobs = entropy_logprobs(logits, targets)
+    want_h, want_lp = oracle(logits, targets)
+    assert_close(entropy, want_h, rtol=1e-5, atol=ATOL[kernel_path])
+    assert_close(logprobs, want_lp, rtol=1e-5, atol=ATOL[kernel_path])
+    leaf = logits.clone().requires_grad_()
+    h, lp = entropy_logprobs(leaf, targets)
+    (grad,) = torch.autograd.grad((h + lp).sum(), leaf)
+    ref_leaf = logits.clone().requires_grad_()
+    want_h, want_lp = oracle(ref_leaf, targets)
+    (want_grad,) = torch.autograd.grad((want_h + want_lp).sum(), ref_leaf)
+    torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-5, atol=GRAD_ATOL[kernel_path])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_nan_rows_give_nan(kernel_path, device, small_blocks, dtype):
     V = 50
