@@ -260,7 +260,9 @@ class PPOConfig:
     sigma_floor: float | None = option(None, help="Floor of σ(p) (default: the normalizer's own).")
     reward_clip: float = 10.0
     kl_coef: float = option(0.01, help="β of the KL penalty (initial value when adaptive).")
-    kl_target: float | None = option(None, help="Adaptive KL control towards this KL.")
+    kl_target: float | None = option(
+        None, help="Adaptive KL control towards this per-token mean KL (as OpenRLHF and the paper)."
+    )
     kl_horizon: int = 10000
     kl_estimator: str = option("k1", help="k1 | k3.")
     missing_eos_penalty: float | None = option(None, help="Added at the last token without EOS.")

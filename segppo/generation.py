@@ -15,22 +15,29 @@ Two ways to draw:
   sees the same random numbers whichever policy answers it and however the rows are batched: two
   policies that agree on a prompt give the same response (a tie, not noise), and the result does
   not depend on the batch size. The distribution is the same: softmax(logits / temperature)
-  restricted to the top-p nucleus (no top-k), after whatever logits processors the model's
-  generation config adds. The draw is Gumbel-max: token = argmax(processed logits + g) with
-  g = −log(−log u) for a uniform u computed by a counter-based hash of (row seed, step, token id),
-  so it needs no RNG state and is a pure function of those three numbers. `SeededSampling` does
-  the perturbation inside Hugging Face `generate` (a logits processor; greedy decoding takes the
-  argmax).
+  restricted to the top-p nucleus (no top-k); the checkpoint's generation config adds no logits
+  processors (repetition penalty, top-k, ...) in either mode. The draw is Gumbel-max: token =
+  argmax(processed logits + g) with g = −log(−log u) for a uniform u computed by a counter-based
+  hash of (row seed, step, token id), so it needs no RNG state and is a pure function of those
+  three numbers. `SeededSampling` does the perturbation inside Hugging Face `generate` (a logits
+  processor; greedy decoding takes the argmax).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from segppo.data import EncodedPrompt, ResponseBatch, collate_prompts, collate_responses
 
@@ -42,6 +49,18 @@ class SamplingConfig:
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     synced_gpus: bool = False  # ZeRO-3 on several ranks: every rank steps until all are done
+
+    def describe(self) -> dict:
+        """What a run records of its sampling (run_config.json): the whole distribution drawn from."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": None,  # no top-k
+            "max_new_tokens": self.max_new_tokens,
+            "stop_token_ids": list(self.stop_token_ids),
+            # HFEngine never applies the checkpoint's generation_config (repetition penalty, top-k, ...)
+            "checkpoint_generation_config": "not applied",
+        }
 
 
 def stop_token_ids(chat, tokenizer, extra: Sequence[str] | None) -> tuple[int, ...]:
@@ -132,17 +151,40 @@ class HFEngine:
                 top_k=None,
                 logits_processor=LogitsProcessorList([processor]),
             )
-        module = getattr(self.model, "module", self.model)
-        out = module.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+        processors = draw.pop("logits_processor", None)
+        config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=list(sampling.stop_token_ids),
             pad_token_id=self.pad_token_id,
-            synced_gpus=sampling.synced_gpus,
             **draw,
         )
+        module = getattr(self.model, "module", self.model)
+        with _only_generation_config(module, config):
+            out = module.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                generation_config=config,
+                logits_processor=processors,
+                synced_gpus=sampling.synced_gpus,
+            )
         return responses_batch(prompt_ids, out[:, width:], sampling, self.pad_token_id).to(self.device)
+
+
+@contextmanager
+def _only_generation_config(module, config: GenerationConfig):
+    """`config` as the model's generation config for one call.
+
+    Hugging Face `generate` fills every field a passed config leaves at the library default from the
+    checkpoint's `generation_config.json` (repetition_penalty, top_k, no_repeat_ngram_size, ...), so
+    an explicit config alone does not keep a checkpoint's processors out; the sampled distribution
+    must be exactly softmax(logits / temperature) within top-p, the one PPO's log-probs score.
+    """
+    saved = module.generation_config
+    module.generation_config = config
+    try:
+        yield
+    finally:
+        module.generation_config = saved
 
 
 def generate(model, prompts: Prompts, sampling: SamplingConfig, pad_token_id: int, device) -> ResponseBatch:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from segppo.config import PPOConfig
+from segppo.data import ChatFormat
 from segppo.distributed import full_state_dict, latest_state, load_training_state, save_training_state
 from segppo.models import SegppoMetadata, save_policy
 from segppo.ppo.losses import KLController
@@ -39,14 +40,15 @@ def export_policy(
     cfg: PPOConfig,
     actor,
     tokenizer,
-    chat_template,
+    chat: ChatFormat,
     shaping: RewardShaping,
     folder: Path,
     *,
     steps: int,
     is_main: bool,
 ) -> None:
-    """The policy as a Hugging Face folder loadable with AutoModelForCausalLM, with its segppo.json."""
+    """The policy as a Hugging Face folder loadable with AutoModelForCausalLM, with its segppo.json
+    (the chat format the policy was trained in: template, stop ids, end of turn)."""
     state = full_state_dict(actor)
     if is_main:
         seg = shaping.segmentation
@@ -55,7 +57,7 @@ def export_policy(
             granularity=seg.granularity,
             threshold=seg.threshold,
             segmenter=cfg.reference or cfg.policy,
-            chat_template=chat_template,
+            **chat.metadata_fields(),  # template, stop ids, end of turn: what eval and PPO read back
             base_model=cfg.policy,
             normalizer={"params": list(shaping.normalizer), "sigma_floor": shaping.sigma_floor}
             if shaping.normalizer

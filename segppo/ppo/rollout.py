@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from segppo.data import ChatFormat, ResponseBatch, collate_responses
-from segppo.kernels import SegmentRewards, segment_rewards, sequence_scores
+from segppo.kernels import SegmentRewards, entropy_logprobs, segment_rewards, sequence_scores
 from segppo.models.reward_model import reward_values
 from segppo.ppo.advantages import advantages_and_returns, group_ids_for
 from segppo.ppo.losses import kl_penalty, token_rewards, whiten
 from segppo.rm.scoring import encode_for_reward_model
-from segppo.segments import Segmentation, logprobs_and_entropy
+from segppo.segments import Segmentation, last_logits, logprobs_and_entropy, segmenter_entropy
 
 
 @dataclass
@@ -63,17 +63,42 @@ class Experience:
     returns: torch.Tensor | None = None  # [B, T]
 
 
+def sampled_logprobs_and_entropy(
+    model, batch: ResponseBatch, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs `[B, T]` of the response tokens under softmax(logits / temperature), and the
+    entropy of the distribution each token was drawn from (logit columns P-1 .. P+T-2).
+
+    The policy-entropy metric: `logprobs_and_entropy`'s entropy is the segmenter's (the distribution
+    after each token, columns P .. P+T-1), which includes the one after the stop token (never
+    sampled) and misses the first token's.
+    """
+    T = batch.response_mask.shape[1]
+    if batch.prompt_len < 1:
+        raise ValueError("a response needs at least one prompt token before it")
+    logits = last_logits(model, batch.input_ids, batch.attention_mask, batch.position_ids, T + 1)
+    targets = torch.nn.functional.pad(batch.input_ids[:, batch.prompt_len :], (0, 1), value=0)
+    entropy, logprobs = entropy_logprobs(logits, targets, temperature=temperature)
+    return logprobs[:, :-1], entropy[:, :-1]
+
+
 @torch.no_grad()
-def score(batch: ResponseBatch, *, actor, critic, reference, rm_values_fn) -> Experience:
+def score(
+    batch: ResponseBatch, *, actor, critic, reference, rm_values_fn, temperature: float = 1.0
+) -> Experience:
     """The model passes over a generated batch: log-probs, reference log-probs and entropy, values.
 
     `rm_values_fn(batch) -> [B, T]` gives the reward model's per-token values on the response
-    (for a bandit RM with another tokenizer, its score placed at the last token).
+    (for a bandit RM with another tokenizer, its score placed at the last token). Log-probs (hence
+    ratios and KL) are at the sampling `temperature`, the distribution the tokens were drawn from;
+    the segmentation entropy is at temperature 1, as the RM's segmenter computed it.
     """
     args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
-    logprobs, policy_entropy = logprobs_and_entropy(actor, *args)
-    # One pass over the reference's logits: KL log-probs and the segmentation entropy.
-    ref_logprobs, ref_entropy = logprobs_and_entropy(reference, *args)
+    logprobs, policy_entropy = sampled_logprobs_and_entropy(actor, batch, temperature)
+    # The reference's KL log-probs and segmentation entropy: one pass when sampling at temperature 1.
+    ref_logprobs, ref_entropy = logprobs_and_entropy(reference, *args, temperature=temperature)
+    if temperature != 1.0:
+        ref_entropy = segmenter_entropy(reference, *args)
     if critic is None:  # a critic-free estimator: no values (advantages come from returns-to-go)
         values = torch.zeros(batch.response_mask.shape, device=batch.response_mask.device)
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from segppo.data import ResponseBatch
+from segppo.data import ResponseBatch, segment_texts
 from segppo.ppo.rollout import Experience
 
 TRAINING_TENSORS = ("logprobs", "values", "advantages", "returns")
@@ -97,12 +97,14 @@ def log_samples(
     for row in range(min(count, e.batch.input_ids.shape[0])):
         length = int(e.batch.response_mask[row].sum())
         ids = e.batch.response_ids[row, :length].tolist()
-        ends = torch.nonzero(e.segments.ends[row, :length]).flatten().tolist()
-        segments, begin = [], 0
-        for end in ends:
-            text = tokenizer.decode(ids[begin : end + 1])
-            segments.append({"text": text, "reward": float(e.segments.rewards[row, begin : end + 1].sum())})
-            begin = end + 1
+        ends = [end + 1 for end in torch.nonzero(e.segments.ends[row, :length]).flatten().tolist()]
+        # Decoded in context, so SentencePiece segments keep their leading spaces and concatenate
+        # to the response text.
+        texts = segment_texts(tokenizer, ids, ends)
+        segments = [
+            {"text": text, "reward": float(e.segments.rewards[row, begin:end].sum())}
+            for text, begin, end in zip(texts, [0, *ends], ends, strict=False)
+        ]
         prompt_ids = e.batch.prompt_ids(row)
         sample = {
             "step": step,

@@ -127,19 +127,40 @@ def resolve_chat_template(cfg: PPOConfig, reward: RewardModelSpec) -> str | None
     return cfg.chat_template or recorded
 
 
-def load_prompts(cfg: PPOConfig, tokenizer, template: str | None) -> list[EncodedPrompt]:
+def policy_chat_format(reward: RewardModelSpec, tokenizer, template: str | None) -> ChatFormat:
+    """The policy's chat format: with a shared tokenizer, the RM's recorded stop ids and end of turn
+    (segppo.json), so PPO's responses end where the RM's training responses ended; a foreign bandit
+    RM's stop ids are ids of another vocabulary, so the policy's own tokenizer decides them."""
+    if reward.shares_tokenizer:
+        return ChatFormat.from_metadata(tokenizer, reward.metadata, chat_template=template)
+    return ChatFormat(tokenizer, template)
+
+
+def load_prompts(cfg: PPOConfig, chat: ChatFormat) -> list[EncodedPrompt]:
     rows = load_rows(cfg.prompts, split=cfg.split, max_samples=cfg.max_samples)
     prompts, report = encode_prompts(
         rows,
-        tokenizer,
+        chat.tokenizer,
         LayoutOptions(prompt_key=cfg.prompt_key),
         max_prompt_len=cfg.max_prompt_len,
         on_long_prompt=cfg.long_prompts,
-        chat_template=template,
+        chat_template=chat.template,
+        stop_token_ids=chat.stop_token_ids,
     )
     if not prompts:
         raise ValueError(f"{cfg.prompts}: the prompt set is empty ({report})")
     return prompts
+
+
+def check_reference_tokenizer(cfg: PPOConfig, policy_tokenizer) -> None:
+    """The KL compares the policy's and the reference's log-probs of the same token ids."""
+    if cfg.reference and not same_source(cfg.reference, cfg.policy):
+        reference = load_tokenizer(cfg.reference, trust_remote_code=cfg.trust_remote_code)
+        if not same_vocabulary(reference, policy_tokenizer):
+            raise ValueError(
+                f"--reference {cfg.reference} uses a different tokenizer from the policy {cfg.policy}; "
+                "the KL and the segmentation entropy are read on the policy's token ids"
+            )
 
 
 @dataclass
@@ -166,6 +187,7 @@ def load_models(
 ) -> Models:
     """`prompt_messages(batch)`: the prompt messages of each row (for an RM with its own tokenizer)."""
     meta = reward.metadata
+    check_reference_tokenizer(cfg, tokenizer)
     dtype = "bf16" if cfg.bf16 else "fp32"
     kw = dict(trust_remote_code=cfg.trust_remote_code)
     actor = load_policy(cfg.policy, gradient_checkpointing=cfg.gradient_checkpointing, **kw)
@@ -188,11 +210,13 @@ def load_models(
             disable_dropout(model)
     reference = load_policy(cfg.reference or cfg.policy, dtype=dtype, **kw)
     reference = frozen_on_device(reference, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
-    rm = frozen_on_device(reward.model, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
+    # The RM computes in the actor's dtype, as the reference does (DeepSpeed casts the actor to bf16).
+    rm = reward.model.to(torch.bfloat16 if cfg.bf16 else torch.float32)
+    rm = frozen_on_device(rm, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
     if reward.shares_tokenizer:
         rm_values_fn = shared_rm_values(rm)
     else:
-        rm_chat = ChatFormat(reward.tokenizer, meta.chat_template)
+        rm_chat = ChatFormat.from_metadata(reward.tokenizer, meta)  # the RM's own recorded format
         rm_values_fn = foreign_bandit_rm_values(rm, rm_chat, tokenizer, prompt_messages, info.device)
     engine = dict(
         total_steps=total_updates,

@@ -21,6 +21,7 @@ Output folder:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -29,7 +30,6 @@ from pathlib import Path
 import torch
 
 from segppo.config import PPOConfig
-from segppo.data import ChatFormat
 from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -59,6 +59,7 @@ from segppo.ppo.setup import (
     load_models,
     load_prompts,
     load_reward,
+    policy_chat_format,
     resolve_chat_template,
     reward_shaping,
     warn_on_segmenter_mismatch,
@@ -102,9 +103,8 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
         self.reward = load_reward(cfg, self.tokenizer)
         warn_on_segmenter_mismatch(cfg, self.reward)
-        template = resolve_chat_template(cfg, self.reward)
-        self.chat = ChatFormat(self.tokenizer, template)
-        self.prompts = load_prompts(cfg, self.tokenizer, template)
+        self.chat = policy_chat_format(self.reward, self.tokenizer, resolve_chat_template(cfg, self.reward))
+        self.prompts = load_prompts(cfg, self.chat)
         self.per_rank, self.grad_accum = cfg.batch_layout(info.world_size)
         self.steps_per_episode = len(self.prompts) // cfg.rollout_batch_size
         if self.steps_per_episode == 0:
@@ -154,7 +154,14 @@ class PPOTrainer:
         with _timed(timing, "scoring"):
             actor, critic, reference = m.actor, m.critic, m.reference
             experiences = [
-                score(b, actor=actor, critic=critic, reference=reference, rm_values_fn=m.rm_values_fn)
+                score(
+                    b,
+                    actor=actor,
+                    critic=critic,
+                    reference=reference,
+                    rm_values_fn=m.rm_values_fn,
+                    temperature=cfg.temperature,
+                )
                 for b in batches
             ]
             with _timed(timing, "rewards"):  # segmentation through GAE
@@ -177,7 +184,8 @@ class PPOTrainer:
             self.sync_rollout_engine()  # part of the update: the next rollout samples the new policy
         if m.critic is not None:
             metrics["explained_variance"] = self.explained_variance(experiences)
-        self.kl_ctl.update(metrics["kl"], int(metrics["responses"]))
+        # --kl-target is a per-token mean KL, as OpenRLHF's and the paper's (`kl` is per response).
+        self.kl_ctl.update(metrics["kl_per_token"], int(metrics["responses"]))
         metrics.update({f"time_{k}": v for k, v in timing.items()})
         metrics.update(throughput(timing, time.perf_counter() - step_start, metrics["tokens"]))
         return metrics
@@ -274,7 +282,8 @@ class PPOTrainer:
         batch, old = pool.micro_batch(rows)
         mask = batch.response_mask
         args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
-        logprobs, _ = logprobs_and_entropy(self.models.actor, *args)
+        # At the sampling temperature, as `score` computed the old log-probs.
+        logprobs, _ = logprobs_and_entropy(self.models.actor, *args, temperature=self.cfg.temperature)
         cfg = self.cfg
         p_loss, p_stats = policy_loss(
             logprobs,
@@ -342,6 +351,7 @@ class PPOTrainer:
             "reward": s["raw_reward"] / n,
             "normalized_reward": s["normalized_reward"] / n,
             "kl": s["kl"] / n,
+            "kl_per_token": s["kl"] / max(s["tokens"], 1.0),
             "kl_coef": self.kl_ctl.coef,
             "entropy": s["entropy"] / max(s["tokens"], 1.0),
             "response_length": s["length"] / n,
@@ -383,7 +393,9 @@ class PPOTrainer:
             config=cfg,
         )
         if info.is_main:
-            write_config(cfg, out, "run_config.json")
+            # With the sampling as drawn: log-probs, ratios and KL are at this temperature.
+            record = {**dataclasses.asdict(cfg), "sampling": self.sampling.describe()}
+            write_config(record, out, "run_config.json")
         with LiveProgress(self.total_steps, "ppo", enabled=info.is_main, completed=start_step) as progress:
             for step in range(start_step, self.total_steps):
                 step_start = time.perf_counter()
@@ -413,7 +425,7 @@ class PPOTrainer:
             self.cfg,
             self.models.actor,
             self.tokenizer,
-            self.chat.template,
+            self.chat,
             self.shaping,
             folder,
             steps=self.total_steps,

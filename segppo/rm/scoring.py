@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from segppo.data import ChatFormat, ResponseBatch
-from segppo.data.chat import truncate_left
 from segppo.kernels import sequence_scores
 from segppo.models import SegppoMetadata, load_policy, load_reward_model, load_tokenizer
 from segppo.models.reward_model import reward_values, run_model_folder
@@ -121,14 +120,14 @@ def encode_for_reward_model(
 ) -> tuple[list[int], list[int], bool]:
     """(prompt ids, response ids, has_eos) of a response *text* as a reward model with its own
     tokenizer reads it: formatted with the RM's chat format; a response that never reached its stop
-    token is scored without the end of turn; the prompt keeps its last `max_prompt_len` tokens."""
-    prompt_ids = chat.prompt_ids(messages)
+    token is scored without the end of turn; a prompt over `max_prompt_len` tokens loses content from
+    its oldest turns, never the template's tokens (`ChatFormat.truncate_prompt`)."""
+    messages, prompt_ids, _ = chat.truncate_prompt(messages, max_prompt_len)
     response_ids, rm_has_eos = chat.response_ids(messages, text, prompt_ids=prompt_ids)
     if not has_eos and rm_has_eos:  # a cut-off generation is scored without its end of turn
         response_ids, rm_has_eos = response_ids[:-1], False
     if not response_ids:  # nothing left to score: keep the end-of-turn token
         response_ids, rm_has_eos = [chat.end_of_turn_id], True
-    prompt_ids, _ = truncate_left(prompt_ids, max_prompt_len)
     return prompt_ids, response_ids, rm_has_eos
 
 
