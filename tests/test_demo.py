@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from segppo.cli.main import app
 from typer.testing import CliRunner
 
 
-def test_demo_small_budget_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    args = ["demo", "--budget", "small", "--output", str(out), "--cache-dir", str(tmp_path / "cache")]
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One SFT policy cache for the module: the compare test reuses the policy the first one trained."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("single") / "demo"
+    args = ["demo", "--budget", "small", "--output", str(out), "--cache-dir", str(cache_dir)]
+    return out, CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+def test_demo_small_budget_end_to_end(single_run):
+    out, result = single_run
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "results.json").read_text())
     (setting,) = summary["settings"]
@@ -31,7 +43,7 @@ def test_demo_small_budget_end_to_end(tmp_path):
     assert "gold reward" in result.output
 
 
-def test_demo_compare_granularities(tmp_path):
+def test_demo_compare_granularities(tmp_path, cache_dir, single_run):
     out = tmp_path / "compare"
     args = [
         "demo",
@@ -39,18 +51,47 @@ def test_demo_compare_granularities(tmp_path):
         "small",
         "--compare",
         "bandit,segment",
+        "--seeds",
+        "2",
         "--output",
         str(out),
         "--cache-dir",
-        str(tmp_path / "cache"),
+        str(cache_dir),
     ]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    settings = json.loads((out / "results.json").read_text())["settings"]
-    assert [s["granularity"] for s in settings] == ["bandit", "segment"]
+    summary = json.loads((out / "results.json").read_text())
+    settings = summary["settings"]
+    # seed by seed, every granularity on each seed: the per-seed rows of the paired comparison
+    assert [(s["granularity"], s["seed"]) for s in settings] == [
+        ("bandit", 0), ("segment", 0), ("bandit", 1), ("segment", 1)
+    ]  # fmt: skip
     assert (out / "bandit" / "seed-0" / "ppo" / "policy" / "model.safetensors").exists()
     assert not (out / "bandit" / "seed-0" / "rm" / "normalizer.json").exists()  # bandit: score mean/std
-    assert "per reward granularity" in result.output
+    for s in settings:
+        assert -1.0 <= s["local_credit"] <= 1.0, s["local_credit"]
+        assert s["ppo_length"] > 0 and s["sft_length"] > 0
+        assert s["rm_accuracy_curve"][-1]["accuracy"] == s["rm_accuracy"]
+        assert len(s["rm_accuracy_curve"]) >= 2  # measured during training, not only at the end
+    (diff,) = summary["paired_differences"]
+    assert (diff["a"], diff["b"], diff["seeds"]) == ("bandit", "segment", [0, 1])
+    gains = {(s["granularity"], s["seed"]): s["ppo_gold"] - s["sft_gold"] for s in settings}
+    assert diff["per_seed"] == [gains["bandit", k] - gains["segment", k] for k in (0, 1)]
+    assert diff["se"] >= 0
+    run = summary["run"]
+    assert (
+        run["seeds"] == [0, 1]
+        and run["threads"] >= 1
+        and {"torch", "transformers", "segppo"} <= set(run["versions"])
+    )
+    assert summary["is_comparison"] is False and "not a comparison" in result.output
+    assert "per reward granularity" in result.output and "paired differences" in result.output
+    # Reproducible: segment seed 0 here is the single run's setting (same budget, seed, SFT policy,
+    # data, RM epochs and threads), so it gives the same numbers.
+    single = json.loads((single_run[0] / "results.json").read_text())["settings"][0]
+    again = next(s for s in settings if (s["granularity"], s["seed"]) == ("segment", 0))
+    for key in ("rm_accuracy", "local_credit", "sft_gold", "ppo_gold", "gold_win_rate", "ppo_length"):
+        assert again[key] == single[key], key
 
 
 def test_demo_rejects_unknown_granularity():

@@ -224,9 +224,8 @@ def run_setting(
 
     by_rm, by_gold = stage("eval", evaluate_both)
     curve, last_epoch_gain = rm_accuracy_curve(out / "rm", budget.preference_pairs // budget.rm_batch_size)
-    credit = stage(
-        "local credit", lambda: local_credit(out / "rm", *heldout_responses(data, budget.credit_responses))
-    )
+    # Not a pipeline stage (nothing downstream reads it), so not in `seconds`.
+    credit = local_credit(out / "rm", *heldout_responses(data, budget.credit_responses))
     sft, ppo = by_gold.policies["sft"], by_gold.policies["ppo"]
     return SettingResult(
         granularity=granularity,
@@ -363,6 +362,8 @@ def rm_warnings(rows: list[dict]) -> list[str]:
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
+    if any(math.isnan(v) for v in values):  # e.g. the last-epoch rise of a one-epoch RM
+        return float("nan"), float("nan")
     if len(values) < 2:
         return (values[0] if values else float("nan")), float("nan")
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
@@ -387,12 +388,12 @@ def results_table(summary: dict):
         "local credit",
         "length SFT → PPO",
         "RM reward SFT → PPO",
-        "time (rm / fit / ppo / eval / credit)",
+        "time (rm / fit / ppo / eval)",
     ):
         table.add_column(column, justify="left" if column == "setting" else "right")
     for s in settings:
         t = s["seconds"]
-        stages = ("rm train", "fit-normalizer", "ppo train", "eval", "local credit")
+        stages = ("rm train", "fit-normalizer", "ppo train", "eval")
         times = " / ".join(f"{t.get(k, 0):.0f}s" for k in stages)
         table.add_row(
             f"{s['granularity']} (seed {s['seed']})",
@@ -436,7 +437,9 @@ def comparison_table(summary: dict):
 
     def cell(rows, key, fmt=".3f"):
         mean, se = _mean_se([r[key] for r in rows])
-        return f"{mean:{fmt}} ± {se:.3f}"
+        if math.isnan(mean):
+            return "n/a"
+        return f"{mean:{fmt}}" + ("" if math.isnan(se) else f" ± {se:.3f}")
 
     for granularity, rows in by_granularity.items():
         for r in rows:
