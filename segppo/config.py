@@ -17,9 +17,13 @@ from typing import Any
 import yaml
 
 from segppo.kernels import GRANULARITIES
-from segppo.ppo.advantages import ESTIMATORS, GROUP_ESTIMATORS
-from segppo.ppo.losses import LOSS_AGGREGATIONS
 from segppo.presets import FIT_NORMALIZER_PRESETS, PPO_PRESETS, RM_PRESETS, preset_values  # re-exported
+
+# The choices of PPO options, named here so that the configs (and so eval and the CLI) never import
+# the PPO package; `segppo.ppo.advantages` and `segppo.ppo.losses` re-export them.
+ESTIMATORS = ("gae", "rloo", "grpo", "reinforce++")
+GROUP_ESTIMATORS = ("rloo", "grpo")  # need n_samples_per_prompt >= 2
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str) -> Any:

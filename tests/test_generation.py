@@ -22,8 +22,7 @@ def test_eval_imports_no_training_code_and_losses_no_communication():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     modules = set(out.stdout.split())
-    # segppo.config names the advantage estimators (segppo.ppo.advantages); nothing else of PPO
-    assert {m for m in modules if m.startswith("segppo.ppo.")} <= {"segppo.ppo.advantages"}
+    assert not {m for m in modules if m.startswith("segppo.ppo")}
     assert "deepspeed" not in modules and "segppo.distributed" not in modules
 
 

@@ -37,10 +37,9 @@ from __future__ import annotations
 
 import torch
 
+from segppo.config import ESTIMATORS, GROUP_ESTIMATORS  # noqa: F401 (re-exported)
 from segppo.kernels import gae
 
-ESTIMATORS = ("gae", "rloo", "grpo", "reinforce++")
-GROUP_ESTIMATORS = ("rloo", "grpo")  # need n_samples_per_prompt ≥ 2
 GRPO_EPS = 1e-6
 
 

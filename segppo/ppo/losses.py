@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from segppo.config import LOSS_AGGREGATIONS
+
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token KL estimate of π against π_ref at the sampled tokens (Schulman's k1 or k3)."""
@@ -85,7 +87,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.T
 # any clip range yet finite in float32 and bf16, where one token at e^89 would make the loss infinite.
 LOG_RATIO_LIMIT = 20.0
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
 
 
 def loss_denominator(response_lengths: list[int], agg: str) -> float:
