@@ -26,6 +26,7 @@ def save_state(cfg: PPOConfig, models, kl_ctl: KLController, step: int) -> None:
         cfg.output_dir / "state",
         f"step-{step}",
         {"step": step, "kl": kl_ctl.state_dict()},
+        keep=cfg.save_total_limit,
     )
 
 

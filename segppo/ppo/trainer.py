@@ -64,6 +64,7 @@ from segppo.ppo.setup import (
     reward_shaping,
     warn_on_segmenter_mismatch,
 )
+from segppo.preflight import check_ppo_train
 from segppo.segments import logprobs_and_entropy
 from segppo.tracking import LiveProgress, Tracker, console, truncate_metrics, write_config
 
@@ -76,8 +77,9 @@ class NonFiniteError(FloatingPointError):
 
 def train_ppo(cfg: PPOConfig, *, step_callback: StepCallback | None = None) -> Path:
     """Run PPO on `cfg.nproc` local ranks (or an outer launcher's); returns the policy folder."""
+    check_ppo_train(cfg)  # paths, hub names and the rank layout, in one line, before start-up
     check_run_folder(cfg.output_dir, resume=cfg.resume)
-    launch(_train, cfg, step_callback, nproc=cfg.nproc)
+    launch(_train, cfg, step_callback, nproc=cfg.nproc, log_dir=cfg.output_dir)
     return cfg.output_dir / "policy"
 
 
