@@ -70,7 +70,7 @@ class SFTSettings:
         sample = sft_corpus(16, 0, task=self.task)
         text = json.dumps(
             {
-                "task": TASK_VERSION,
+                "task_version": TASK_VERSION,  # not "task": that is a field, the task's name
                 "vocabulary": vocabulary(),
                 "template": CHAT_TEMPLATE,
                 "sample": [sample.prompts, sample.responses],
