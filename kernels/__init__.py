@@ -9,7 +9,7 @@ from ._checks import DISTRIBUTES, GRANULARITIES, resolve_granularity
 from .entropy import entropy_logprobs
 from .gae import gae
 from .reference import SegmentRewards
-from .segments import segment_rewards, sequence_scores
+from .rewards import segment_rewards, sequence_scores
 
 __all__ = [
     "DISTRIBUTES",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import segppo.kernels.segments as segments_module
+import segppo.kernels.rewards as segments_module
 import torch
 from segppo.kernels import segment_rewards, sequence_scores
 
