@@ -309,7 +309,9 @@ class ChatFormat:
         """The first control (or stop) token the template writes after the probe's content."""
         content = _PROBE[1]["content"]
         suffix = self._template_suffix(_PROBE[:1], content, self.prompt_ids(_PROBE[:1]))
-        control = self._control_ids() | set(stops)
+        # <unk> is a special token but comes from content (a word-level vocabulary turns the probe's
+        # words into it), never from the template's structure.
+        control = (self._control_ids() - {self.tokenizer.unk_token_id}) | set(stops)
         for i, token in enumerate(suffix):
             if token in control and content in self.tokenizer.decode(suffix[:i]):
                 return token
