@@ -9,8 +9,7 @@ content tokenized alone.
 End of turn: the first control token the template writes after the assistant's content (found
 once on a probe conversation), e.g. Phi-3's `<|end|>`, Llama-3's `<|eot_id|>`, Gemma's
 `<end_of_turn>`; not necessarily the tokenizer's EOS (Phi-3 writes `<|end|>` and then EOS). Stop
-tokens are the union of the tokenizer's EOS, the generation config's `eos_token_id` (an int or a
-list; read from `generation_config.json` beside the tokenizer unless given) and the end of turn.
+tokens are the end of turn and the defaults of `segppo.data.templates` (EOS, generation config).
 A response ends at its first stop token; whatever the template adds after it is dropped. For
 preference data the end-of-turn token is appended when the template adds none, so every
 untruncated response has `has_eos` true. `metadata_fields()` is what `segppo.json` records, and
@@ -24,9 +23,6 @@ System messages: a template that rejects them (Gemma-2 raises "System role not s
 the system text folded into the first user turn, as Gemma-3's template does itself; a template
 that renders without them (Phi-3, April 2024) keeps working but is warned about. Both are said
 once and counted in the data report.
-
-Tokenizers without a chat template (base models) get `DEFAULT_CHAT_TEMPLATE`; a `chat_template`
-argument (a jinja string or a path to a file holding one) overrides either.
 
 At PPO time the policy generates after `EncodedPrompt.prompt_ids`, stopping at
 `ChatFormat.stop_token_ids`, and `ChatFormat.cut_at_stop` ends each generation after its first
@@ -54,26 +50,20 @@ from .layouts import (
     to_preference_examples,
     to_prompt_examples,
 )
+from .templates import (  # names marked noqa stay importable from here (segppo.data imports them so)
+    _PROBE,
+    DEFAULT_CHAT_TEMPLATE,  # noqa: F401
+    SYSTEM_HANDLING,  # noqa: F401
+    _as_ids,
+    default_stop_token_ids,
+    generation_config_of,
+    probe_system_handling,
+    resolve_chat_template,
+)
 
 logger = logging.getLogger(__name__)
 
-# For base models: plain "User:"/"Assistant:" turns; each assistant turn ends with the EOS. The
-# generation prompt has no trailing space so that the response's leading space tokenizes the same
-# way alone as it does inside the whole conversation.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
-    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\n\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-
 ON_LONG_PROMPT = ("truncate", "error")
-
-# A conversation used once per ChatFormat to find which token ends the template's assistant turn.
-_PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
 
 
 @dataclass
@@ -99,68 +89,6 @@ class EncodedPrompt:
     truncated: bool = False
 
 
-def resolve_chat_template(tokenizer: Any, chat_template: str | Path | None = None) -> str:
-    """The jinja template to use: `chat_template` (a template or a file), the tokenizer's, or the default."""
-    if chat_template is None:
-        own = getattr(tokenizer, "chat_template", None)
-        if isinstance(own, dict):  # several named templates: the default one
-            own = own.get("default")
-        return own or DEFAULT_CHAT_TEMPLATE
-    text = str(chat_template)
-    if "{{" in text or "{%" in text:
-        return text
-    named = getattr(tokenizer, "chat_template", None)
-    if isinstance(named, dict) and text in named:  # one of the tokenizer's named templates
-        return named[text]
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"chat_template {text!r} is neither a jinja template nor an existing file")
-    return path.read_text()
-
-
-def default_stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
-    """The tokenizer's EOS, then the generation config's EOS ids (an int or a list), without repeats."""
-    ids = [tokenizer.eos_token_id]
-    config_ids = getattr(generation_config, "eos_token_id", None)
-    if config_ids is not None:
-        ids += config_ids if isinstance(config_ids, (list, tuple)) else [config_ids]
-    ids = list(dict.fromkeys(int(i) for i in ids if i is not None))
-    if not ids:
-        raise ValueError(
-            "the tokenizer has no EOS token and no generation config names one: pass stop_token_ids"
-        )
-    return ids
-
-
-def generation_config_of(tokenizer: Any) -> Any:
-    """The `generation_config.json` beside a tokenizer loaded from a local folder, or None.
-
-    Chat checkpoints list their extra stop ids there (Phi-3: `[32000, 32001, 32007]`, Llama-3.1:
-    `[128001, 128008, 128009]`); a hub name's is fetched like its tokenizer was.
-    """
-    name = getattr(tokenizer, "name_or_path", None)
-    if not name:
-        return None
-    from transformers import GenerationConfig
-
-    folder = Path(str(name)).expanduser()
-    try:
-        if folder.is_dir():
-            if not (folder / "generation_config.json").is_file():
-                return None
-            return GenerationConfig.from_pretrained(folder)
-        return GenerationConfig.from_pretrained(str(name))
-    except (OSError, ValueError):  # no generation_config.json for this model, or not cached
-        return None
-
-
-def _as_ids(encoded: Any) -> list[int]:
-    """apply_chat_template returns a list, or a BatchEncoding/dict (transformers 5's default)."""
-    if isinstance(encoded, Mapping):
-        encoded = encoded["input_ids"]
-    return list(encoded)
-
-
 def truncate_left(ids: list[int], limit: int | None) -> tuple[list[int], bool]:
     """Keep the last `limit` ids; (ids, whether any were dropped)."""
     if limit is None or len(ids) <= limit:
@@ -173,10 +101,6 @@ def truncate_right(ids: list[int], limit: int | None) -> tuple[list[int], bool]:
     if limit is None or len(ids) <= limit:
         return ids, False
     return ids[:limit], True
-
-
-SYSTEM_HANDLING = ("keep", "fold", "drop")
-_SYSTEM_PROBE_TEXT = "Answer in one word."
 
 
 class ChatFormat:
@@ -205,7 +129,7 @@ class ChatFormat:
         if not stops:
             raise ValueError("stop_token_ids is empty")
         self._warned: set[str] = set()  # fallbacks are reported once, not once per row
-        self.system_handling = self._probe_system_handling()
+        self.system_handling = probe_system_handling(tokenizer, self.template)
         self.end_of_turn_id = self._find_end_of_turn(stops)
         if self.end_of_turn_id not in stops:
             logger.info(
@@ -317,18 +241,6 @@ class ChatFormat:
                 return token
         # A template that transforms the content: its first control token, if it writes one.
         return next((token for token in suffix if token in control), stops[0])
-
-    def _probe_system_handling(self) -> str:
-        from jinja2 import TemplateError
-
-        probe = [{"role": "system", "content": _SYSTEM_PROBE_TEXT}, _PROBE[0]]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                probe, chat_template=self.template, add_generation_prompt=True, tokenize=False
-            )
-        except TemplateError:
-            return "fold"
-        return "keep" if _SYSTEM_PROBE_TEXT in text else "drop"
 
     def prepare_messages(self, messages: list[dict]) -> list[dict]:
         """The messages as the template is given them: a system message folded into the first user

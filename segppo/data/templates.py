@@ -1,0 +1,109 @@
+"""Which chat template and which stop tokens a tokenizer gets, and how its template treats system
+messages: what `ChatFormat` settles once per tokenizer, before encoding any conversation.
+
+Tokenizers without a chat template (base models) get `DEFAULT_CHAT_TEMPLATE`; a `chat_template`
+argument (a jinja string, one of the tokenizer's named templates, or a path to a file holding one)
+overrides either. Stop tokens default to the tokenizer's EOS and the generation config's
+`eos_token_id` (an int or a list; read from `generation_config.json` beside the tokenizer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# For base models: plain "User:"/"Assistant:" turns; each assistant turn ends with the EOS. The
+# generation prompt has no trailing space so that the response's leading space tokenizes the same
+# way alone as it does inside the whole conversation.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\n\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def resolve_chat_template(tokenizer: Any, chat_template: str | Path | None = None) -> str:
+    """The jinja template to use: `chat_template` (a template or a file), the tokenizer's, or the default."""
+    if chat_template is None:
+        own = getattr(tokenizer, "chat_template", None)
+        if isinstance(own, dict):  # several named templates: the default one
+            own = own.get("default")
+        return own or DEFAULT_CHAT_TEMPLATE
+    text = str(chat_template)
+    if "{{" in text or "{%" in text:
+        return text
+    named = getattr(tokenizer, "chat_template", None)
+    if isinstance(named, dict) and text in named:  # one of the tokenizer's named templates
+        return named[text]
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"chat_template {text!r} is neither a jinja template nor an existing file")
+    return path.read_text()
+
+
+def default_stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """The tokenizer's EOS, then the generation config's EOS ids (an int or a list), without repeats."""
+    ids = [tokenizer.eos_token_id]
+    config_ids = getattr(generation_config, "eos_token_id", None)
+    if config_ids is not None:
+        ids += config_ids if isinstance(config_ids, (list, tuple)) else [config_ids]
+    ids = list(dict.fromkeys(int(i) for i in ids if i is not None))
+    if not ids:
+        raise ValueError(
+            "the tokenizer has no EOS token and no generation config names one: pass stop_token_ids"
+        )
+    return ids
+
+
+def generation_config_of(tokenizer: Any) -> Any:
+    """The `generation_config.json` beside a tokenizer loaded from a local folder, or None.
+
+    Chat checkpoints list their extra stop ids there (Phi-3: `[32000, 32001, 32007]`, Llama-3.1:
+    `[128001, 128008, 128009]`); a hub name's is fetched like its tokenizer was.
+    """
+    name = getattr(tokenizer, "name_or_path", None)
+    if not name:
+        return None
+    from transformers import GenerationConfig
+
+    folder = Path(str(name)).expanduser()
+    try:
+        if folder.is_dir():
+            if not (folder / "generation_config.json").is_file():
+                return None
+            return GenerationConfig.from_pretrained(folder)
+        return GenerationConfig.from_pretrained(str(name))
+    except (OSError, ValueError):  # no generation_config.json for this model, or not cached
+        return None
+
+
+def _as_ids(encoded: Any) -> list[int]:
+    """apply_chat_template returns a list, or a BatchEncoding/dict (transformers 5's default)."""
+    if isinstance(encoded, Mapping):
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+SYSTEM_HANDLING = ("keep", "fold", "drop")
+_SYSTEM_PROBE_TEXT = "Answer in one word."
+# A conversation used once per ChatFormat to find which token ends the template's assistant turn.
+_PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+
+
+def probe_system_handling(tokenizer: Any, template: str) -> str:
+    """ "keep", "fold" (the template raises on a system message) or "drop" (renders without it)."""
+    from jinja2 import TemplateError
+
+    probe = [{"role": "system", "content": _SYSTEM_PROBE_TEXT}, _PROBE[0]]
+    try:
+        text = tokenizer.apply_chat_template(
+            probe, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+    except TemplateError:
+        return "fold"
+    return "keep" if _SYSTEM_PROBE_TEXT in text else "drop"
