@@ -4,18 +4,24 @@ Each field is one CLI option of its command (`segppo.cli.options.config_options`
 the option is the field name with `-` for `_`, its type and default are the field's, and its help
 is given with `option(default, help=...)`. A plain field (`strict: bool = False`) is an option
 too, without help. So a YAML `--config` file, a preset and the flags all speak the same keys, and
-trainers take these objects, never parsed CLI arguments.
+trainers take these objects, never parsed CLI arguments. The field machinery is in
+`segppo.config_fields`, the eval and demo configs in `segppo.config_eval`; all are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from segppo.config_eval import DEMO_TASKS, DemoConfig, EvalConfig  # re-exported
+from segppo.config_fields import (  # re-exported
+    PROMPT_SHARE,
+    check_positive,
+    load_config_file,
+    normalize_keys,
+    option,
+    resolve_prompt_limit,
+)
 from segppo.kernels import GRANULARITIES
 from segppo.presets import FIT_NORMALIZER_PRESETS, PPO_PRESETS, RM_PRESETS, preset_values  # re-exported
 
@@ -24,26 +30,6 @@ from segppo.presets import FIT_NORMALIZER_PRESETS, PPO_PRESETS, RM_PRESETS, pres
 ESTIMATORS = ("gae", "rloo", "grpo", "reinforce++")
 GROUP_ESTIMATORS = ("rloo", "grpo")  # need n_samples_per_prompt >= 2
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
-
-
-def option(default: Any = dataclasses.MISSING, *, help: str) -> Any:
-    """A config field with the help text of its CLI option."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-# The paper's prompt budget: 1728 of 2048 tokens, the rest for the response.
-PROMPT_SHARE = 1728 / 2048
-
-
-def resolve_prompt_limit(config: Any) -> None:
-    """Set `max_prompt_len` from `max_len` when it is not given; it must leave room for a response."""
-    if config.max_prompt_len is None:
-        config.max_prompt_len = max(1, int(config.max_len * PROMPT_SHARE))
-    if config.max_prompt_len >= config.max_len:
-        raise ValueError(
-            f"--max-prompt-len ({config.max_prompt_len}) must be below --max-len ({config.max_len}) "
-            "to leave room for the response"
-        )
 
 
 @dataclass
@@ -419,188 +405,22 @@ class PPOConfig:
         return responses // world_size, self.train_batch_size // (self.micro_train_batch_size * world_size)
 
 
-@dataclass
-class EvalConfig:
-    """`segppo eval`: sample responses from one or more policies, score them, compare, export.
-
-    Exactly one scorer: `reward_model` (a segppo RM folder or run folder; scores are its sequence
-    score and the PPO-normalized reward) or `scorer` (`module:function`, a Python callable
-    `f(prompts, responses) -> list[float]`). `baseline` names (or is the path of) the policy the
-    others are compared against; default: the first policy when there are several.
-    """
-
-    policy: list[str] = option(help="Policy folder, PPO run folder or hub name; repeat to compare several.")
-    prompts: str = option(
-        help="Prompt data: PPO's layouts, MT-Bench/Arena-Hard question.jsonl (`turns`) "
-        "or AlpacaEval (`instruction`) rows."
-    )
-    output: str = option(help="Folder for results.json, responses/, the benchmark exports and the plot.")
-    reward_model: str | None = option(
-        None, help="Score with this reward model (its sequence score and PPO-normalized reward)."
-    )
-    scorer: str | None = option(
-        None, help="Score with a Python callable module:function, f(prompts, responses) -> scores."
-    )
-    baseline: str | None = option(
-        None,
-        help="Policy to compute win rates against: a --name, a --policy, or another policy path "
-        "(default: the first).",
-    )
-    name: list[str] | None = option(
-        None, help="Name of each --policy, in order (default: the folder's last component)."
-    )
-    num_samples: int = option(1, help="Responses per prompt per policy.")
-    turns: int = option(1, help="1, or 2 for MT-Bench-style two-turn prompts.")
-    split: str = "train"
-    max_samples: int | None = option(None, help="Use at most this many prompts.")
-    prompt_key: str | None = option(None, help="Column of the prompt (overrides detection).")
-    chat_template: str | None = option(
-        None, help="Jinja template (default: the RM's when it shares the policy's tokenizer)."
-    )
-    max_prompt_len: int = 1024
-    long_prompts: str = option("error", help="error | truncate: prompts over --max-prompt-len.")
-    max_new_tokens: int = option(1024, help="Generation limit per response (per turn).")
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_token: list[str] | None = option(None, help="Extra stop token (repeatable).")
-    batch_size: int = option(16, help="Prompts per generate call and responses per scoring forward.")
-    seed: int = option(42, help="Sampling seed; every policy draws the same numbers per prompt.")
-    normalizer: str | None = option(None, help="normalizer.json (default: the RM's own, if any).")
-    normalize: bool = option(True, help="Location-aware normalization of segment rewards (as PPO).")
-    reward_mean: float | None = option(None, help="Bandit normalizer mean (as PPO).")
-    reward_std: float | None = option(None, help="Bandit normalizer std (as PPO).")
-    sigma_floor: float | None = option(None, help="Normalizer σ floor (default: the normalizer's).")
-    segmenter: str | None = option(None, help="Override the RM's recorded segmenter.")
-    granularity: str | None = option(None, help="For imported RMs that record none.")
-    threshold: float | None = None
-    bf16: bool = option(False, help="Load policies and RM in bfloat16.")
-    plot: bool = option(True, help="Write score_distributions.png (needs matplotlib).")
-    trust_remote_code: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.policy, str):
-            self.policy = [self.policy]
-        if isinstance(self.name, str):
-            self.name = [self.name]
-        if isinstance(self.stop_token, str):
-            self.stop_token = [self.stop_token]
-        if not self.policy:
-            raise ValueError("--policy is required (repeat it to compare several policies)")
-        check_positive(self, "num_samples", "max_prompt_len", "max_new_tokens", "batch_size")
-        if self.reward_model is not None and self.scorer is not None:
-            raise ValueError("pass either --reward-model or --scorer, not both")
-        if self.scorer is not None:
-            module, _, function = self.scorer.partition(":")
-            if not module or not function:
-                raise ValueError(
-                    f"--scorer must be module:function (e.g. mypkg.rewards:score), got {self.scorer!r}"
-                )
-        if self.turns not in (1, 2):
-            raise ValueError(f"--turns must be 1 or 2, got {self.turns}")
-        if self.long_prompts not in ("error", "truncate"):
-            raise ValueError(f"--long-prompts must be error or truncate, got {self.long_prompts!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.name is not None and len(self.name) != len(self.policy):
-            raise ValueError(
-                f"give one --name per --policy: {len(self.name)} names for {len(self.policy)} policies"
-            )
-        if self.sigma_floor is not None and not self.sigma_floor > 0:
-            raise ValueError(f"--sigma-floor must be positive, got {self.sigma_floor}")
-        if self.granularity is not None and self.granularity not in GRANULARITIES:
-            raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.threshold is not None and self.threshold < 0:
-            raise ValueError(f"--threshold must be >= 0, got {self.threshold}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"--max-samples must be at least 1, got {self.max_samples}")
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.output)
-
-
-# The demo's gold tasks (`segppo.demo.task`): one-token decisions | phrases right or wrong as a whole.
-DEMO_TASKS = ("animals", "pairs")
-
-
-@dataclass
-class DemoConfig:
-    """`segppo demo`: the whole method end to end on the built-in synthetic task (no network, CPU)."""
-
-    output: str = option("segppo-demo", help="Folder for every artifact of the run.")
-    budget: str = option(
-        "default", help="small (about a minute) | default (at most 5 minutes on 2 CPU cores)."
-    )
-    compare: list[str] | None = option(None, help="Granularities to compare, e.g. bandit,token,segment.")
-    seeds: int | None = option(None, help="Seeds per setting (default: 3 with --compare, else 1).")
-    task: str = option("animals", help="Gold task: animals (one-token decisions) | pairs (multi-token).")
-    seed: int = 0
-    cache_dir: str | None = option(None, help="SFT policy cache (default ~/.cache/segppo/demo).")
-    threads: int | None = option(None, help="torch CPU threads.")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.compare, str):
-            self.compare = [self.compare]
-        if self.compare is not None:  # `--compare a,b` and `--compare a --compare b` both work
-            self.compare = [g.strip() for item in self.compare for g in item.split(",") if g.strip()]
-        for granularity in self.compare or []:
-            if granularity not in GRANULARITIES:
-                raise ValueError(f"--compare takes granularities from {GRANULARITIES}, got {granularity!r}")
-        if self.seeds is not None:
-            check_positive(self, "seeds")
-        if self.task not in DEMO_TASKS:
-            raise ValueError(f"--task takes one of {DEMO_TASKS}, got {self.task!r}")
-        if self.threads is not None:
-            check_positive(self, "threads")
-
-
-def check_positive(config: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value is None or value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-
-
-def normalize_keys(values: dict[str, Any], config_cls: type, source: str) -> dict[str, Any]:
-    """Map option names (`max-len` or `max_len`) to field names; unknown keys are an error."""
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    out = {}
-    for key, value in values.items():
-        name = str(key).lstrip("-").replace("-", "_")
-        if name not in fields:
-            raise ValueError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(fields))})")
-        out[name] = value
-    return out
-
-
-def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
-    """Read a YAML config whose keys are option names."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"config file {path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of option names to values")
-    return normalize_keys(data, config_cls, str(path))
-
-
 __all__ = [
+    "DEMO_TASKS",
     "DemoConfig",
     "EvalConfig",
     "FIT_NORMALIZER_PRESETS",
     "FitNormalizerConfig",
     "PPOConfig",
     "PPO_PRESETS",
+    "PROMPT_SHARE",
     "RMConfig",
     "RMEvalConfig",
     "RM_PRESETS",
+    "check_positive",
     "load_config_file",
     "normalize_keys",
     "option",
     "preset_values",
+    "resolve_prompt_limit",
 ]

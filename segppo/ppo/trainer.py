@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,13 +44,11 @@ from segppo.ppo import checkpoint
 from segppo.ppo.advantages import whitens
 from segppo.ppo.losses import (
     KLController,
-    explained_variance,
     loss_denominator,
-    masked_moments,
-    mean_var,
     policy_loss,
     value_loss,
 )
+from segppo.ppo.metrics import global_mean_var, rollout_explained_variance, rollout_metrics, throughput, timed
 from segppo.ppo.rollout import Experience, advantages, critic_values, rewards, score
 from segppo.ppo.samples import RolloutPool, log_samples
 from segppo.ppo.setup import (
@@ -89,11 +86,6 @@ def _train(cfg: PPOConfig, step_callback: StepCallback | None) -> None:
         PPOTrainer(cfg, info).fit(step_callback)
     finally:
         shutdown()
-
-
-def global_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked mean and (population) variance of `x` over every rank's tokens."""
-    return mean_var(all_reduce_sum(masked_moments(x, mask)))
 
 
 class PPOTrainer:
@@ -151,9 +143,9 @@ class PPOTrainer:
         cfg, m = self.cfg, self.models
         timing: dict[str, float] = {}
         step_start = time.perf_counter()
-        with _timed(timing, "generation"):
+        with timed(timing, "generation"):
             batches = self.generate(step)
-        with _timed(timing, "scoring"):
+        with timed(timing, "scoring"):
             actor, critic, reference = m.actor, m.critic, m.reference
             experiences = [
                 score(
@@ -166,7 +158,7 @@ class PPOTrainer:
                 )
                 for b in batches
             ]
-            with _timed(timing, "rewards"):  # segmentation through GAE
+            with timed(timing, "rewards"):  # segmentation through GAE
                 experiences = [rewards(e, self.shaping, self.kl_ctl.coef) for e in experiences]
                 whiten_with = global_mean_var if whitens(cfg.advantage, cfg.whiten_advantages) else None
                 experiences = advantages(
@@ -177,15 +169,15 @@ class PPOTrainer:
                     lam=cfg.lam,
                     whiten_with=whiten_with,
                 )
-        metrics = self.rollout_metrics(experiences)
+        metrics = rollout_metrics(experiences, self.info.device, self.kl_ctl.coef)
         if metrics.pop("nonfinite") > 0:
             self._stop_non_finite(step, "a reward or advantage", updated=False)
         self._log_samples(experiences, step + 1)
-        with _timed(timing, "training"):
+        with timed(timing, "training"):
             metrics.update(self.update(RolloutPool.of(experiences, self.tokenizer.pad_token_id), step))
             self.sync_rollout_engine()  # part of the update: the next rollout samples the new policy
         if m.critic is not None:
-            metrics["explained_variance"] = self.explained_variance(experiences)
+            metrics["explained_variance"] = rollout_explained_variance(experiences)
         # --kl-target is a per-token mean KL, as OpenRLHF's and the paper's (`kl` is per response).
         self.kl_ctl.update(metrics["kl_per_token"], int(metrics["responses"]))
         metrics.update({f"time_{k}": v for k, v in timing.items()})
@@ -314,65 +306,6 @@ class PPOTrainer:
             )
         return (p_loss, v_loss), {**p_stats, **v_stats, "tokens": mask.sum().float()}
 
-    def rollout_metrics(self, experiences: list[Experience]) -> dict[str, float]:
-        """Means over every rank's responses."""
-        names = (
-            "responses",
-            "tokens",
-            "raw_reward",
-            "normalized_reward",
-            "kl",
-            "entropy",
-            "length",
-            "segments",
-            "eos",
-            "nonfinite",
-        )
-        sums = torch.zeros(len(names), dtype=torch.float64, device=self.info.device)
-        for e in experiences:
-            mask = e.batch.response_mask
-            finite = torch.isfinite(e.rewards).all() & torch.isfinite(e.advantages).all()
-            sums += torch.stack(
-                [
-                    torch.tensor(float(mask.shape[0]), device=mask.device),
-                    mask.sum().float(),
-                    e.raw_score.sum(),
-                    e.segments.rewards.sum(),
-                    e.kl.sum(),
-                    torch.where(mask, e.policy_entropy, 0.0).sum(),
-                    mask.sum().float(),
-                    e.segments.num_segments.sum().float(),
-                    e.batch.has_eos.sum().float(),
-                    (~finite).float(),
-                ]
-            ).double()
-        all_reduce_sum(sums)
-        s = dict(zip(names, sums.tolist(), strict=True))
-        n = max(s["responses"], 1.0)
-        return {
-            "reward": s["raw_reward"] / n,
-            "normalized_reward": s["normalized_reward"] / n,
-            "kl": s["kl"] / n,
-            "kl_per_token": s["kl"] / max(s["tokens"], 1.0),
-            "kl_coef": self.kl_ctl.coef,
-            "entropy": s["entropy"] / max(s["tokens"], 1.0),
-            "response_length": s["length"] / n,
-            "segments": s["segments"] / n,
-            "segment_length": s["length"] / max(s["segments"], 1.0),
-            "eos_fraction": s["eos"] / n,
-            "nonfinite": s["nonfinite"],
-            "tokens": s["tokens"],
-            "responses": s["responses"],
-        }
-
-    def explained_variance(self, experiences: list[Experience]) -> float:
-        values = torch.cat([e.values.flatten() for e in experiences])
-        returns = torch.cat([e.returns.flatten() for e in experiences])
-        mask = torch.cat([e.batch.response_mask.flatten() for e in experiences])
-        returns_moments = all_reduce_sum(masked_moments(returns, mask))
-        error_moments = all_reduce_sum(masked_moments(returns - values, mask))
-        return explained_variance(returns_moments, error_moments)
-
     # -- the run --------------------------------------------------------------------------------
 
     def fit(self, step_callback: StepCallback | None = None) -> None:
@@ -456,22 +389,3 @@ class PPOTrainer:
         raise NonFiniteError(
             f"step {step + 1}: {what} is not finite; {saved} (resume with --resume after fixing the cause)"
         )
-
-
-def throughput(timing: dict[str, float], step_time: float, generated_tokens: float) -> dict[str, float]:
-    """Response tokens generated per second (every rank's tokens over this rank's generation time;
-    ranks generate in parallel) and the share of the step in generation, scoring (rewards and
-    advantages included) and training: what to compare the rollout engines by."""
-    out = {"generation_tokens_per_s": generated_tokens / max(timing["generation"], 1e-9)}
-    for phase in ("generation", "scoring", "training"):
-        out[f"share_{phase}"] = timing[phase] / max(step_time, 1e-9)
-    return out
-
-
-@contextmanager
-def _timed(timing: dict[str, float], name: str):
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timing[name] = time.perf_counter() - start

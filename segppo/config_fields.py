@@ -1,0 +1,63 @@
+"""The machinery of the configs (`segppo.config`): `option` fields, shared checks and YAML `--config`
+files; `segppo.config` re-exports every name here."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str) -> Any:
+    """A config field with the help text of its CLI option."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# The paper's prompt budget: 1728 of 2048 tokens, the rest for the response.
+PROMPT_SHARE = 1728 / 2048
+
+
+def resolve_prompt_limit(config: Any) -> None:
+    """Set `max_prompt_len` from `max_len` when it is not given; it must leave room for a response."""
+    if config.max_prompt_len is None:
+        config.max_prompt_len = max(1, int(config.max_len * PROMPT_SHARE))
+    if config.max_prompt_len >= config.max_len:
+        raise ValueError(
+            f"--max-prompt-len ({config.max_prompt_len}) must be below --max-len ({config.max_len}) "
+            "to leave room for the response"
+        )
+
+
+def check_positive(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is None or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+def normalize_keys(values: dict[str, Any], config_cls: type, source: str) -> dict[str, Any]:
+    """Map option names (`max-len` or `max_len`) to field names; unknown keys are an error."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    out = {}
+    for key, value in values.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(fields))})")
+        out[name] = value
+    return out
+
+
+def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
+    """Read a YAML config whose keys are option names."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    return normalize_keys(data, config_cls, str(path))
