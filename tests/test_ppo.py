@@ -485,12 +485,17 @@ def test_non_finite_rewards_on_one_rank_stop_both_and_resume_continues(tiny_lm_d
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": poison if i in rank1_step2 else PROMPTS[i % 4]} for i in range(32)]
     prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    # The policy never generates the poison (its generation config suppresses it), so only prompts
-    # bring it in.
+    # The policy never generates the poison, so only prompts bring it in: its output rows for the
+    # poison ids are 0 and every other row is scaled up, so the poison's logit (0) sits far below the
+    # top logit. (A checkpoint's generation config no longer applies at sampling, so `suppress_tokens`
+    # cannot do this.)
     policy = tmp_path / "policy"
     shutil.copytree(tiny_lm_dir, policy)
-    generation = json.loads((policy / "generation_config.json").read_text())
-    (policy / "generation_config.json").write_text(json.dumps({**generation, "suppress_tokens": poison_ids}))
+    weights = load_file(policy / "model.safetensors")
+    head = "lm_head.weight" if "lm_head.weight" in weights else next(k for k in weights if "embed_tokens" in k)
+    weights[head] = weights[head] * 200.0
+    weights[head][poison_ids] = 0.0
+    save_file(weights, policy / "model.safetensors", metadata={"format": "pt"})
     rm = tmp_path / "rm"
     shutil.copytree(f"{reward_models['token']}/model", rm)
     good = load_file(rm / "model.safetensors")
