@@ -492,9 +492,8 @@ def test_non_finite_rewards_on_one_rank_stop_both_and_resume_continues(tiny_lm_d
     policy = tmp_path / "policy"
     shutil.copytree(tiny_lm_dir, policy)
     weights = load_file(policy / "model.safetensors")
-    head = "lm_head.weight" if "lm_head.weight" in weights else next(k for k in weights if "embed_tokens" in k)
-    weights[head] = weights[head] * 200.0
-    weights[head][poison_ids] = 0.0
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 200.0
+    weights["lm_head.weight"][poison_ids] = 0.0
     save_file(weights, policy / "model.safetensors", metadata={"format": "pt"})
     rm = tmp_path / "rm"
     shutil.copytree(f"{reward_models['token']}/model", rm)
