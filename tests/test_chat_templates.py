@@ -354,6 +354,42 @@ def test_truncation_cuts_the_oldest_content_and_keeps_bos_and_headers():
     )
 
 
+# --- 5. a bandit RM with its own tokenizer ----------------------------------------------------
+
+GPT2_STYLE = (  # `Assistant: {content}`: the template's space goes into the content's first token
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_foreign_bandit_rm_reads_the_ids_it_was_trained_on():
+    from segppo.data import collate_responses
+    from segppo.ppo.rollout import foreign_rm_inputs
+
+    policy = ChatFormat(build_tokenizer("bytelevel", ["<|endoftext|>"], "<|endoftext|>", template=GPT2_STYLE))
+    rm_tokenizer = build_tokenizer("bytelevel", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>")
+    rm = ChatFormat(rm_tokenizer, chat_template=CHATML)
+    prompt = [user("Name a prime number greater than 10.")]
+    response = "11 is prime. It has no divisors."
+    ids, has_eos = policy.response_ids(prompt, response)
+    assert has_eos and policy.tokenizer.decode(ids, skip_special_tokens=True).startswith(" 11")  # the lead
+    assert policy.response_text(prompt, ids, has_eos) == response
+    cut_off = ids[:4]  # a generation that never stopped keeps its last token
+    assert response.startswith(policy.response_text(prompt, cut_off, False))
+
+    batch = collate_responses([policy.prompt_ids(prompt)] * 2, [ids, cut_off], [True, False], 0)
+    (prompt_ids, rm_ids, rm_eos), (_, rm_cut, cut_eos) = foreign_rm_inputs(rm, policy, [prompt] * 2, batch)
+    trained = rm.encode_pair(PreferenceExample(prompt, response, "12."))
+    assert (prompt_ids, rm_ids, rm_eos) == (trained.prompt_ids, trained.chosen_ids, True)
+    assert not cut_eos and rm_tokenizer.decode(rm_cut).startswith("11")  # no space the response never had
+
+
 # --- 6. segment text ----------------------------------------------------------------------------
 
 

@@ -321,6 +321,31 @@ class ChatFormat:
             return [*ids, self.end_of_turn_id], True
         return ids, has_eos
 
+    def response_text(self, messages: list[dict], ids: Sequence[int], has_eos: bool) -> str:
+        """The assistant content that `ids` (a response after the prompt `messages`) render: the
+        inverse of `response_ids`, for handing a response to a model with another tokenizer.
+
+        Decoding the ids alone is not enough: a template that writes `Assistant: {content}` puts
+        its space into the content's first token (`Ġ11`), so the decoded text would be ` 11 ...`
+        and another tokenizer would read a space the response never had. The text the template
+        writes between its generation prompt and the content is removed; the stop token is dropped.
+        """
+        ids = list(ids[:-1] if has_eos else ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        lead = self._content_lead(messages)
+        return text[len(lead) :] if lead and text.startswith(lead) else text
+
+    def _content_lead(self, messages: list[dict]) -> str:
+        """Text the template writes after the generation prompt and before the assistant content."""
+        marker = "\x00content\x00"  # survives templates that trim content
+        prompt_text = self._render(messages, add_generation_prompt=True)
+        full_text = self._render(
+            [*messages, {"role": "assistant", "content": marker}], add_generation_prompt=False
+        )
+        if not full_text.startswith(prompt_text) or marker not in full_text:
+            return ""
+        return full_text[len(prompt_text) : full_text.index(marker, len(prompt_text))]
+
     def cut_at_stop(self, ids: Sequence[int]) -> tuple[list[int], bool]:
         """(ids up to and including the first stop token, whether there was one).
 

@@ -60,12 +60,6 @@ class Generation:
         }
 
 
-def response_text(tokenizer, ids: Sequence[int], has_eos: bool) -> str:
-    """The response's text: its ids without the stop token, special tokens dropped, stripped."""
-    ids = list(ids[:-1] if has_eos else ids)
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
 def generate_responses(
     model,
     tokenizer,
@@ -137,7 +131,7 @@ def generate_responses(
             responses = batch.response_ids.tolist()
             for g, ids, n, eos in zip(rows, responses, lengths, batch.has_eos.tolist(), strict=True):
                 g.response_ids, g.has_eos = ids[:n], bool(eos)
-                g.turns.append(response_text(tokenizer, g.response_ids, g.has_eos))
+                g.turns.append(chat.response_text(g.messages, g.response_ids, g.has_eos))
             if on_batch is not None:
                 on_batch(len(rows))
     return generations

@@ -186,21 +186,29 @@ def shared_rm_values(reward_model):
     return rm_values
 
 
-def foreign_bandit_rm_values(reward_model, rm_chat: ChatFormat, policy_tokenizer, prompts_of, device):
-    """A bandit RM with its own tokenizer: decode each response, re-encode it as eval does
-    (`encode_for_reward_model`), score it, and place the score at the response's last token in the
-    policy's tokens.
+def foreign_rm_inputs(
+    rm_chat: ChatFormat, policy_chat: ChatFormat, prompts: list, batch: ResponseBatch
+) -> list:
+    """(prompt ids, response ids, has_eos) per row of `batch` in the RM's tokens: each response's
+    content text (`ChatFormat.response_text`, so no template text leaks into it) re-encoded as
+    eval does (`encode_for_reward_model`): the ids RM training would have made of that text."""
+    rows = zip(prompts, batch.response_ids, batch.response_mask, batch.has_eos.tolist(), strict=True)
+    encoded = []
+    for messages, ids, mask, has_eos in rows:
+        text = policy_chat.response_text(messages, ids[mask].tolist(), has_eos)
+        encoded.append(encode_for_reward_model(rm_chat, messages, text, has_eos))
+    return encoded
+
+
+def foreign_bandit_rm_values(reward_model, rm_chat: ChatFormat, policy_chat: ChatFormat, prompts_of, device):
+    """A bandit RM with its own tokenizer: re-encode each response for it (`foreign_rm_inputs`),
+    score it, and place the score at the response's last token in the policy's tokens.
 
     `prompts_of(batch)` returns the prompt messages of each row.
     """
 
     def rm_values(batch: ResponseBatch) -> torch.Tensor:
-        texts = policy_tokenizer.batch_decode(
-            [ids[m].tolist() for ids, m in zip(batch.response_ids, batch.response_mask, strict=True)],
-            skip_special_tokens=True,
-        )
-        rows = zip(prompts_of(batch), texts, batch.has_eos.tolist(), strict=True)
-        encoded = [encode_for_reward_model(rm_chat, messages, text, eos) for messages, text, eos in rows]
+        encoded = foreign_rm_inputs(rm_chat, policy_chat, prompts_of(batch), batch)
         rm_batch = collate_responses(*zip(*encoded, strict=True), rm_chat.pad_token_id).to(device)
         values = reward_values(
             reward_model, rm_batch.input_ids, rm_batch.attention_mask, rm_batch.position_ids

@@ -179,15 +179,16 @@ def load_models(
     cfg: PPOConfig,
     info: DistInfo,
     reward: RewardModelSpec,
-    tokenizer,
+    chat: ChatFormat,
     *,
     total_updates: int,
     grad_accum: int,
     prompt_messages: Callable,
 ) -> Models:
-    """`prompt_messages(batch)`: the prompt messages of each row (for an RM with its own tokenizer)."""
+    """`chat`: the policy's chat format; `prompt_messages(batch)`: the prompt messages of each row
+    (both for an RM with its own tokenizer)."""
     meta = reward.metadata
-    check_reference_tokenizer(cfg, tokenizer)
+    check_reference_tokenizer(cfg, chat.tokenizer)
     dtype = "bf16" if cfg.bf16 else "fp32"
     kw = dict(trust_remote_code=cfg.trust_remote_code)
     actor = load_policy(cfg.policy, gradient_checkpointing=cfg.gradient_checkpointing, **kw)
@@ -217,7 +218,7 @@ def load_models(
         rm_values_fn = shared_rm_values(rm)
     else:
         rm_chat = ChatFormat.from_metadata(reward.tokenizer, meta)  # the RM's own recorded format
-        rm_values_fn = foreign_bandit_rm_values(rm, rm_chat, tokenizer, prompt_messages, info.device)
+        rm_values_fn = foreign_bandit_rm_values(rm, rm_chat, chat, prompt_messages, info.device)
     engine = dict(
         total_steps=total_updates,
         micro_batch_size=cfg.micro_train_batch_size,

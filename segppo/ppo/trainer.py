@@ -126,7 +126,7 @@ class PPOTrainer:
             cfg,
             info,
             self.reward,
-            self.tokenizer,
+            self.chat,
             total_updates=updates,
             grad_accum=self.grad_accum,
             prompt_messages=self._prompt_messages,
