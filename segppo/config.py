@@ -22,6 +22,7 @@ from segppo.config_fields import (  # re-exported
     option,
     resolve_prompt_limit,
 )
+from segppo.config_memory import MemoryOptions, PPOMemoryOptions  # re-exported
 from segppo.kernels import GRANULARITIES
 from segppo.presets import FIT_NORMALIZER_PRESETS, PPO_PRESETS, RM_PRESETS, preset_values  # re-exported
 
@@ -33,7 +34,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
 
 
 @dataclass
-class RMConfig:
+class RMConfig(MemoryOptions):
     """`segppo rm train`: a segment-, token- or bandit-level reward model from preference pairs."""
 
     model: str = option(help="Backbone the RM starts from: a causal LM (hub name or folder).")
@@ -70,6 +71,11 @@ class RMConfig:
     zero_stage: int = option(2, help="DeepSpeed ZeRO stage 0-3.")
     bf16: bool = option(False, help="Train in bfloat16.")
     gradient_checkpointing: bool = False
+    packing: bool = option(
+        False,
+        help="Pack each micro-batch's chosen and rejected sequences into rows kept apart by the "
+        "attention mask (same loss, fewer padding tokens).",
+    )
     eval_every: int = option(0, help="Evaluate every N steps (0: at the end only).")
     save_every: int = option(0, help="Checkpoint every N steps (0: at the end only).")
     save_total_limit: int = option(2, help="Training states kept in state/, newest first (0: all).")
@@ -94,6 +100,7 @@ class RMConfig:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        self.check_memory_options()
 
     @property
     def output_dir(self) -> Path:
@@ -217,7 +224,7 @@ class FitNormalizerConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(PPOMemoryOptions):
     """`segppo ppo train`: PPO against dense segment (or token, or bandit) rewards."""
 
     policy: str = option(help="SFT model: the initial policy (and the default reference).")
@@ -299,6 +306,11 @@ class PPOConfig:
     zero_stage: int = 2
     bf16: bool = False
     gradient_checkpointing: bool = False
+    packing: bool = option(
+        False,
+        help="Pack each update micro-batch's sequences into rows kept apart by the attention mask "
+        "(same losses, fewer padding tokens).",
+    )
     save_every: int = option(0, help="Checkpoint every N steps (0: at the end only).")
     save_total_limit: int = option(2, help="Training states kept in state/, newest first (0: all).")
     num_logged_samples: int = option(4, help="Generations per step written to samples.jsonl.")
@@ -368,6 +380,7 @@ class PPOConfig:
             raise ValueError("--overlong-penalty needs --max-response-len")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+        self.check_memory_options()
 
     @property
     def output_dir(self) -> Path:
@@ -411,7 +424,9 @@ __all__ = [
     "EvalConfig",
     "FIT_NORMALIZER_PRESETS",
     "FitNormalizerConfig",
+    "MemoryOptions",
     "PPOConfig",
+    "PPOMemoryOptions",
     "PPO_PRESETS",
     "PROMPT_SHARE",
     "RMConfig",

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from segppo.kernels import entropy_logprobs
+from segppo.kernels import entropy_logprobs, sequence_scores
+from segppo.segments import Segmentation
 
 from .chat import EncodedPair
 from .collate import ResponseBatch
@@ -160,7 +161,11 @@ def pack_responses(
     max_tokens: int,
 ) -> PackedBatch:
     """Pack (prompt, response) sequences into rows of at most `max_tokens` tokens (or the longest
-    sequence, if longer)."""
+    sequence, if longer).
+
+    The trainers pass their `max_len`, the widest row a padded batch of the run may have: a packed
+    micro-batch then has at most as many rows, none wider, so its memory (the `R·W²` block mask
+    included) stays within what the padded path needs at its worst."""
     if not (len(prompts) == len(responses) == len(has_eos)) or not prompts:
         raise ValueError(
             f"need as many prompts, responses and has_eos, at least one: "
@@ -233,8 +238,17 @@ def padded_tokens(prompt_lengths: Sequence[int], response_lengths: Sequence[int]
     return len(prompt_lengths) * (max(prompt_lengths) + max(response_lengths)) - real
 
 
-def _forward(model, packed: PackedBatch, mode: str):
+def packing_mode(model) -> str:
+    """How `model` keeps packed sequences apart: "position_ids" (flash-attention's varlen kernel,
+    no mask) when it runs a flash-attention implementation, else the 4D block "mask"."""
     module = getattr(model, "module", model)  # unwrap a DeepSpeed engine
+    implementation = getattr(module.config, "_attn_implementation", None) or ""
+    return "position_ids" if "flash" in implementation else "mask"
+
+
+def _forward(model, packed: PackedBatch, mode: str | None):
+    module = getattr(model, "module", model)  # unwrap a DeepSpeed engine
+    mode = mode or packing_mode(model)
     if "position_ids" not in inspect.signature(module.forward).parameters:
         raise ValueError(f"{type(module).__name__} takes no position_ids; it cannot run packed")
     # The additive mask is in the model's compute dtype (its minimum is what "masked" means there).
@@ -242,7 +256,7 @@ def _forward(model, packed: PackedBatch, mode: str):
     return model(**packed.model_inputs(mode, dtype), use_cache=False)
 
 
-def packed_reward_values(model, packed: PackedBatch, mode: str = "mask") -> torch.Tensor:
+def packed_reward_values(model, packed: PackedBatch, mode: str | None = None) -> torch.Tensor:
     """The reward model's (or critic's) per-token values at response positions, `[B, T]` float32,
     0 where `response_mask` is false; differentiable. Same numbers as `reward_values(...)[:, P:]`."""
     values = _forward(model, packed, mode).logits[..., 0].float()
@@ -250,7 +264,7 @@ def packed_reward_values(model, packed: PackedBatch, mode: str = "mask") -> torc
 
 
 def packed_logprobs_and_entropy(
-    model, packed: PackedBatch, mode: str = "mask", *, temperature: float = 1.0
+    model, packed: PackedBatch, mode: str | None = None, *, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the response tokens and the entropy at each response position, `[B, T]` float32,
     as `segppo.segments.logprobs_and_entropy` gives on the padded batch.
@@ -262,3 +276,38 @@ def packed_logprobs_and_entropy(
     next_tokens = torch.nn.functional.pad(packed.input_ids[:, 1:], (0, 1), value=0)  # column c scores c+1
     entropy, logprobs = entropy_logprobs(logits, next_tokens, temperature=temperature)
     return packed.gather(logprobs, shift=-1), packed.gather(entropy)
+
+
+def packed_critic_values(critic, packed: PackedBatch, mode: str | None = None) -> torch.Tensor:
+    """V_t `[B, T]` float32 for each response token: the critic's value at the column before token
+    t (the state before it), as `segppo.ppo.rollout.critic_values` gives on the padded batch."""
+    values = _forward(critic, packed, mode).logits[..., 0].float()
+    return packed.gather(values, shift=-1)
+
+
+@torch.no_grad()
+def packed_entropy(segmenter, packed: PackedBatch, mode: str | None = None) -> torch.Tensor:
+    """The segmenter's entropy `[B, T]` float32 at each response position (column `start + t`, as
+    `segppo.segments.segmenter_entropy` reads column `P + t` of the padded batch)."""
+    logits = _forward(segmenter, packed, mode).logits
+    entropy, _ = entropy_logprobs(logits)
+    return packed.gather(entropy)
+
+
+def packed_scores(reward_model, segmenter, packed: PackedBatch, segmentation: Segmentation) -> torch.Tensor:
+    """`[B]` sequence scores (mean RM value at segment ends), the numbers
+    `segppo.rm.scoring.score_responses` gives on the padded batch; differentiable w.r.t. the RM."""
+    if segmentation.needs_entropy:
+        if segmenter is None:
+            raise ValueError("a segment-level reward model needs a segmenter to compute entropy")
+        entropy = packed_entropy(segmenter, packed)
+    else:
+        entropy = torch.zeros(packed.response_mask.shape, device=packed.input_ids.device)
+    return sequence_scores(
+        packed_reward_values(reward_model, packed),
+        entropy,
+        packed.response_mask,
+        granularity=segmentation.granularity,
+        threshold=segmentation.threshold,
+        has_eos=packed.has_eos,
+    )

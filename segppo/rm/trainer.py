@@ -33,19 +33,19 @@ from segppo.data import (
     load_splits,
     split_train_eval,
 )
+from segppo.data.packing import pack_preferences, packed_scores
 from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
     check_run_folder,
     frozen_on_device,
     full_state_dict,
-    init_distributed,
     latest_state,
     launch,
     load_training_state,
+    rank_group,
     save_training_state,
     set_seed,
-    shutdown,
 )
 from segppo.kernels import segment_rewards
 from segppo.models import (
@@ -184,6 +184,31 @@ def evaluate_pairs(
     }
 
 
+def score_pairs(
+    reward_model,
+    segmenter,
+    pairs: Sequence[EncodedPair],
+    segmentation: Segmentation,
+    pad_token_id: int,
+    device: torch.device,
+    packing_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and of the rejected responses `[B]`, and the pairs' margins `[B]`.
+
+    Padded (`collate_preferences`), or with `packing_tokens` packed (`pack_preferences`: the 2B
+    sequences laid end to end in rows of at most that many tokens, kept apart by the attention
+    mask): the same numbers, with fewer padding tokens packed.
+    """
+    if packing_tokens is not None:
+        batch = pack_preferences(pairs, pad_token_id, packing_tokens).to(device)
+        scores = packed_scores(reward_model, segmenter, batch, segmentation)
+    else:
+        batch = collate_preferences(pairs, pad_token_id).to(device)
+        scores = score_responses(reward_model, segmenter, batch, segmentation).scores
+    n = len(pairs)
+    return scores[:n], scores[n:], batch.margin
+
+
 def train_reward_model(cfg: RMConfig, *, step_callback: StepCallback | None = None) -> Path:
     """Train on `cfg.nproc` local ranks (or the ranks of an outer launcher); returns the model folder."""
     check_rm_train(cfg)
@@ -193,11 +218,8 @@ def train_reward_model(cfg: RMConfig, *, step_callback: StepCallback | None = No
 
 
 def _train(cfg: RMConfig, step_callback: StepCallback | None) -> None:
-    info = init_distributed()
-    try:
+    with rank_group() as info:
         _train_on_rank(cfg, info, step_callback)
-    finally:
-        shutdown()
 
 
 def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | None) -> None:
@@ -307,13 +329,18 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
             mine = global_batch[info.rank * per_rank : (info.rank + 1) * per_rank]
             sums = torch.zeros(3, device=info.device)  # loss·n, correct, n
             for micro in batches(mine, cfg.micro_batch_size):
-                batch = collate_preferences([data.train[i] for i in micro], tokenizer.pad_token_id).to(
-                    info.device
+                pairs = [data.train[i] for i in micro]
+                chosen, rejected, margin = score_pairs(
+                    engine,
+                    segmenter,
+                    pairs,
+                    segmentation,
+                    tokenizer.pad_token_id,
+                    info.device,
+                    packing_tokens=cfg.max_len if cfg.packing else None,
                 )
-                scored = score_responses(engine, segmenter, batch, segmentation)
-                n = batch.num_pairs
-                chosen, rejected = scored.scores[:n], scored.scores[n:]
-                loss = bradley_terry_loss(chosen, rejected, batch.margin if cfg.margin else None)
+                n = len(pairs)
+                loss = bradley_terry_loss(chosen, rejected, margin if cfg.margin else None)
                 engine.backward(loss)
                 engine.step()
                 sums += torch.stack(

@@ -1,0 +1,85 @@
+"""`--packing` in RM training and the PPO update: the same losses and weights as the padded path."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import FILLER, tiny_rm_config
+
+from segppo.data.packing import pack_preferences
+from segppo.models import load_tokenizer
+from segppo.rm.trainer import prepare_preferences, train_reward_model
+from segppo.tracking import read_metrics
+
+
+@pytest.fixture(scope="module")
+def ragged_preferences(tmp_path_factory):
+    """The Paris/Lyon set with 1 to 14 filler words per pair, so that sequences differ in length
+    and several fit in one packed row."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(120):
+        words = rng.randint(1, 14)
+        filler = [rng.choice(FILLER) for _ in range(words)]
+        at = rng.randrange(words)
+        chosen, rejected = list(filler), list(filler)
+        chosen[at], rejected[at] = "Paris", "Lyon"
+        rows.append(
+            {"prompt": "Name the capital.", "chosen": " ".join(chosen), "rejected": " ".join(rejected)}
+        )
+    path = tmp_path_factory.mktemp("ragged") / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+def _train_losses(cfg) -> list[float]:
+    train_reward_model(cfg)
+    return [row["loss"] for row in read_metrics(cfg.output_dir, split="train")]
+
+
+def _assert_same_run(padded, packed, losses_padded, losses_packed):
+    assert len(losses_packed) == len(losses_padded) == padded.max_steps
+    assert losses_packed == pytest.approx(losses_padded, rel=1e-5, abs=1e-7)
+    a = load_file(padded.output_dir / "model" / "model.safetensors")
+    b = load_file(packed.output_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    final_padded = read_metrics(padded.output_dir, split="eval")[-1]
+    final_packed = read_metrics(packed.output_dir, split="eval")[-1]
+    assert final_packed["accuracy"] == final_padded["accuracy"]
+
+
+def test_the_micro_batches_really_pack(tiny_lm_dir, ragged_preferences, tmp_path):
+    cfg = tiny_rm_config(tiny_lm_dir, ragged_preferences, tmp_path / "r")
+    data = prepare_preferences(cfg, load_tokenizer(tiny_lm_dir))
+    pairs = data.train[: cfg.micro_batch_size]
+    packed = pack_preferences(pairs, pad_token_id=0, max_tokens=cfg.max_len)
+    assert packed.input_ids.shape[0] < 2 * len(pairs)  # rows hold several sequences
+
+
+@pytest.mark.parametrize("granularity", ["segment", "token", "bandit"])
+def test_rm_train_packing_matches_padded(tiny_lm_dir, ragged_preferences, tmp_path, granularity):
+    padded = tiny_rm_config(
+        tiny_lm_dir,
+        ragged_preferences,
+        tmp_path / "padded",
+        granularity=granularity,
+        max_steps=3,
+        margin=True,
+    )
+    packed = dataclasses.replace(padded, output=str(tmp_path / "packed"), packing=True)
+    _assert_same_run(padded, packed, _train_losses(padded), _train_losses(packed))
+
+
+def test_rm_train_packing_on_two_ranks_matches_padded(tiny_lm_dir, ragged_preferences, tmp_path):
+    padded = tiny_rm_config(
+        tiny_lm_dir, ragged_preferences, tmp_path / "padded", max_steps=2, zero_stage=2, nproc=2
+    )
+    packed = dataclasses.replace(padded, output=str(tmp_path / "packed"), packing=True)
+    _assert_same_run(padded, packed, _train_losses(padded), _train_losses(packed))
