@@ -6,6 +6,7 @@ that needs `TRITON_INTERPRET=1`); unset, CUDA tensors take Triton and everything
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -45,3 +46,9 @@ def use_triton(tensor: torch.Tensor) -> bool:
             )
         return True
     return HAS_TRITON and tensor.is_cuda
+
+
+def device_guard(tensor: torch.Tensor):
+    """Context for a kernel launch: the tensor's own GPU made current (Triton launches on the
+    current device, so a tensor on another GPU would be read from the wrong one); no-op off CUDA."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -7,13 +7,11 @@ backward is a second streaming pass that rebuilds p from three saved per-row num
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import reference
 from ._checks import check_float
-from ._dispatch import HAS_TRITON, use_triton
+from ._dispatch import HAS_TRITON, device_guard, use_triton
 
 if HAS_TRITON:
     import triton
@@ -158,11 +156,6 @@ def _as_rows(logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1])
 
 
-def _device_guard(tensor: torch.Tensor):
-    """Launch on the tensor's own GPU, not the current one."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def entropy_logprobs_forward(x: torch.Tensor, targets: torch.Tensor | None, temperature: float):
     """x [N, V] any float dtype with unit column stride; targets [N] int64 or None.
 
@@ -176,7 +169,7 @@ def entropy_logprobs_forward(x: torch.Tensor, targets: torch.Tensor | None, temp
     if n_rows == 0:
         return entropy, logprobs, stats
     block, num_warps = _launch_config(n_cols)
-    with _device_guard(x):
+    with device_guard(x):
         _entropy_logprobs_fwd_kernel[(n_rows,)](
             x,
             x.stride(0),
@@ -209,7 +202,7 @@ def entropy_logprobs_backward(
     has_h = grad_entropy is not None
     has_lp = grad_logprobs is not None and targets is not None
     block, num_warps = _launch_config(n_cols)
-    with _device_guard(x):
+    with device_guard(x):
         _entropy_logprobs_bwd_kernel[(n_rows,)](
             x,
             x.stride(0),

@@ -12,7 +12,7 @@ import torch
 
 from . import reference
 from ._checks import check_rows
-from ._dispatch import HAS_TRITON, use_triton
+from ._dispatch import HAS_TRITON, device_guard, use_triton
 
 if HAS_TRITON:
     import triton
@@ -100,24 +100,25 @@ def _gae_triton(rewards, values, mask, gamma, lam):
         return adv, ret
     # At least 16 lanes so short rows avoid degenerate 1-element tensors; BLOCK_T still caps it.
     block = min(BLOCK_T, max(16, triton.next_power_of_2(T)))
-    _gae_kernel[(B,)](
-        rewards,
-        values,
-        mask,
-        adv,
-        ret,
-        T,
-        rewards.stride(0),
-        rewards.stride(1),
-        values.stride(0),
-        values.stride(1),
-        mask.stride(0),
-        mask.stride(1),
-        gamma,
-        gamma * lam,
-        BLOCK_T=block,
-        num_warps=4 if block >= 512 else 2 if block >= 128 else 1,
-    )
+    with device_guard(rewards):
+        _gae_kernel[(B,)](
+            rewards,
+            values,
+            mask,
+            adv,
+            ret,
+            T,
+            rewards.stride(0),
+            rewards.stride(1),
+            values.stride(0),
+            values.stride(1),
+            mask.stride(0),
+            mask.stride(1),
+            gamma,
+            gamma * lam,
+            BLOCK_T=block,
+            num_warps=4 if block >= 512 else 2 if block >= 128 else 1,
+        )
     return adv, ret
 
 

@@ -12,7 +12,7 @@ import torch
 
 from . import reference
 from ._checks import check_distribute, check_normalizer, check_rows, resolve_granularity
-from ._dispatch import HAS_TRITON, use_triton
+from ._dispatch import HAS_TRITON, device_guard, use_triton
 from .reference import SegmentRewards
 
 if HAS_TRITON:
@@ -210,34 +210,35 @@ def _segment_rewards_triton(
     if granularity == "bandit":
         distribute = "end"  # the single reward sits on the last token
     a, b, c, d = normalizer if normalizer is not None else (0.0, 0.0, 0.0, 1.0)
-    _segment_rewards_kernel[(B,)](
-        rm_values,
-        entropy,
-        mask,
-        has_eos,
-        rewards,
-        ends,
-        num,
-        end_pos,
-        T,
-        rm_values.stride(0),
-        rm_values.stride(1),
-        entropy.stride(0),
-        entropy.stride(1),
-        mask.stride(0),
-        mask.stride(1),
-        has_eos.stride(0),
-        threshold,
-        a,
-        b,
-        c,
-        d,
-        sigma_floor,
-        GRANULARITY=_GRANULARITY_CODE[granularity],
-        DISTRIBUTE=_DISTRIBUTE_CODE[distribute],
-        NORMALIZE=normalizer is not None,
-        BLOCK_T=block,
-    )
+    with device_guard(rm_values):
+        _segment_rewards_kernel[(B,)](
+            rm_values,
+            entropy,
+            mask,
+            has_eos,
+            rewards,
+            ends,
+            num,
+            end_pos,
+            T,
+            rm_values.stride(0),
+            rm_values.stride(1),
+            entropy.stride(0),
+            entropy.stride(1),
+            mask.stride(0),
+            mask.stride(1),
+            has_eos.stride(0),
+            threshold,
+            a,
+            b,
+            c,
+            d,
+            sigma_floor,
+            GRANULARITY=_GRANULARITY_CODE[granularity],
+            DISTRIBUTE=_DISTRIBUTE_CODE[distribute],
+            NORMALIZE=normalizer is not None,
+            BLOCK_T=block,
+        )
     return SegmentRewards(rewards, ends.view(torch.bool), num)
 
 
@@ -254,26 +255,27 @@ class _SequenceScores(torch.autograd.Function):
         num = empty(B, dtype=torch.int64, device=device)
         if B > 0 and T > 0:
             block, entropy, mask, has_eos, threshold = _launch_args(entropy, mask, threshold, has_eos)
-            _sequence_scores_kernel[(B,)](
-                rm_values,
-                entropy,
-                mask,
-                has_eos,
-                scores,
-                ends,
-                num,
-                T,
-                rm_values.stride(0),
-                rm_values.stride(1),
-                entropy.stride(0),
-                entropy.stride(1),
-                mask.stride(0),
-                mask.stride(1),
-                has_eos.stride(0),
-                threshold,
-                GRANULARITY=_GRANULARITY_CODE[granularity],
-                BLOCK_T=block,
-            )
+            with device_guard(rm_values):
+                _sequence_scores_kernel[(B,)](
+                    rm_values,
+                    entropy,
+                    mask,
+                    has_eos,
+                    scores,
+                    ends,
+                    num,
+                    T,
+                    rm_values.stride(0),
+                    rm_values.stride(1),
+                    entropy.stride(0),
+                    entropy.stride(1),
+                    mask.stride(0),
+                    mask.stride(1),
+                    has_eos.stride(0),
+                    threshold,
+                    GRANULARITY=_GRANULARITY_CODE[granularity],
+                    BLOCK_T=block,
+                )
         ctx.save_for_backward(ends.view(torch.bool), num)
         ctx.rm_dtype = rm_values.dtype
         return scores
