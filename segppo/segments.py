@@ -14,6 +14,16 @@ from dataclasses import dataclass
 import torch
 
 from segppo.kernels import entropy_logprobs, resolve_granularity
+from segppo.kernels.linear_entropy import linear_entropy_logprobs
+
+# Model types whose causal-LM forward is `logits = lm_head(last_hidden_state[:, kept])` and nothing
+# more (read in transformers' modeling files). Others (Gemma-2's softcapping, Cohere's logit_scale,
+# Granite's logits_scaling, remote code) keep the logits path.
+PLAIN_HEAD_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi", "phi3", "gemma", "olmo2"}
+)
+# Config fields that change the logits after the head: a model that sets one keeps the logits path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -65,14 +75,69 @@ def _contiguous_first_input(module, args):
     return (args[0].contiguous(), *args[1:])
 
 
+def plain_linear_head(model) -> torch.nn.Linear | None:
+    """The model's output layer when its logits are exactly `head(hidden)` with a plain
+    `torch.nn.Linear` head (tied or not), else None (the logits path is used).
+
+    Under ZeRO-3 the head's weight is partitioned outside its own forward, so such a model keeps
+    the logits path too.
+    """
+    inner = getattr(model, "module", model)  # a DeepSpeed engine's model
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or hasattr(head.weight, "ds_id"):
+        return None
+    return head
+
+
+def _returns_its_input(hidden, *args, **kwargs):
+    return hidden
+
+
+def last_hidden(model, head, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
+    """The inputs of `head` at the last `keep` columns, `[B, keep, H]`: the model runs as usual
+    (a DeepSpeed engine's forward and hooks included) with the head passing its input through, so
+    what comes back is exactly what the head would have multiplied (after the final norm)."""
+    head.forward = _returns_its_input  # an instance attribute: shadows nn.Linear.forward
+    try:
+        hidden = last_logits(model, input_ids, attention_mask, position_ids, keep)
+    finally:
+        del head.forward
+    return hidden
+
+
+def head_entropy_logprobs(
+    model, input_ids, attention_mask, position_ids, keep: int, targets=None, *, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Entropy and log-probs of `targets` `[B, keep]` (float32) of the next-token distributions at
+    the last `keep` columns. A plain linear head (`plain_linear_head`) goes through the fused
+    `linear_entropy_logprobs` (the `[B, keep, V]` logits never exist), any other through the logits
+    and `entropy_logprobs`. Differentiable either way."""
+    head = plain_linear_head(model)
+    if head is None:
+        logits = last_logits(model, input_ids, attention_mask, position_ids, keep)
+        return entropy_logprobs(logits, targets, temperature=temperature)
+    hidden = last_hidden(model, head, input_ids, attention_mask, position_ids, keep)
+    B, H = hidden.shape[0], hidden.shape[-1]
+    flat_targets = targets.reshape(-1) if targets is not None else None
+    hidden = hidden.reshape(B * keep, H).to(head.weight.dtype)
+    entropy, logprobs = linear_entropy_logprobs(
+        hidden, head.weight, flat_targets, temperature=temperature, bias=head.bias
+    )
+    return entropy.view(B, keep), logprobs.view(B, keep) if logprobs is not None else None
+
+
 @torch.no_grad()
 def segmenter_entropy(segmenter, input_ids, attention_mask, position_ids, prompt_len: int) -> torch.Tensor:
     """Entropy `[B, T]` float32 of the segmenter's next-token distribution at each response position."""
     response_len = input_ids.shape[1] - prompt_len
     if response_len == 0:
         return torch.zeros(input_ids.shape[0], 0, device=input_ids.device)
-    logits = last_logits(segmenter, input_ids, attention_mask, position_ids, response_len)
-    entropy, _ = entropy_logprobs(logits)
+    entropy, _ = head_entropy_logprobs(segmenter, input_ids, attention_mask, position_ids, response_len)
     return entropy
 
 
@@ -81,13 +146,25 @@ def logprobs_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the response tokens and the entropy at each response position, `[B, T]` float32.
 
-    One `entropy_logprobs` pass over the `T+1` logit columns `P-1 .. P+T-1`: column `P-1+j` scores
+    One `head_entropy_logprobs` pass over the `T+1` columns `P-1 .. P+T-1`: column `P-1+j` scores
     token `j`, column `P+t` is position `t`'s next-token distribution.
     """
+    logprobs, entropy = response_logprobs_and_entropy(
+        model, input_ids, attention_mask, position_ids, prompt_len, temperature=temperature
+    )
+    return logprobs[:, :-1], entropy[:, 1:]
+
+
+def response_logprobs_and_entropy(
+    model, input_ids, attention_mask, position_ids, prompt_len: int, *, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy `[B, T+1]` at the columns `P-1 .. P+T-1` (the last log-prob scores a
+    pad 0): what `logprobs_and_entropy` and the rollout's sampling entropy slice."""
     response_len = input_ids.shape[1] - prompt_len
     if prompt_len < 1:
         raise ValueError("a response needs at least one prompt token before it")
-    logits = last_logits(model, input_ids, attention_mask, position_ids, response_len + 1)
     targets = torch.nn.functional.pad(input_ids[:, prompt_len:], (0, 1), value=0)
-    entropy, logprobs = entropy_logprobs(logits, targets, temperature=temperature)
-    return logprobs[:, :-1], entropy[:, 1:]
+    entropy, logprobs = head_entropy_logprobs(
+        model, input_ids, attention_mask, position_ids, response_len + 1, targets, temperature=temperature
+    )
+    return logprobs, entropy

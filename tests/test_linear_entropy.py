@@ -176,3 +176,150 @@ def test_bad_inputs_are_one_line_errors():
         linear_entropy_logprobs(hidden, weight, targets, temperature=0.0)
     with pytest.raises(ValueError, match="targets must be integer"):
         linear_entropy_logprobs(hidden, weight, targets[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# The wiring: segppo.segments through tiny models, fused against the logits path.
+
+
+def tiny_batch(vocab, seed=0):
+    """Left-padded prompts of 2-5 tokens, right-padded responses of 1-6 (one row of each extreme)."""
+    from segppo.data import collate_responses
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in (5, 2, 3, 4)]
+    responses = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in (6, 1, 4, 6)]
+    return collate_responses(prompts, responses, [True, False, True, False], pad_token_id=0)
+
+
+def tiny_model(arch, **overrides):
+    from tiny import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides)).float().eval()  # no dropout
+
+
+def unfused_logprobs_and_entropy(model, batch, temperature):
+    """The pre-fusion code of `segments.logprobs_and_entropy`: the logits, then entropy_logprobs."""
+    from segppo.kernels import entropy_logprobs
+
+    from segppo.segments import last_logits
+
+    P, T = batch.prompt_len, batch.response_mask.shape[1]
+    logits = last_logits(model, batch.input_ids, batch.attention_mask, batch.position_ids, T + 1)
+    targets = torch.nn.functional.pad(batch.input_ids[:, P:], (0, 1), value=0)
+    entropy, logprobs = entropy_logprobs(logits, targets, temperature=temperature)
+    return logprobs[:, :-1], entropy[:, 1:]
+
+
+def values_and_param_grads(fn, model, batch):
+    mask = batch.response_mask
+    logprobs, entropy = fn(model, batch)
+    loss = torch.where(mask, logprobs * 0.7 - entropy * 0.3, 0.0).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+    return [torch.where(mask, logprobs, 0.0), torch.where(mask, entropy, 0.0), *grads]
+
+
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True}),
+        ("qwen2", {}),
+        ("gpt2", {}),
+        ("gpt_neox", {}),
+        ("phi3", {}),
+    ],
+)
+def test_segments_use_the_fused_head_and_match_the_logits_path(arch, overrides):
+    from segppo import segments
+
+    model, batch = tiny_model(arch, **overrides), tiny_batch(384)
+    head = segments.plain_linear_head(model)
+    assert head is model.get_output_embeddings()
+    if overrides.get("tie_word_embeddings") or arch == "gpt2":
+        assert head.weight is model.get_input_embeddings().weight
+    args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
+
+    def fused(m, b):
+        return segments.logprobs_and_entropy(m, *args, temperature=0.7)
+
+    def unfused(m, b):
+        return unfused_logprobs_and_entropy(m, b, 0.7)
+
+    got, want = values_and_param_grads(fused, model, batch), values_and_param_grads(unfused, model, batch)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    # The segmenter's entropy (T = 1, no grad) is the one of the same columns.
+    entropy = segments.segmenter_entropy(model, *args)
+    _, want_entropy = unfused_logprobs_and_entropy(model, batch, 1.0)
+    torch.testing.assert_close(entropy, want_entropy, rtol=1e-5, atol=1e-5)
+    assert head.forward.__func__ is torch.nn.Linear.forward  # the head is restored
+
+
+def test_fused_head_never_builds_the_logits(monkeypatch):
+    """On the fused path the head's matmul never runs on the hidden states."""
+    from segppo import segments
+
+    model, batch = tiny_model("qwen2"), tiny_batch(384)
+    calls = []
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: calls.append(self) or x @ self.weight.T)
+    segments.logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, batch.position_ids, 5)
+    assert model.get_output_embeddings() not in calls
+
+
+def softcapped_gemma2():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gemma2",
+        vocab_size=384,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        final_logit_softcapping=3.0,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).float().eval()
+
+
+class ScaledHead(torch.nn.Linear):
+    """A head that is not a plain nn.Linear: its logits are doubled."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+@pytest.mark.parametrize("which", ["gemma2 softcapping", "non-Linear head", "llama with logits_scaling"])
+def test_other_heads_keep_the_logits_path(which):
+    from segppo import segments
+
+    batch = tiny_batch(384)
+    if which == "gemma2 softcapping":
+        model = softcapped_gemma2()
+    elif which == "non-Linear head":
+        model = tiny_model("llama")
+        scaled = ScaledHead(32, 384, bias=False)
+        scaled.weight = model.lm_head.weight
+        model.lm_head = scaled
+    else:  # a plain model type that nonetheless declares a logit transform
+        model = tiny_model("llama", logits_scaling=4.0)
+    assert segments.plain_linear_head(model) is None
+    args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
+    got = segments.logprobs_and_entropy(model, *args, temperature=0.7)
+    want = unfused_logprobs_and_entropy(model, batch, 0.7)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    if which != "llama with logits_scaling":  # the transform matters: the fused head would be wrong
+        hidden = segments.last_hidden(model, model.get_output_embeddings(), *args[:3], 3)
+        wrong, _ = linear_entropy_logprobs(hidden.reshape(-1, 32), model.get_output_embeddings().weight)
+        right = segments.head_entropy_logprobs(model, *args[:3], 3)[0]
+        assert not torch.allclose(wrong, right.reshape(-1), atol=1e-3)

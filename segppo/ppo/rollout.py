@@ -14,12 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from segppo.data import ChatFormat, ResponseBatch, collate_responses
-from segppo.kernels import SegmentRewards, entropy_logprobs, segment_rewards, sequence_scores
+from segppo.kernels import SegmentRewards, segment_rewards, sequence_scores
 from segppo.models.reward_model import reward_values
 from segppo.ppo.advantages import advantages_and_returns, group_ids_for
 from segppo.ppo.losses import kl_penalty, token_rewards, whiten
 from segppo.rm.scoring import encode_for_reward_model
-from segppo.segments import Segmentation, last_logits, logprobs_and_entropy, segmenter_entropy
+from segppo.segments import (
+    Segmentation,
+    logprobs_and_entropy,
+    response_logprobs_and_entropy,
+    segmenter_entropy,
+)
 
 
 @dataclass
@@ -73,12 +78,8 @@ def sampled_logprobs_and_entropy(
     after each token, columns P .. P+T-1), which includes the one after the stop token (never
     sampled) and misses the first token's.
     """
-    T = batch.response_mask.shape[1]
-    if batch.prompt_len < 1:
-        raise ValueError("a response needs at least one prompt token before it")
-    logits = last_logits(model, batch.input_ids, batch.attention_mask, batch.position_ids, T + 1)
-    targets = torch.nn.functional.pad(batch.input_ids[:, batch.prompt_len :], (0, 1), value=0)
-    entropy, logprobs = entropy_logprobs(logits, targets, temperature=temperature)
+    args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
+    logprobs, entropy = response_logprobs_and_entropy(model, *args, temperature=temperature)
     return logprobs[:, :-1], entropy[:, :-1]
 
 
