@@ -99,7 +99,9 @@ def _forward(hidden, weight, bias, targets, inv_temp: float):
                 target_z[n0:n1] = torch.where(inside, picked, target_z[n0:n1])
             chunk_max = z.amax(-1)
             new_max = chunk_max if v0 == 0 else torch.maximum(m, chunk_max)
-            xc = z.sub_(new_max[:, None]).mul_(inv_temp)  # (z − m_new)/T; z is spent
+            xc = z.sub_(new_max[:, None])  # (z − m_new)/T; z is spent
+            if inv_temp != 1.0:
+                xc.mul_(inv_temp)
             e = torch.exp(xc)
             chunk_s, chunk_w = e.sum(-1), xc.mul_(e).sum(-1)
             if v0 == 0:  # nothing to rescale yet (and m = −inf would make 0·inf below)
@@ -148,18 +150,25 @@ def _backward(hidden, weight, bias, targets, stats, grad_entropy, grad_logprobs,
     grad_hidden = torch.zeros_like(hidden, dtype=work) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty_like(bias) if need_bias else None
+    direct = weight.dtype == work
     for v0 in range(0, vocab, vocab_chunk):  # vocabulary outer: each weight chunk's gradient is local
         v1 = min(v0 + vocab_chunk, vocab)
         w_chunk = weight[v0:v1]
-        gw = torch.zeros(v1 - v0, weight.shape[1], dtype=work, device=weight.device) if need_weight else None
+        gw = None
+        if need_weight:  # straight into the gradient when it is in the work dtype
+            gw = grad_weight[v0:v1] if direct else w_chunk.new_empty(w_chunk.shape, dtype=work)
+            gw.zero_()
         gb = torch.zeros(v1 - v0, dtype=work, device=weight.device) if need_bias else None
         for n0 in range(0, n_tokens, token_chunk):
             n1 = min(n0 + token_chunk, n_tokens)
             h = hidden[n0:n1]
             xc = _chunk_logits(h, weight, bias, v0, v1, work)
-            xc.sub_(row_max[n0:n1, None]).mul_(inv_temp)
-            p = torch.exp(xc - log_s[n0:n1, None])
+            xc.sub_(row_max[n0:n1, None])
+            if inv_temp != 1.0:
+                xc.mul_(inv_temp)
+            p = torch.sub(xc, log_s[n0:n1, None]).exp_()
             g = xc.mul_(a[n0:n1, None]).add_(b[n0:n1, None]).mul_(p)  # dL/dz of the chunk
+            del p
             if c is not None:
                 index, inside = _target_in_chunk(targets[n0:n1], v0, v1)
                 g.scatter_add_(1, index, torch.where(inside, c[n0:n1], 0.0)[:, None])
@@ -170,7 +179,7 @@ def _backward(hidden, weight, bias, targets, stats, grad_entropy, grad_logprobs,
                 gw += g.T @ h
             if need_bias:
                 gb += g.sum(0)
-        if need_weight:
+        if need_weight and not direct:
             grad_weight[v0:v1] = gw
         if need_bias:
             grad_bias[v0:v1] = gb
