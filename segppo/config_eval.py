@@ -55,6 +55,11 @@ class EvalConfig:
     stop_token: list[str] | None = option(None, help="Extra stop token (repeatable).")
     batch_size: int = option(16, help="Prompts per generate call and responses per scoring forward.")
     seed: int = option(42, help="Sampling seed; every policy draws the same numbers per prompt.")
+    rollout_engine: str = option(
+        "hf",
+        help="hf | vllm: the generation engine. vllm (the vllm extra): reruns give the same responses, "
+        "but not the hf engine's samples.",
+    )
     normalizer: str | None = option(None, help="normalizer.json (default: the RM's own, if any).")
     normalize: bool = option(True, help="Location-aware normalization of segment rewards (as PPO).")
     reward_mean: float | None = option(None, help="Bandit normalizer mean (as PPO).")
@@ -87,6 +92,8 @@ class EvalConfig:
                 )
         if self.turns not in (1, 2):
             raise ValueError(f"--turns must be 1 or 2, got {self.turns}")
+        if self.rollout_engine not in ("hf", "vllm"):
+            raise ValueError(f"--rollout-engine must be hf or vllm, got {self.rollout_engine!r}")
         if self.long_prompts not in ("error", "truncate"):
             raise ValueError(f"--long-prompts must be error or truncate, got {self.long_prompts!r}")
         if self.temperature <= 0:

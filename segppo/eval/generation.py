@@ -60,6 +60,60 @@ class Generation:
         }
 
 
+def load_engine(
+    folder: str,
+    pad_token_id: int,
+    *,
+    rollout_engine: str = "hf",
+    bf16: bool = False,
+    max_len: int | None = None,
+    seed: int = 0,
+    device="cpu",
+    trust_remote_code: bool = False,
+) -> Engine:
+    """The generation engine `--rollout-engine` names, on one policy folder.
+
+    hf: the causal LM on `device`, sampled with common random numbers (`row_seed`): every policy
+    draws the same numbers per prompt, so any batching gives the same responses. vllm: an
+    in-process vLLM engine (`segppo.vllm_engine`; float32 unless `bf16`) where each row is one
+    request seeded with its `row_seed`: a rerun gives the same responses, but vLLM's sampler does not
+    draw the hf engine's Gumbel noise, so its samples are not hf's. `max_len` (prompt plus response
+    tokens, capped at the model's `max_position_embeddings`) bounds vLLM's sequences; call
+    `close_engine` when done.
+    """
+    if rollout_engine == "hf":
+        from segppo.models import load_policy
+
+        model = load_policy(folder, dtype="bf16" if bf16 else None, trust_remote_code=trust_remote_code)
+        return HFEngine(model.to(device).eval(), pad_token_id, device)
+    from transformers import AutoConfig
+
+    from segppo.vllm_engine import VLLMEngine
+
+    limit = getattr(
+        AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code),
+        "max_position_embeddings",
+        None,
+    )
+    if max_len is not None and limit is not None:
+        max_len = min(max_len, limit)
+    return VLLMEngine(
+        folder,
+        pad_token_id=pad_token_id,
+        dtype="bfloat16" if bf16 else "float32",
+        max_model_len=max_len,
+        seed=seed,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def close_engine(engine: Engine) -> None:
+    """Free an engine's model (and a vLLM engine's KV cache) before the next policy loads."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
 def generate_responses(
     model,
     tokenizer,

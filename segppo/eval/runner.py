@@ -33,14 +33,14 @@ from segppo.config import EvalConfig
 from segppo.data import ChatFormat
 from segppo.generation import SamplingConfig, stop_token_ids
 from segppo.io import atomic_write_json, atomic_write_text
-from segppo.models import SegppoMetadata, load_policy, load_tokenizer
+from segppo.models import SegppoMetadata, load_tokenizer
 from segppo.models.metadata import METADATA_FILE
 from segppo.preflight import check_eval
 from segppo.rm.scoring import load_scorer
 from segppo.tracking import LiveProgress
 
 from .exports import tiktoken_counter, write_exports
-from .generation import Generation, generate_responses
+from .generation import Generation, close_engine, generate_responses, load_engine
 from .plots import MATPLOTLIB_MISSING, plot_score_distributions
 from .prompts import EvalPrompt, load_eval_prompts
 from .results import EvalResults, PolicyResult
@@ -294,13 +294,19 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
                 top_p=cfg.top_p,
                 stop_token_ids=stop_token_ids(chat, tokenizer, cfg.stop_token),
             )
-            model = load_policy(
-                spec.folder, dtype="bf16" if cfg.bf16 else None, trust_remote_code=cfg.trust_remote_code
+            engine = load_engine(
+                spec.folder,
+                chat.pad_token_id,
+                rollout_engine=cfg.rollout_engine,
+                bf16=cfg.bf16,
+                max_len=cfg.turns * (cfg.max_prompt_len + cfg.max_new_tokens),  # a second turn's prompt
+                seed=cfg.seed,
+                device=device,
+                trust_remote_code=cfg.trust_remote_code,
             )
-            model = model.to(device).eval()
             t0 = time.perf_counter()
             generations = generate_responses(
-                model,
+                engine,
                 tokenizer,
                 chat,
                 prompts,
@@ -315,7 +321,8 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
                 on_batch=lambda n, name=spec.name: bar.update(n, policy=name),
             )
             time_generation = time.perf_counter() - t0
-            del model
+            close_engine(engine)
+            del engine
             _free_memory()
 
             t0 = time.perf_counter()
