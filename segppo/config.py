@@ -22,6 +22,7 @@ from segppo.config_fields import (  # re-exported
     option,
     resolve_prompt_limit,
 )
+from segppo.config_memory import MemoryOptions, PPOMemoryOptions  # re-exported
 from segppo.kernels import GRANULARITIES
 from segppo.presets import FIT_NORMALIZER_PRESETS, PPO_PRESETS, RM_PRESETS, preset_values  # re-exported
 
@@ -33,7 +34,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
 
 
 @dataclass
-class RMConfig:
+class RMConfig(MemoryOptions):
     """`segppo rm train`: a segment-, token- or bandit-level reward model from preference pairs."""
 
     model: str = option(help="Backbone the RM starts from: a causal LM (hub name or folder).")
@@ -99,6 +100,7 @@ class RMConfig:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        self.check_memory_options()
 
     @property
     def output_dir(self) -> Path:
@@ -222,7 +224,7 @@ class FitNormalizerConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(PPOMemoryOptions):
     """`segppo ppo train`: PPO against dense segment (or token, or bandit) rewards."""
 
     policy: str = option(help="SFT model: the initial policy (and the default reference).")
@@ -378,6 +380,7 @@ class PPOConfig:
             raise ValueError("--overlong-penalty needs --max-response-len")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+        self.check_memory_options()
 
     @property
     def output_dir(self) -> Path:
@@ -421,7 +424,9 @@ __all__ = [
     "EvalConfig",
     "FIT_NORMALIZER_PRESETS",
     "FitNormalizerConfig",
+    "MemoryOptions",
     "PPOConfig",
+    "PPOMemoryOptions",
     "PPO_PRESETS",
     "PROMPT_SHARE",
     "RMConfig",

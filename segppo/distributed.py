@@ -262,11 +262,25 @@ def deepspeed_config(
     zero_stage: int,
     bf16: bool,
     grad_clip: float | None,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
 ) -> dict[str, Any]:
-    """A DeepSpeed config for a trained model; the optimizer and scheduler are passed in as objects."""
+    """A DeepSpeed config for a trained model; the optimizer and scheduler are passed in as objects.
+
+    `offload_optimizer`: optimizer states and fp32 master weights in CPU memory (ZeRO 1-3);
+    `offload_params`: ZeRO-3 partitions in CPU memory, fetched to the device for each use."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if offload_optimizer and zero_stage == 0:
+        raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")
+    if offload_params and zero_stage != 3:
+        raise ValueError("parameter offload needs ZeRO stage 3")
     zero: dict[str, Any] = {"stage": zero_stage}
+    pin = torch.cuda.is_available()  # page-locked host memory speeds up the copies to a GPU
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -277,18 +291,36 @@ def deepspeed_config(
     }
     if grad_clip:
         config["gradient_clipping"] = grad_clip
+    if offload_optimizer:
+        # segppo's own AdamW (a torch optimizer) steps the offloaded states; DeepSpeedCPUAdam would
+        # be faster but is a compiled op that not every install has.
+        config["zero_force_ds_cpu_optimizer"] = False
     return config
 
 
-def frozen_on_device(model: torch.nn.Module, info: DistInfo, *, zero_stage: int, bf16: bool):
-    """Put a frozen model (segmenter, reference, reward) on the device; ZeRO-3 partitions it."""
+def loading_config(*, zero_stage: int, bf16: bool, offload: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config a model is built with (`segppo.models.zero3`: partitioned under ZeRO-3,
+    an offloaded model's partitions on CPU from the start); also a frozen model's engine config."""
+    return deepspeed_config(
+        micro_batch_size=1,
+        grad_accum=1,
+        zero_stage=zero_stage,
+        bf16=bf16,
+        grad_clip=None,
+        offload_params=offload,
+    )
+
+
+def frozen_on_device(model: torch.nn.Module, info: DistInfo, *, zero_stage: int, bf16: bool, offload=False):
+    """Put a frozen model (segmenter, reference, reward) on the device; ZeRO-3 partitions it
+    (with `offload`, its partitions stay in CPU memory between uses)."""
     model.requires_grad_(False)
     model.eval()
     if zero_stage != 3:
         return model.to(info.device)
     import deepspeed
 
-    config = deepspeed_config(micro_batch_size=1, grad_accum=1, zero_stage=3, bf16=bf16, grad_clip=None)
+    config = loading_config(zero_stage=3, bf16=bf16, offload=offload)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine

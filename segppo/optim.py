@@ -36,7 +36,8 @@ def training_engine(
     config,
 ):
     """A DeepSpeed engine with AdamW and the warmup-cosine schedule; `config` gives weight_decay,
-    warmup_ratio, min_lr_ratio, zero_stage, bf16 and grad_clip. Returns `(engine, scheduler)`."""
+    warmup_ratio, min_lr_ratio, zero_stage, bf16, grad_clip and offload_optimizer. Returns
+    `(engine, scheduler)`."""
     import deepspeed
 
     from segppo.distributed import deepspeed_config
@@ -51,6 +52,7 @@ def training_engine(
         zero_stage=config.zero_stage,
         bf16=config.bf16,
         grad_clip=config.grad_clip,
+        offload_optimizer=config.offload_optimizer,
     )
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config

@@ -3,12 +3,15 @@ with stock transformers, and the adapter-disabled model is the untouched base (t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, GenerationConfig
 
 from segppo.models.reward_model import init_scalar_head, reward_values, scalar_head
-from tests.tiny import tiny_config
+from tests.tiny import tiny_config, tiny_rm_config
 
 peft = pytest.importorskip("peft")  # the `lora` extra (also in `dev`)
 from segppo.models.lora import adapters_disabled, apply_lora, export_lora  # noqa: E402
@@ -127,3 +130,143 @@ def test_bad_lora_settings_are_refused():
     with pytest.raises(ValueError, match="no LoRA adapters"):
         with adapters_disabled(_lm()):
             pass
+
+
+def test_lora_keeps_position_ids_and_logits_to_keep_of_the_base():
+    """peft's forward is (*args, **kwargs): asked whether it takes `position_ids`, it said no, and a
+    left-padded row was read at the wrong positions (gpt2's absolute positions show it)."""
+    from segppo.segments import last_logits
+
+    ids, mask = IDS, MASK
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    lm = _lm("gpt2")
+    lora = apply_lora(_lm("gpt2"), rank=4, alpha=8)
+    with torch.no_grad():
+        want = last_logits(lm, ids, mask, positions, keep=3)
+        torch.testing.assert_close(last_logits(lora, ids, mask, positions, keep=3), want, rtol=0, atol=0)
+    rm = _reward_model("gpt2")
+    torch.testing.assert_close(_values(apply_lora(_reward_model("gpt2"), rank=4, alpha=8)), _values(rm))
+
+
+def test_generation_config_reaches_the_base_model():
+    """`HFEngine` swaps the model's generation config for one call; `generate` reads the base's."""
+    lora = apply_lora(_lm(), rank=4, alpha=8)
+    config = GenerationConfig(max_new_tokens=3)
+    lora.generation_config = config
+    assert lora.get_base_model().generation_config is config
+
+
+def test_adapter_free_view_is_the_base_inside_a_training_engine():
+    """The reference under LoRA: the actor's DeepSpeed engine with its adapters off gives the base
+    model's logits exactly, after the adapters have trained."""
+    from segppo.config import PPOConfig
+    from segppo.distributed import init_distributed
+    from segppo.models.lora import AdapterFreeView
+    from segppo.optim import training_engine
+
+    init_distributed()
+    cfg = PPOConfig(policy="p", reward_model="r", prompts="x", output="o", zero_stage=2, lora_rank=4)
+    engine, _ = training_engine(
+        apply_lora(_lm(), rank=4, alpha=8),
+        lr=1e-2,
+        total_steps=2,
+        micro_batch_size=2,
+        grad_accum=1,
+        config=cfg,
+    )
+    for _ in range(2):
+        loss = engine(input_ids=IDS, attention_mask=MASK, labels=IDS).loss
+        engine.backward(loss)
+        engine.step()
+    reference = AdapterFreeView(engine)
+    with torch.no_grad():
+        base = _logits(_lm())
+        torch.testing.assert_close(reference(input_ids=IDS, attention_mask=MASK).logits, base, rtol=0, atol=0)
+        assert not torch.allclose(engine(input_ids=IDS, attention_mask=MASK).logits, base)  # the actor moved
+
+
+# -- wired into `rm train` and `ppo train` ----------------------------------------------------------
+
+LORA = dict(lora_rank=4, lora_alpha=8.0)
+
+
+def _trained_lora(model_class, folder, state_file, **config):
+    """The LoRA model as its DeepSpeed training state holds it (adapters, trained head, base)."""
+    model = apply_lora(model_class.from_config(AutoConfig.from_pretrained(folder, **config)), rank=4, alpha=8)
+    model.load_state_dict(torch.load(state_file, weights_only=False)["module"])
+    return model.eval()
+
+
+def _state_file(run, name, step):
+    return run / "state" / f"step-{step}" / name / "state" / "mp_rank_00_model_states.pt"
+
+
+def test_rm_train_with_lora_exports_the_trained_model_merged(tiny_lm_dir, preferences_file, tmp_path):
+    from segppo.rm.trainer import train_reward_model
+
+    cfg = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=3, **LORA)
+    train_reward_model(cfg)
+    merged = AutoModelForTokenClassification.from_pretrained(cfg.output_dir / "model").eval()
+    trained = _trained_lora(
+        AutoModelForTokenClassification,
+        cfg.output_dir / "model",
+        _state_file(cfg.output_dir, "reward_model", 3),
+    )
+    torch.testing.assert_close(_values(merged), _values(trained), rtol=1e-5, atol=1e-6)
+    state, backbone = trained.state_dict(), load_file(f"{tiny_lm_dir}/model.safetensors")
+    frozen = [k for k in state if k.endswith(".base_layer.weight")]
+    assert frozen
+    for key in frozen:  # only the adapters and the head trained
+        plain = key.removeprefix("base_model.model.").replace(".base_layer", "")
+        torch.testing.assert_close(state[key], backbone[plain], rtol=0, atol=0)
+    head = "base_model.model.score"
+    assert not torch.equal(
+        state[f"{head}.modules_to_save.default.weight"], state[f"{head}.original_module.weight"]
+    )
+    weights = load_file(cfg.output_dir / "model" / "model.safetensors")
+    assert not torch.equal(
+        weights["model.layers.0.self_attn.q_proj.weight"], backbone["model.layers.0.self_attn.q_proj.weight"]
+    )
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_rm_lora_resume_matches_an_uninterrupted_run_and_exports_the_adapter(
+    tiny_lm_dir, preferences_file, tmp_path
+):
+    from segppo.rm.trainer import train_reward_model
+    from segppo.tracking import read_metrics
+
+    base = dict(max_steps=4, save_every=2, lora_export="adapter", **LORA)
+    straight = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "straight", **base)
+    train_reward_model(straight)
+    broken = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "broken", **base)
+
+    def interrupt_at_step_3(step, metrics):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_reward_model(broken, step_callback=interrupt_at_step_3)
+    train_reward_model(dataclasses.replace(broken, resume=True))
+    want, got = read_metrics(straight.output_dir), read_metrics(broken.output_dir)
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+    for w, g in zip(want, got, strict=True):
+        for key in ("loss", "accuracy", "lr"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
+    folder = broken.output_dir / "model"
+    assert (folder / "adapter_config.json").is_file() and (folder / "segppo.json").is_file()
+    a = load_file(straight.output_dir / "model" / "adapter_model.safetensors")
+    b = load_file(folder / "adapter_model.safetensors")
+    assert any("score" in k for k in b)  # the trained head is saved with the adapter
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+    # The adapter reloads onto the base (a fresh head: the saved one replaces it) as the trained model.
+    base_model = AutoModelForTokenClassification.from_pretrained(tiny_lm_dir, num_labels=1)
+    reloaded = peft.PeftModel.from_pretrained(base_model, folder).eval()
+    state_file = _state_file(broken.output_dir, "reward_model", 4)
+    trained = _trained_lora(AutoModelForTokenClassification, tiny_lm_dir, state_file, num_labels=1)
+    torch.testing.assert_close(_values(reloaded), _values(trained), rtol=1e-5, atol=1e-6)

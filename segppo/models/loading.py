@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .zero3 import is_zero3
+
 DTYPES: dict[str, torch.dtype | str] = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -64,6 +66,17 @@ def pretrained_kwargs(name_or_path, dtype, trust_remote_code: bool) -> dict:
     )
 
 
+def local_model_folder(name_or_path: str | os.PathLike) -> Path:
+    """A hub name's snapshot folder (weights and config only), or the local folder itself:
+    partitioned loading reads the safetensors files directly."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
+
+
 def load_tokenizer(
     name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, add_pad_token: bool = False
 ) -> PreTrainedTokenizerBase:
@@ -94,11 +107,26 @@ def load_policy(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
+    ds_config: dict | None = None,
 ) -> PreTrainedModel:
-    """A causal LM (`AutoModelForCausalLM`) for the policy, the reference or the segmenter."""
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, **pretrained_kwargs(name_or_path, dtype, trust_remote_code)
-    )
+    """A causal LM (`AutoModelForCausalLM`) for the policy, the reference or the segmenter.
+
+    With a ZeRO-3 `ds_config` (the DeepSpeed config of the model's engine) the model is built
+    partitioned, no rank ever holding it whole (`segppo.models.zero3`)."""
+    if is_zero3(ds_config):
+        from .zero3 import from_pretrained_partitioned
+
+        model = from_pretrained_partitioned(
+            AutoModelForCausalLM,
+            local_model_folder(name_or_path),
+            ds_config,
+            dtype=resolve_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, **pretrained_kwargs(name_or_path, dtype, trust_remote_code)
+        )
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model

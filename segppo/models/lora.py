@@ -16,11 +16,13 @@ with a one-line message.
 from __future__ import annotations
 
 import contextlib
-import copy
+import inspect
 import os
+import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .reward_model import HEAD_NAMES
@@ -86,7 +88,40 @@ def apply_lora(
         for name, param in wrapped.named_parameters():
             if "modules_to_save" in name and name.endswith(f"{head}.modules_to_save.default.bias"):
                 param.requires_grad_(False)
+    _expose_base_signature(wrapped)
     return wrapped
+
+
+class _LoraModel(peft.PeftModel):
+    """peft's `PeftModel`, seen from outside as its base model where segppo looks at the model.
+
+    `generate` reaches the base model (peft forwards unknown attributes), so its generation config
+    must be the base model's too: `HFEngine` swaps it for one call, and a copy set on the wrapper
+    would be ignored by `generate`."""
+
+    @property
+    def generation_config(self):
+        return self.get_base_model().generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self.get_base_model().generation_config = value
+
+
+def _expose_base_signature(wrapped: peft.PeftModel) -> None:
+    """peft's forward is `(*args, **kwargs)`; callers that ask a forward whether it takes
+    `position_ids` or `logits_to_keep` (`reward_values`, `segments.last_logits`) would then drop
+    them, and a left-padded row would be read at the wrong positions. The wrapper's forward gets
+    the base model's signature (it passes every keyword through to the base model anyway)."""
+    wrapped.__class__ = _LoraModel
+    base = inspect.signature(wrapped.get_base_model().forward)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    def forward(self, *args, **kwargs):
+        return peft.PeftModel.forward(self, *args, **kwargs)
+
+    forward.__signature__ = base.replace(parameters=[self_param, *base.parameters.values()])
+    wrapped.forward = types.MethodType(forward, wrapped)
 
 
 @contextlib.contextmanager
@@ -100,23 +135,71 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+class AdapterFreeView:
+    """The reference policy under LoRA: the actor's own engine, called with its adapters off, so
+    no second copy of the base model is loaded. Stands where a frozen model would (`module`
+    is the model, for callers that look at its forward or output embeddings)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.module = getattr(engine, "module", engine)
+
+    def __call__(self, *args, **kwargs):
+        with adapters_disabled(self.engine):
+            return self.engine(*args, **kwargs)
+
+
+def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain transformers state dict of LoRA `model` from its full (peft-named) `state`: each
+    adapted weight is `W + scaling · B·A` (peft's own merge), each trained copy of a head replaces the
+    head, and the names are the base model's. Works on a gathered state dict, so under ZeRO-3 no rank
+    needs the model's parameters whole, only rank 0 this one state dict."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, peft.PeftModel):
+        raise ValueError(f"{type(inner).__name__} has no LoRA adapters to merge")
+    layers = {}
+    for name, module in inner.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.lora_A:
+            if not isinstance(module.lora_A["default"], nn.Linear) or module.use_dora.get("default"):
+                raise ValueError(f"{name}: only plain LoRA on linear layers can be merged")
+            layers[name] = module
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key or ".original_module." in key:
+            continue  # the adapters are merged below; a head's frozen original is replaced
+        module_name = key.rsplit(".", 1)[0].removesuffix(".base_layer")
+        if key.endswith(".base_layer.weight") and module_name in layers:
+            layer = layers[module_name]
+            a = state[f"{module_name}.lora_A.default.weight"].float()
+            b = state[f"{module_name}.lora_B.default.weight"].float()
+            delta = b @ a
+            if layer.fan_in_fan_out:
+                delta = delta.T
+            value = (value.float() + delta * layer.scaling["default"]).to(value.dtype)
+        plain = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        merged[plain.replace(".modules_to_save.default.", ".")] = value
+    return merged
+
+
 def export_lora(model: nn.Module, folder: str | os.PathLike, *, merged: bool = True) -> Path:
     """Save `model`'s weights to `folder`: merged into the base weights (a plain transformers
-    model) or, with `merged=False`, the adapter (and trained head) alone. `model` is unchanged.
-
-    Merging works on a copy, so it briefly needs a second copy of the weights in host memory;
-    under ZeRO-3 the caller gathers the parameters first.
-    """
+    model) or, with `merged=False`, the adapter (and trained head) alone. `model` is unchanged."""
     inner = getattr(model, "module", model)
     if not isinstance(inner, peft.PeftModel):
         raise ValueError(f"{type(inner).__name__} has no LoRA adapters to export")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if merged:
-        plain = copy.deepcopy(inner).merge_and_unload()
-        for param in plain.parameters():
-            param.requires_grad_(True)  # requires_grad is not saved; keep the copy like a fresh load
-        plain.save_pretrained(folder)
-    else:
-        inner.save_pretrained(folder)
+    state = {k: v.detach() for k, v in inner.state_dict().items()}
+    save_lora(inner, state, folder, merged=merged)
     return folder
+
+
+def save_lora(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, *, merged: bool) -> None:
+    """Write the full peft-named `state` of LoRA `model` into `folder` (which exists): merged
+    weights as a stock transformers folder, or peft's adapter files (adapters and trained head)."""
+    inner = getattr(model, "module", model)
+    if merged:
+        # requires_grad is not saved; the folder loads like any other transformers model.
+        inner.get_base_model().save_pretrained(folder, state_dict=merged_state_dict(inner, state))
+    else:
+        inner.save_pretrained(folder, state_dict=state)

@@ -21,8 +21,16 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForTokenClassification, PreTrainedModel
 
-from .loading import PICKLE_FILES, SAFETENSORS_FILES, enable_gradient_checkpointing, pretrained_kwargs
+from .loading import (
+    PICKLE_FILES,
+    SAFETENSORS_FILES,
+    enable_gradient_checkpointing,
+    local_model_folder,
+    pretrained_kwargs,
+    resolve_dtype,
+)
 from .metadata import METADATA_FILE, MetadataError, SegppoMetadata
+from .zero3 import gathered_for_edit, is_zero3
 
 HEAD_NAMES = ("score", "classifier")
 # Where other code bases put a scalar head: OpenRLHF and the paper's fork (`value_head_prefix`,
@@ -83,8 +91,21 @@ def _as_reward_config(config):
     return config
 
 
-def _from_pretrained(folder, config, dtype, trust_remote_code, *, expected_missing=()):
-    """Load the token-classification model, failing if any backbone weight was not in the checkpoint."""
+def _from_pretrained(folder, config, dtype, trust_remote_code, *, expected_missing=(), ds_config=None):
+    """Load the token-classification model, failing if any backbone weight was not in the checkpoint.
+    With a ZeRO-3 `ds_config` it is built partitioned (`segppo.models.zero3`)."""
+    if is_zero3(ds_config):
+        from .zero3 import from_pretrained_partitioned
+
+        return from_pretrained_partitioned(
+            AutoModelForTokenClassification,
+            local_model_folder(folder),
+            ds_config,
+            config=config,
+            dtype=resolve_dtype(dtype),
+            missing_ok=tuple(expected_missing),
+            trust_remote_code=trust_remote_code,
+        )
     try:
         model, info = AutoModelForTokenClassification.from_pretrained(
             folder,
@@ -116,16 +137,25 @@ def create_reward_model(
     trust_remote_code: bool = False,
     gradient_checkpointing: bool = False,
     head_std: float | None = None,
+    ds_config: dict | None = None,
 ) -> PreTrainedModel:
     """A new reward model: the causal LM's backbone weights plus a freshly initialised scalar head.
 
     `head_std` defaults to 1/sqrt(H+1). (The paper's code draws with std 1/(H+1), i.e. a head
-    sqrt(H+1) times smaller; pass that to reproduce it exactly.)
+    sqrt(H+1) times smaller; pass that to reproduce it exactly.) With a ZeRO-3 `ds_config` the
+    model is built partitioned, and its head drawn exactly as in a plain load.
     """
     config = _reward_config(base_name_or_path, trust_remote_code)
     head_keys = [f"{name}.{p}" for name in HEAD_NAMES for p in ("weight", "bias")]
-    model = _from_pretrained(base_name_or_path, config, dtype, trust_remote_code, expected_missing=head_keys)
-    init_scalar_head(model, head_std)
+    model = _from_pretrained(
+        base_name_or_path, config, dtype, trust_remote_code, expected_missing=head_keys, ds_config=ds_config
+    )
+    with gathered_for_edit(scalar_head(model).parameters()), torch.no_grad():
+        if is_zero3(ds_config):
+            # A plain load draws the missing head once (transformers' init, N(0, initializer_range))
+            # before `init_scalar_head` draws it again; the same draw keeps the two loads' RNG equal.
+            scalar_head(model).weight.normal_(0.0, config.initializer_range)
+        init_scalar_head(model, head_std)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
@@ -144,7 +174,10 @@ def reward_values(
     forward takes them.
     """
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
-    if "position_ids" in inspect.signature(getattr(model, "module", model).forward).parameters:
+    module = getattr(model, "module", model)  # a DeepSpeed engine's model
+    # A peft model's own forward is (*args, **kwargs); the base model's says what it takes.
+    forward = module.get_base_model().forward if hasattr(module, "get_base_model") else module.forward
+    if "position_ids" in inspect.signature(forward).parameters:
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         kwargs["position_ids"] = position_ids
@@ -160,6 +193,7 @@ def load_reward_model(
     granularity: str | None = None,
     threshold: float | None = None,
     gradient_checkpointing: bool = False,
+    ds_config: dict | None = None,
 ) -> tuple[PreTrainedModel, SegppoMetadata]:
     """Load a reward model as a one-label `*ForTokenClassification`, with its metadata.
 
@@ -173,7 +207,8 @@ def load_reward_model(
       the token-classification head, so the value at the last token is the sequence score.
 
     `granularity`/`threshold` override what the folder records; layouts that do not record a
-    granularity (the paper's, plain token classification) require `granularity`.
+    granularity (the paper's, plain token classification) require `granularity`. With a ZeRO-3
+    `ds_config` the model is built partitioned.
     """
     folder = _local_folder(path, trust_remote_code)
     weights = _weight_index(folder)
@@ -231,14 +266,17 @@ def load_reward_model(
 
     config = _as_reward_config(config)
     if head_key is None:
-        model = _from_pretrained(folder, config, dtype, trust_remote_code)
+        model = _from_pretrained(folder, config, dtype, trust_remote_code, ds_config=ds_config)
     else:
         # The source head is either absent from the class or under the same name (then loaded).
         own = [f"{name}.{p}" for name in HEAD_NAMES for p in ("weight", "bias")]
-        model = _from_pretrained(folder, config, dtype, trust_remote_code, expected_missing=own)
+        model = _from_pretrained(
+            folder, config, dtype, trust_remote_code, expected_missing=own, ds_config=ds_config
+        )
         bias_key = f"{head_key}.bias"
         head_bias = _read_tensor(weights[bias_key], bias_key) if bias_key in weights else None
-        _copy_head(model, head_weight, head_bias)
+        with gathered_for_edit(scalar_head(model).parameters()):
+            _copy_head(model, head_weight, head_bias)
     freeze_head_bias(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -21,17 +21,20 @@ def save_reward_model(
     metadata: SegppoMetadata,
     *,
     state_dict: dict | None = None,
+    lora_export: str = "merged",
 ) -> Path:
     """Write a reward model folder loadable by plain `AutoModelForTokenClassification`.
 
-    `state_dict` overrides the model's own tensors (a ZeRO-3 engine's gathered weights).
+    `state_dict` overrides the model's own tensors (a ZeRO-3 engine's gathered weights). A LoRA
+    model is saved merged, or with `lora_export="adapter"` as its adapter and trained head alone.
     """
     if metadata.kind != "reward_model":
         raise MetadataError(
             f"field 'kind' must be 'reward_model' to save a reward model, got {metadata.kind!r}"
         )
-    scalar_head(model)  # refuses anything but a one-label token-classification model
-    return _save(model, tokenizer, out_dir, metadata, state_dict)
+    if not uses_lora(model):  # (a LoRA model's head is peft's wrapper around the trained copy)
+        scalar_head(model)  # refuses anything but a one-label token-classification model
+    return _save(model, tokenizer, out_dir, metadata, state_dict, lora_export)
 
 
 def save_policy(
@@ -41,15 +44,25 @@ def save_policy(
     metadata: SegppoMetadata | None = None,
     *,
     state_dict: dict | None = None,
+    lora_export: str = "merged",
 ) -> Path:
-    """Write a policy folder loadable by plain `AutoModelForCausalLM`."""
+    """Write a policy folder loadable by plain `AutoModelForCausalLM` (a LoRA policy merged, or
+    with `lora_export="adapter"` its adapter alone)."""
     metadata = metadata or SegppoMetadata(kind="policy")
     if metadata.kind != "policy":
         raise MetadataError(f"field 'kind' must be 'policy' to save a policy, got {metadata.kind!r}")
-    return _save(model, tokenizer, out_dir, metadata, state_dict)
+    return _save(model, tokenizer, out_dir, metadata, state_dict, lora_export)
 
 
-def _save(model, tokenizer, out_dir, metadata: SegppoMetadata, state_dict: dict | None = None) -> Path:
+def uses_lora(model) -> bool:
+    """True for a peft model (or an engine around one); asked without importing peft."""
+    model = getattr(model, "module", model)
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _save(
+    model, tokenizer, out_dir, metadata: SegppoMetadata, state_dict: dict | None, lora_export: str
+) -> Path:
     model = getattr(model, "module", model)  # a DDP/DeepSpeed wrapper's HF model
     # The version is the writer's, even when re-saving metadata read from an older folder.
     metadata = dataclasses.replace(metadata, segppo_version=segppo_version())
@@ -60,7 +73,13 @@ def _save(model, tokenizer, out_dir, metadata: SegppoMetadata, state_dict: dict 
     text = metadata.to_json()
     with atomic_folder(out_dir) as tmp:
         # transformers 5 always writes safetensors; the flag keeps 4.x from writing .bin.
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if uses_lora(model):
+            from .lora import save_lora
+
+            state = state_dict if state_dict is not None else model.state_dict()
+            save_lora(model, state, tmp, merged=lora_export == "merged")
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(text, encoding="utf-8")

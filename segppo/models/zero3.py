@@ -33,6 +33,11 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def is_zero3(ds_config: dict[str, Any] | None) -> bool:
+    """Whether a model with this engine config (None: no engine) is built partitioned."""
+    return ds_config is not None and zero_stage(ds_config) == 3
+
+
 @contextlib.contextmanager
 def partitioned_loading(ds_config: dict[str, Any]) -> Iterator[object | None]:
     """While open, `from_pretrained` (and `from_config`) build models partitioned under ZeRO-3.
@@ -43,13 +48,13 @@ def partitioned_loading(ds_config: dict[str, Any]) -> Iterator[object | None]:
         return
     import torch.distributed as dist
     from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-    if is_deepspeed_zero3_enabled():
-        # Nested (e.g. `from_pretrained_partitioned` inside the run's own context): the outer
-        # registration stays, and leaving this one must not unregister it.
-        yield None
-        return
+    # Nested (`from_pretrained_partitioned` inside the run's own context): this block's config
+    # (a frozen model's, with its parameter offload) is the one models are built with, and
+    # leaving the block registers the outer one again.
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    outer = ref() if ref is not None else None
     if not dist.is_initialized():
         raise RuntimeError(
             "ZeRO-3 loading needs the process group first (segppo.distributed.init_distributed)"
@@ -58,8 +63,36 @@ def partitioned_loading(ds_config: dict[str, Any]) -> Iterator[object | None]:
     try:
         yield registered
     finally:
-        unset_hf_deepspeed_config()
+        if outer is not None:
+            hf_deepspeed.set_hf_deepspeed_config(outer)
+        else:
+            hf_deepspeed.unset_hf_deepspeed_config()
         del registered
+
+
+def keep_partitioned_loading(ds_config: dict[str, Any]) -> object | None:
+    """Register `ds_config` with transformers for as long as the caller holds the returned object
+    (transformers keeps only a weak reference to it), e.g. a training run's models: `generate` and
+    friends then know the models are ZeRO-3 partitions. None (nothing registered) below stage 3."""
+    if not is_zero3(ds_config):
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+@contextlib.contextmanager
+def gathered_for_edit(params) -> Iterator[None]:
+    """While open, ZeRO-3 partitions of `params` are whole on every rank; what rank 0 writes into
+    them is partitioned again on leaving. A no-op for parameters that are not partitioned."""
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:
@@ -94,6 +127,7 @@ def from_pretrained_partitioned(
     config=None,
     dtype: torch.dtype = torch.float32,
     missing_ok: tuple[str, ...] = (),
+    trust_remote_code: bool = False,
 ) -> torch.nn.Module:
     """`model_class.from_pretrained(folder)` built partitioned, with the checkpoint read on rank 0
     only, one tensor at a time: no rank ever holds more than its partitions plus one gathered
@@ -111,10 +145,12 @@ def from_pretrained_partitioned(
         raise ValueError("from_pretrained_partitioned is for ZeRO stage 3")
     folder = Path(folder)
     if config is None:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     _return_freed_host_memory()
-    with partitioned_loading(ds_config):
-        model = model_class.from_config(config, dtype=dtype)
+    # The random initial weights are all replaced below; drawing them must not move the run's RNG,
+    # or a partitioned run would draw everything after (a new head, dropout, sampling) differently.
+    with partitioned_loading(ds_config), torch.random.fork_rng(devices=[]):
+        model = model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     files = _checkpoint_files(folder)
     tied = {n for n in _tied_names(model)}
     absent = [

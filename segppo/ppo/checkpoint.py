@@ -49,7 +49,8 @@ def export_policy(
     is_main: bool,
 ) -> None:
     """The policy as a Hugging Face folder loadable with AutoModelForCausalLM, with its segppo.json
-    (the chat format the policy was trained in: template, stop ids, end of turn)."""
+    (the chat format the policy was trained in: template, stop ids, end of turn). A LoRA actor is
+    merged into its base weights, or with `--lora-export adapter` saved as its adapter alone."""
     state = full_state_dict(actor)
     if is_main:
         seg = shaping.segmentation
@@ -70,5 +71,5 @@ def export_policy(
                 "steps": steps,
             },
         )
-        save_policy(actor.module, tokenizer, folder, meta, state_dict=state)
+        save_policy(actor.module, tokenizer, folder, meta, state_dict=state, lora_export=cfg.lora_export)
     torch.distributed.barrier()

@@ -13,7 +13,7 @@ import torch
 
 from segppo.config import PPOConfig
 from segppo.data import ChatFormat, EncodedPrompt, LayoutOptions, encode_prompts, load_rows
-from segppo.distributed import DistInfo, frozen_on_device
+from segppo.distributed import DistInfo, frozen_on_device, loading_config
 from segppo.io import same_source
 from segppo.models import (
     SegppoMetadata,
@@ -24,6 +24,7 @@ from segppo.models import (
     load_tokenizer,
 )
 from segppo.models.reward_model import run_model_folder
+from segppo.models.zero3 import keep_partitioned_loading
 from segppo.optim import training_engine
 from segppo.ppo.advantages import needs_critic
 from segppo.ppo.rollout import RewardShaping, foreign_bandit_rm_values, shared_rm_values
@@ -45,12 +46,15 @@ class RewardModelSpec:
 
 
 def load_reward(cfg: PPOConfig, policy_tokenizer) -> RewardModelSpec:
-    """The frozen reward model, checked against the policy's tokenizer (DESIGN.md §3.6)."""
+    """The frozen reward model, checked against the policy's tokenizer (DESIGN.md §3.6); in the
+    actor's dtype (DeepSpeed casts the actor to bf16), and under ZeRO-3 built partitioned."""
     model, metadata = load_reward_model(
         cfg.reward_model,
+        dtype="bf16" if cfg.bf16 else "fp32",
         trust_remote_code=cfg.trust_remote_code,
         granularity=cfg.reward_granularity,
         threshold=cfg.entropy_threshold,
+        ds_config=loading_config(zero_stage=cfg.zero_stage, bf16=cfg.bf16, offload=cfg.rm_offload),
     )
     folder = run_model_folder(Path(cfg.reward_model)) if Path(cfg.reward_model).is_dir() else cfg.reward_model
     tokenizer = load_tokenizer(folder, trust_remote_code=cfg.trust_remote_code)
@@ -171,8 +175,9 @@ class Models:
     actor_sched: object
     critic: object | None  # None for a critic-free estimator
     critic_sched: object | None
-    reference: torch.nn.Module
+    reference: torch.nn.Module  # under LoRA the actor's own base (`AdapterFreeView`)
     rm_values_fn: Callable  # batch -> [B, T] the RM's per-token values on the response
+    zero3: object | None = None  # under ZeRO-3 transformers knows the models are partitioned while held
 
 
 def load_models(
@@ -190,7 +195,9 @@ def load_models(
     meta = reward.metadata
     check_reference_tokenizer(cfg, chat.tokenizer)
     dtype = "bf16" if cfg.bf16 else "fp32"
-    kw = dict(trust_remote_code=cfg.trust_remote_code)
+    built = loading_config(zero_stage=cfg.zero_stage, bf16=cfg.bf16)  # what ZeRO-3 builds models with
+    zero3 = keep_partitioned_loading(built)
+    kw = dict(trust_remote_code=cfg.trust_remote_code, ds_config=built)
     actor = load_policy(cfg.policy, gradient_checkpointing=cfg.gradient_checkpointing, **kw)
     if not needs_critic(cfg.advantage):
         critic = None  # rloo/grpo/reinforce++: no value model is built, trained or saved
@@ -209,11 +216,28 @@ def load_models(
     for model in (actor, critic):
         if model is not None:
             disable_dropout(model)
-    reference = load_policy(cfg.reference or cfg.policy, dtype=dtype, **kw)
-    reference = frozen_on_device(reference, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
-    # The RM computes in the actor's dtype, as the reference does (DeepSpeed casts the actor to bf16).
-    rm = reward.model.to(torch.bfloat16 if cfg.bf16 else torch.float32)
-    rm = frozen_on_device(rm, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
+    # Under LoRA the reference is the actor's base with the adapters off: no second copy.
+    base_reference = cfg.lora_rank and (cfg.reference is None or same_source(cfg.reference, cfg.policy))
+    if cfg.lora_rank:
+        from segppo.models.lora import apply_lora
+
+        lora = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        actor = apply_lora(actor, *lora)
+        critic = apply_lora(critic, *lora) if critic is not None else None  # the value head trains whole
+    if not base_reference:
+        reference = load_policy(
+            cfg.reference or cfg.policy,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            ds_config=loading_config(zero_stage=cfg.zero_stage, bf16=cfg.bf16, offload=cfg.ref_offload),
+        )
+        reference = frozen_on_device(
+            reference, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16, offload=cfg.ref_offload
+        )
+    # The RM computes in the actor's dtype, as the reference does (`load_reward` loaded it so).
+    rm = frozen_on_device(
+        reward.model, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16, offload=cfg.rm_offload
+    )
     if reward.shares_tokenizer:
         rm_values_fn = shared_rm_values(rm)
     else:
@@ -227,7 +251,11 @@ def load_models(
     )
     actor, actor_sched = training_engine(actor, lr=cfg.actor_lr, **engine)
     critic, critic_sched = training_engine(critic, lr=cfg.critic_lr, **engine) if critic else (None, None)
-    return Models(actor, actor_sched, critic, critic_sched, reference, rm_values_fn)
+    if base_reference:
+        from segppo.models.lora import AdapterFreeView
+
+        reference = AdapterFreeView(actor)
+    return Models(actor, actor_sched, critic, critic_sched, reference, rm_values_fn, zero3)
 
 
 def build_rollout_engine(cfg: PPOConfig, info: DistInfo, actor, pad_token_id: int):

@@ -44,6 +44,7 @@ from segppo.distributed import (
     latest_state,
     launch,
     load_training_state,
+    loading_config,
     save_training_state,
     set_seed,
     shutdown,
@@ -57,6 +58,7 @@ from segppo.models import (
     load_tokenizer,
     save_reward_model,
 )
+from segppo.models.zero3 import keep_partitioned_loading
 from segppo.optim import training_engine
 from segppo.preflight import check_rm_train
 from segppo.rm.loss import bradley_terry_loss
@@ -248,16 +250,29 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         total_steps = min(total_steps, cfg.max_steps)
     grad_accum = cfg.grad_accum(info.world_size)
 
-    # Models: the trained RM, and a frozen segmenter (by default a copy of the initial model).
+    # Models: the trained RM, and a frozen segmenter (by default a copy of the initial model); under
+    # ZeRO-3 both are built partitioned, and transformers knows it for the whole run.
+    built = loading_config(zero_stage=cfg.zero_stage, bf16=cfg.bf16)
+    _zero3 = keep_partitioned_loading(built)  # noqa: F841  (held for the run)
     model = create_reward_model(
-        cfg.model, trust_remote_code=cfg.trust_remote_code, gradient_checkpointing=cfg.gradient_checkpointing
+        cfg.model,
+        trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        ds_config=built,
     )
     disable_dropout(model)
+    if cfg.lora_rank:
+        from segppo.models.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)  # the head trains whole
     segmenter = None
     if segmentation.needs_entropy:
         segmenter_name = cfg.segmenter or cfg.model
         segmenter = load_policy(
-            segmenter_name, dtype="bf16" if cfg.bf16 else "fp32", trust_remote_code=cfg.trust_remote_code
+            segmenter_name,
+            dtype="bf16" if cfg.bf16 else "fp32",
+            trust_remote_code=cfg.trust_remote_code,
+            ds_config=built,
         )
         vocab = segmenter.get_input_embeddings().num_embeddings
         if vocab < len(tokenizer):
@@ -377,7 +392,9 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
                     {"step": done},
                     keep=cfg.save_total_limit,
                 )
-                _export(engine, tokenizer, out / "checkpoints" / f"step-{done}", metadata, info)
+                _export(
+                    engine, tokenizer, out / "checkpoints" / f"step-{done}", metadata, info, cfg.lora_export
+                )
             if step_callback is not None:
                 step_callback(done, metrics)
 
@@ -393,7 +410,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         keep=cfg.save_total_limit,
     )
     tracker.log(total_steps, final, split="eval")
-    _export(engine, tokenizer, out / "model", metadata, info)
+    _export(engine, tokenizer, out / "model", metadata, info, cfg.lora_export)
     tracker.close()
     if info.is_main:
         console.print(
@@ -402,9 +419,14 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         )
 
 
-def _export(engine, tokenizer, folder: Path, metadata: SegppoMetadata, info: DistInfo) -> None:
-    """Write a Hugging Face folder of the engine's model (rank 0; gathered under ZeRO-3)."""
+def _export(
+    engine, tokenizer, folder: Path, metadata: SegppoMetadata, info: DistInfo, lora_export: str
+) -> None:
+    """Write a Hugging Face folder of the engine's model (rank 0; gathered under ZeRO-3); a LoRA
+    model merged, or its adapter alone (`--lora-export`)."""
     state = full_state_dict(engine)
     if info.is_main:
-        save_reward_model(engine.module, tokenizer, folder, metadata, state_dict=state)
+        save_reward_model(
+            engine.module, tokenizer, folder, metadata, state_dict=state, lora_export=lora_export
+        )
     torch.distributed.barrier()
