@@ -270,3 +270,98 @@ def test_rm_lora_resume_matches_an_uninterrupted_run_and_exports_the_adapter(
     state_file = _state_file(broken.output_dir, "reward_model", 4)
     trained = _trained_lora(AutoModelForTokenClassification, tiny_lm_dir, state_file, num_labels=1)
     torch.testing.assert_close(_values(reloaded), _values(trained), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ppo_inputs(tiny_lm_dir, preferences_file, tmp_path_factory):
+    """A segment RM trained briefly on the tiny backbone, and a prompt file."""
+    import json
+
+    from segppo.rm.trainer import train_reward_model
+
+    root = tmp_path_factory.mktemp("lora_ppo")
+    train_reward_model(tiny_rm_config(tiny_lm_dir, preferences_file, root / "rm", max_steps=6))
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ["Name the capital.", "Which city?"] * 16)
+    )
+    return str(root / "rm"), str(prompts)
+
+
+def _ppo_config(policy, ppo_inputs, output, **overrides):
+    from segppo.config import PPOConfig
+
+    reward_model, prompts = ppo_inputs
+    values = dict(
+        policy=policy,
+        reward_model=reward_model,
+        prompts=prompts,
+        output=str(output),
+        rollout_batch_size=16,
+        micro_rollout_batch_size=8,
+        train_batch_size=16,
+        micro_train_batch_size=8,
+        max_new_tokens=8,
+        max_prompt_len=32,
+        actor_lr=1e-2,
+        critic_lr=1e-2,
+        critic_init="rm",
+        ppo_epochs=1,
+        zero_stage=0,
+        warmup_ratio=0.0,
+        max_steps=2,
+        num_logged_samples=0,
+        seed=0,
+    )
+    return PPOConfig(**{**values, **overrides})
+
+
+def test_ppo_with_lora_uses_the_base_as_reference_and_exports_the_actor_merged(
+    tiny_lm_dir, ppo_inputs, tmp_path
+):
+    from segppo.ppo.trainer import train_ppo
+    from segppo.tracking import read_metrics
+
+    cfg = _ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "run", **LORA)
+    train_ppo(cfg)
+    rows = read_metrics(cfg.output_dir, split="train")
+    # The actor starts as its base (B = 0), so the first rollout's KL to the reference is exactly 0;
+    # after an update it is not: the reference stayed the base with the adapters off.
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] != 0.0
+    merged = AutoModelForCausalLM.from_pretrained(cfg.output_dir / "policy").eval()
+    actor = _trained_lora(AutoModelForCausalLM, tiny_lm_dir, _state_file(cfg.output_dir, "actor", 2))
+    torch.testing.assert_close(_logits(merged), _logits(actor), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(merged), _logits(AutoModelForCausalLM.from_pretrained(tiny_lm_dir)))
+    critic = torch.load(_state_file(cfg.output_dir, "critic", 2), weights_only=False)["module"]
+    head = "base_model.model.score"  # the critic's value head trains whole, beside its adapters
+    assert not torch.equal(
+        critic[f"{head}.modules_to_save.default.weight"], critic[f"{head}.original_module.weight"]
+    )
+    assert any("lora_B" in k for k in critic)
+
+
+def test_ppo_lora_resume_matches_an_uninterrupted_run(tiny_lm_dir, ppo_inputs, tmp_path):
+    from segppo.ppo.trainer import train_ppo
+    from segppo.tracking import read_metrics
+
+    base = dict(max_steps=2, save_every=1, **LORA)
+    straight = _ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "straight", **base)
+    train_ppo(straight)
+    broken = _ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "broken", **base)
+
+    def interrupt(step, metrics):
+        if step == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_ppo(broken, step_callback=interrupt)
+    train_ppo(dataclasses.replace(broken, resume=True))
+    want, got = read_metrics(straight.output_dir), read_metrics(broken.output_dir)
+    assert [r["step"] for r in got] == [1, 2]
+    for w, g in zip(want, got, strict=True):
+        for key in ("reward", "kl", "policy_loss", "value_loss", "actor_lr"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
+    a = load_file(straight.output_dir / "policy" / "model.safetensors")
+    b = load_file(broken.output_dir / "policy" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
