@@ -17,11 +17,14 @@ from segppo.data.packing import (
     pack_preferences,
     pack_response_batch,
     pack_responses,
+    packed_critic_values,
+    packed_entropy,
     packed_logprobs_and_entropy,
     packed_reward_values,
     padded_tokens,
 )
 from segppo.models.reward_model import reward_values
+from segppo.ppo.rollout import critic_values
 from segppo.rm.loss import bradley_terry_loss
 from segppo.segments import logprobs_and_entropy
 from tests.tiny import tiny_config
@@ -111,6 +114,23 @@ def test_rm_values_entropy_logprobs_equal_padded(models, mode):
     torch.testing.assert_close(got_values, want_values, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_logprobs, want_logprobs * mask, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_entropy, want_entropy * mask, rtol=1e-5, atol=1e-5)
+
+
+def test_critic_values_and_segmenter_entropy_equal_padded(models):
+    """V_t from the column before token t, entropy from token t's column: as on the padded batch."""
+    lm, rm = models
+    prompts, responses, has_eos = _sequences(7, seed=4)
+    padded = collate_responses(prompts, responses, has_eos, PAD)
+    packed = pack_response_batch(padded, PAD, max_tokens=24)
+    mask = padded.response_mask
+    with torch.no_grad():
+        want_values = critic_values(rm, padded) * mask
+        _, want_entropy = logprobs_and_entropy(
+            lm, padded.input_ids, padded.attention_mask, padded.position_ids, padded.prompt_len
+        )
+        got_values = packed_critic_values(rm, packed)
+    torch.testing.assert_close(got_values, want_values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_entropy(lm, packed), want_entropy * mask, rtol=1e-5, atol=1e-5)
 
 
 def test_bradley_terry_loss_and_grads_equal_padded(models):

@@ -83,3 +83,39 @@ def test_rm_train_packing_on_two_ranks_matches_padded(tiny_lm_dir, ragged_prefer
     )
     packed = dataclasses.replace(padded, output=str(tmp_path / "packed"), packing=True)
     _assert_same_run(padded, packed, _train_losses(padded), _train_losses(packed))
+
+
+@pytest.fixture(scope="module")
+def ppo_inputs(tiny_lm_dir, ragged_preferences, tmp_path_factory):
+    """A briefly trained segment RM, and prompts of several lengths (so that rows pack)."""
+    rm = tiny_rm_config(tiny_lm_dir, ragged_preferences, tmp_path_factory.mktemp("rm") / "run", max_steps=3)
+    train_reward_model(rm)
+    prompts = ["Name the capital.", "What is the capital of France, the country of cheese?", "City?"]
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts * 20) + "\n")
+    return str(rm.output_dir), str(path)
+
+
+def test_ppo_update_packing_matches_padded(tiny_lm_dir, ppo_inputs, tmp_path):
+    from test_ppo import ppo_config
+
+    from segppo.ppo.trainer import train_ppo
+
+    reward_model, prompts = ppo_inputs
+    # Rows of max_prompt_len + max_new_tokens = 112 tokens hold two or three of these ~40-token sequences.
+    padded = ppo_config(
+        tiny_lm_dir, reward_model, prompts, tmp_path / "padded", max_new_tokens=16, max_prompt_len=96
+    )
+    packed = dataclasses.replace(padded, output=str(tmp_path / "packed"), packing=True)
+    train_ppo(padded)
+    train_ppo(packed)
+    want = read_metrics(padded.output_dir, split="train")
+    got = read_metrics(packed.output_dir, split="train")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+    for w, g in zip(want, got, strict=True):
+        for key in ("reward", "kl", "response_length", "policy_loss", "value_loss", "approx_kl", "entropy"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (w["step"], key)
+    a = load_file(padded.output_dir / "policy" / "model.safetensors")
+    b = load_file(packed.output_dir / "policy" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

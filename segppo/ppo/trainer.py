@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from segppo.config import PPOConfig
+from segppo.data.packing import pack_response_batch, packed_critic_values, packed_logprobs_and_entropy
 from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -275,10 +276,18 @@ class PPOTrainer:
     def _losses(self, pool: RolloutPool, rows: list[int], scale: float):
         batch, old = pool.micro_batch(rows)
         mask = batch.response_mask
-        args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
-        # At the sampling temperature, as `score` computed the old log-probs.
-        logprobs, _ = logprobs_and_entropy(self.models.actor, *args, temperature=self.cfg.temperature)
         cfg = self.cfg
+        packed = None
+        if cfg.packing:  # rows of at most the longest sequence the run can have
+            packed = pack_response_batch(
+                batch, self.tokenizer.pad_token_id, cfg.max_prompt_len + cfg.max_new_tokens
+            ).to(mask.device)
+        # At the sampling temperature, as `score` computed the old log-probs.
+        if packed is None:
+            args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
+            logprobs, _ = logprobs_and_entropy(self.models.actor, *args, temperature=cfg.temperature)
+        else:
+            logprobs, _ = packed_logprobs_and_entropy(self.models.actor, packed, temperature=cfg.temperature)
         p_loss, p_stats = policy_loss(
             logprobs,
             old["logprobs"],
@@ -294,7 +303,10 @@ class PPOTrainer:
             v_loss = torch.zeros((), device=mask.device)
             v_stats = {"value_loss": v_loss, "value_clipfrac": v_loss}
         else:
-            values = critic_values(self.models.critic, batch)
+            if packed is None:
+                values = critic_values(self.models.critic, batch)
+            else:
+                values = packed_critic_values(self.models.critic, packed)
             v_loss, v_stats = value_loss(
                 values,
                 old["values"],
