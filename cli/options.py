@@ -120,17 +120,39 @@ def build_config(config_cls: type, values: dict[str, Any]):
         raise typer.BadParameter(str(err)) from err
 
 
-# Errors that describe bad input: shown as one clear line, not a traceback.
+# Errors that describe bad input: shown as one clear line, not a traceback (exit status 2).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
 
 
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """Errors that stop a run for a reason their message states in full (one line, exit status 1):
+    non-finite values (`NonFiniteError`), a disk too full for the next state, a spawned rank's
+    failure (its traceback is in the run folder)."""
+    from segppo.distributed import NoSpaceError, RankFailed
+
+    return (FloatingPointError, NoSpaceError, RankFailed)
+
+
 def run_or_exit(fn):
-    """Run `fn()`; a user error becomes a red one-line message and exit status 2."""
+    """Run `fn()`; a user error becomes a red one-line message and exit status 2, a run that stops
+    for a stated reason one line and exit status 1."""
     try:
         return fn()
     except USER_ERRORS as err:
-        from rich.console import Console
-
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+        _print_error(message)
         raise typer.Exit(2) from err
+    except Exception as err:
+        if not isinstance(err, _run_errors()):
+            raise
+        _print_error(str(err))
+        raise typer.Exit(1) from err
+
+
+def _print_error(message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    # soft_wrap: one line however narrow the terminal (a log reader greps it whole); escaped, so that
+    # brackets in a message (a path, a rank's "[rank1]:") print as they are.
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)

@@ -7,17 +7,18 @@ environment already names the rank and world size and segppo simply joins.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import random
 import shutil
 import socket
-import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,38 +114,77 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def shutdown() -> None:
-    """Tear a multi-rank process group down (gloo aborts at exit otherwise).
+@contextmanager
+def rank_group() -> Iterator[DistInfo]:
+    """`init_distributed`, then `shutdown` when the block ends: `with rank_group() as info: ...`.
+
+    Whether the block raised decides how this rank leaves, not whatever error the caller may be
+    handling around it: a clean end waits for every rank, a failure does not (see `shutdown`).
+    """
+    info = init_distributed()
+    try:
+        yield info
+    except BaseException:
+        shutdown(failed=True)
+        raise
+    shutdown()
+
+
+def shutdown(*, failed: bool = False) -> None:
+    """Leave a multi-rank process group (gloo aborts at exit otherwise).
+
+    A clean end (`failed=False`) waits in a barrier for every rank, then destroys the group. A rank
+    that failed leaves at once: the others may be waiting for it in a collective it will never
+    join, and a barrier here would block it (and them) until gloo's half-hour timeout instead of
+    letting its error stop the run (`launch`, or an outer launcher, ends the other ranks).
 
     A one-rank group stays up: DeepSpeed caches its groups, so a second run in the same process
     (a notebook, a test, the demo's stages) reuses the group rather than a destroyed one.
     """
-    if sys.exc_info()[0] is not None:
-        # Called from a `finally` while an error propagates: the other ranks may be waiting in a
-        # collective for this one, so a barrier here would hang every rank. `launch` stops them.
+    if failed or not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class RankFailed(RuntimeError):
     """A spawned rank raised; the message names the rank and its error in one line."""
 
 
-# Error types re-raised as themselves (with the rank in the message), so that callers and the
-# CLI treat a user error from a spawned rank like the same error from a single process.
-_RERAISED = {
-    t.__name__: t
-    for t in (
-        ValueError,
-        FileNotFoundError,
-        FileExistsError,
-        NotADirectoryError,
-        KeyError,
-        FloatingPointError,
+class NoSpaceError(OSError):
+    """The disk cannot hold another training state; nothing was written, the previous state is intact."""
+
+
+# Errors a spawned rank's failure is re-raised as (its own type when it is one of these or a
+# subclass, with the rank in the message), so that callers and the CLI treat an error from a spawned
+# rank like the same error from a single process. Any other error becomes a `RankFailed`.
+_RERAISED = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    KeyError,
+    FloatingPointError,
+    NoSpaceError,
+)
+
+
+def _error_class(err: BaseException) -> str:
+    return f"{type(err).__module__}:{type(err).__qualname__}"
+
+
+def _reraised_error(record: dict, message: str) -> BaseException:
+    """The parent's error for a rank's error `record`: its own type where `_RERAISED` allows."""
+    module, _, name = record["class"].partition(":")
+    try:
+        error_type = getattr(importlib.import_module(module), name)
+        if isinstance(error_type, type) and issubclass(error_type, _RERAISED):
+            return error_type(message)
+    except (ImportError, AttributeError, TypeError):  # not importable here, or not made from a message
+        pass
+    return RankFailed(
+        f"rank {record['rank']}: {record['type']}: {record['message']} (traceback in {record['log']})"
     )
-}
 
 
 def _error_record(log_dir: Path, rank: int) -> Path:
@@ -175,6 +215,7 @@ def _spawned_worker(
         log.write_text(f"rank {local_rank} of {world_size} failed:\n{traceback.format_exc()}")
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         record = {"rank": local_rank, "time": time.time(), "type": type(err).__name__, "message": message}
+        record["class"] = _error_class(err)
         record["log"] = str(log)
         atomic_write_text(_error_record(Path(record_dir), local_rank), json.dumps(record))
         raise
@@ -217,13 +258,7 @@ def launch(fn: Callable, *args: Any, nproc: int = 1, log_dir: Path | None = None
                 raise RankFailed(f"rank {err.error_index} ended without an error message: {err}") from None
             first = min(records, key=lambda r: r["time"])
             message = f"rank {first['rank']}: {first['message']} (traceback in {first['log']})"
-            error_type = _RERAISED.get(first["type"])
-            if error_type is None:
-                message = (
-                    f"rank {first['rank']}: {first['type']}: {first['message']} (traceback in {first['log']})"
-                )
-                error_type = RankFailed
-            raise error_type(message) from None
+            raise _reraised_error(first, message) from None
 
 
 def set_seed(seed: int) -> None:
@@ -376,7 +411,7 @@ def _check_free_space(engines: dict[str, Any], state_dir: Path) -> None:
     if short.item() > 0:
         kept = f"the previous state {previous} is intact" if previous else "no state was saved yet"
         where = f"{state_dir}: {free / 1e9:.2f} GB free" if free < need else f"{state_dir} on another rank"
-        raise OSError(
+        raise NoSpaceError(
             f"not enough free space to save the training state in {where}, about {need / 1e9:.2f} GB "
             f"needed; {kept}. Free some space (or lower --save-total-limit) and --resume"
         )

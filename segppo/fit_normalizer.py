@@ -26,7 +26,7 @@ from rich.markup import escape
 from segppo.config import FitNormalizerConfig
 from segppo.data import EncodedPair, LayoutOptions, collate_preferences, encode_preferences, load_splits
 from segppo.data.sources import select_split
-from segppo.distributed import DistInfo, init_distributed, launch, shutdown
+from segppo.distributed import DistInfo, launch, rank_group
 from segppo.io import atomic_write_text
 from segppo.models import METADATA_FILE, SegppoMetadata
 from segppo.models.reward_model import run_model_folder
@@ -209,11 +209,8 @@ def collect_points(
 
 def _fit_worker(cfg: FitNormalizerConfig) -> None:
     """One rank (module-level, so that spawned ranks can unpickle it)."""
-    info = init_distributed()
-    try:
+    with rank_group() as info:
         _fit_on_rank(cfg, info)
-    finally:
-        shutdown()
 
 
 def _fit_on_rank(cfg: FitNormalizerConfig, info: DistInfo) -> None:

@@ -34,10 +34,9 @@ from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
     check_run_folder,
-    init_distributed,
     launch,
+    rank_group,
     set_seed,
-    shutdown,
 )
 from segppo.generation import SamplingConfig, seed_for, stop_token_ids
 from segppo.models import load_tokenizer
@@ -82,11 +81,8 @@ def train_ppo(cfg: PPOConfig, *, step_callback: StepCallback | None = None) -> P
 
 
 def _train(cfg: PPOConfig, step_callback: StepCallback | None) -> None:
-    info = init_distributed()
-    try:
+    with rank_group() as info:
         PPOTrainer(cfg, info).fit(step_callback)
-    finally:
-        shutdown()
 
 
 class PPOTrainer:
@@ -173,10 +169,12 @@ class PPOTrainer:
         metrics = rollout_metrics(experiences, self.info.device, self.kl_ctl.coef)
         if metrics.pop("nonfinite") > 0:
             self._stop_non_finite(step, "a reward or advantage", updated=False)
-        self._log_samples(experiences, step + 1)
         with timed(timing, "training"):
             metrics.update(self.update(RolloutPool.of(experiences, self.tokenizer.pad_token_id), step))
             self.sync_rollout_engine()  # part of the update: the next rollout samples the new policy
+        # After the update: a step stopped inside it (`_stop_non_finite`) saves a state that must not
+        # count this step's samples as logged.
+        self._log_samples(experiences, step + 1)
         if m.critic is not None:
             metrics["explained_variance"] = rollout_explained_variance(experiences)
         # --kl-target is a per-token mean KL, as OpenRLHF's and the paper's (`kl` is per response).

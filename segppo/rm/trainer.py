@@ -40,14 +40,13 @@ from segppo.distributed import (
     check_run_folder,
     frozen_on_device,
     full_state_dict,
-    init_distributed,
     latest_state,
     launch,
     load_training_state,
     loading_config,
+    rank_group,
     save_training_state,
     set_seed,
-    shutdown,
 )
 from segppo.kernels import segment_rewards
 from segppo.models import (
@@ -221,11 +220,8 @@ def train_reward_model(cfg: RMConfig, *, step_callback: StepCallback | None = No
 
 
 def _train(cfg: RMConfig, step_callback: StepCallback | None) -> None:
-    info = init_distributed()
-    try:
+    with rank_group() as info:
         _train_on_rank(cfg, info, step_callback)
-    finally:
-        shutdown()
 
 
 def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | None) -> None:
