@@ -241,6 +241,7 @@ class PPOConfig(PPOMemoryOptions):
     )
     max_prompt_len: int = 1024
     long_prompts: str = option("error", help="error | truncate: prompts over --max-prompt-len.")
+    strict: bool = option(False, help="A malformed prompt row is an error naming it (default: skip, count).")
     max_new_tokens: int = option(1024, help="Generation limit per response.")
     temperature: float = 1.0
     top_p: float = 1.0

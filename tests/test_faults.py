@@ -407,3 +407,30 @@ def test_ppo_train_killed_then_resumed_ends_as_an_unbroken_run(ppo_inputs, tmp_p
     assert not (out / "policy").exists()
     train_ppo(PPOConfig(**values, resume=True))
     _assert_same_run(out, unbroken.output_dir, "policy/model.safetensors", keys=PPO_KEYS)
+
+
+# --- bad prompt rows: skipped and counted, or with --strict an error naming the first ---------------
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_bad_prompt_row_is_counted_or_with_strict_an_error(tiny_lm_dir, tmp_path, capsys, strict):
+    from segppo.config import PPOConfig
+    from segppo.data import ChatFormat
+    from segppo.models import load_tokenizer
+    from segppo.ppo.setup import load_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "Name the capital."}, {"prompt": "Which city?"}, {"prompt": None}, {"prompt": 7}]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = PPOConfig(
+        policy=tiny_lm_dir, reward_model=tiny_lm_dir, prompts=str(prompts), output="x", strict=strict
+    )
+    chat = ChatFormat(load_tokenizer(tiny_lm_dir))
+    if strict:
+        with pytest.raises(ValueError, match=r"^--strict: row 2 is malformed: ") as caught:
+            load_prompts(cfg, chat)
+        assert "\n" not in str(caught.value)
+        return
+    assert len(load_prompts(cfg, chat)) == 2
+    report = " ".join(capsys.readouterr().err.split())
+    assert "kept 2 of 4 rows, skipped 2; first reasons: row 2: " in report and "row 3: " in report

@@ -141,11 +141,13 @@ def policy_chat_format(reward: RewardModelSpec, tokenizer, template: str | None)
 
 
 def load_prompts(cfg: PPOConfig, chat: ChatFormat) -> list[EncodedPrompt]:
+    """The prompt set, encoded; a malformed row is skipped and counted in the report rank 0 prints
+    (with `--strict`, an error naming the first one)."""
     rows = load_rows(cfg.prompts, split=cfg.split, max_samples=cfg.max_samples)
     prompts, report = encode_prompts(
         rows,
         chat.tokenizer,
-        LayoutOptions(prompt_key=cfg.prompt_key),
+        LayoutOptions(prompt_key=cfg.prompt_key, strict=cfg.strict),
         max_prompt_len=cfg.max_prompt_len,
         on_long_prompt=cfg.long_prompts,
         chat_template=chat.template,
@@ -153,6 +155,8 @@ def load_prompts(cfg: PPOConfig, chat: ChatFormat) -> list[EncodedPrompt]:
     )
     if not prompts:
         raise ValueError(f"{cfg.prompts}: the prompt set is empty ({report})")
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        console.print(f"[bold]prompts[/] {report}")
     return prompts
 
 
