@@ -115,7 +115,7 @@ def read_metrics(output_dir: Path, split: str | None = None) -> list[dict[str, A
 
 def _rows_at_last_save(output_dir: Path, name: str) -> int | None:
     """How many rows of `output_dir/name` the latest training state recorded (None: not recorded)."""
-    from segppo.distributed import LATEST, LOG_ROWS  # segppo.distributed imports this module
+    from segppo.state import LATEST, LOG_ROWS
 
     pointer = Path(output_dir) / "state" / LATEST
     if not pointer.exists():

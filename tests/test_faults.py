@@ -244,7 +244,7 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_state(
 
     from tiny import tiny_rm_config
 
-    from segppo import distributed
+    from segppo import state
     from segppo.distributed import latest_state
     from segppo.rm.trainer import train_reward_model
 
@@ -256,7 +256,7 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_state(
         saved = latest_state(cfg.output_dir / "state")
         return usage._replace(free=1024) if saved is not None else usage
 
-    monkeypatch.setattr(distributed.shutil, "disk_usage", disk_fills_after_step_1)
+    monkeypatch.setattr(state.shutil, "disk_usage", disk_fills_after_step_1)
     with pytest.raises(OSError, match="not enough free space to save the training state") as caught:
         train_reward_model(cfg)
     assert "step-1 is intact" in str(caught.value)

@@ -245,17 +245,17 @@ def test_a_full_disk_is_one_error_line_in_the_cli(tiny_lm_dir, preferences_file,
     from segppo.cli.main import app
     from typer.testing import CliRunner
 
-    from segppo import distributed
+    from segppo import state
     from segppo.distributed import latest_state
 
     out = tmp_path / "run"
-    real_disk_usage = distributed.shutil.disk_usage
+    real_disk_usage = state.shutil.disk_usage
 
     def full_after_the_first_state(path):  # the disk has room for exactly one state
         usage = real_disk_usage(path)
         return usage._replace(free=1024) if latest_state(out / "state") is not None else usage
 
-    monkeypatch.setattr(distributed.shutil, "disk_usage", full_after_the_first_state)
+    monkeypatch.setattr(state.shutil, "disk_usage", full_after_the_first_state)
     args = ["rm", "train", "--model", tiny_lm_dir, "--dataset", preferences_file, "--output", str(out)]
     args += ["--max-steps", "3", "--save-every", "1", "--lr", "3e-3", "--batch-size", "16"]
     args += ["--micro-batch-size", "8", "--max-len", "64", "--max-prompt-len", "32", "--zero-stage", "0"]
