@@ -7,6 +7,7 @@ time)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 from pathlib import Path
@@ -153,3 +154,65 @@ def test_nested_partitioned_loading_keeps_the_outer_registration():
 
 def _args():
     return dict(micro_batch_size=1, grad_accum=1, zero_stage=3, bf16=False, grad_clip=None)
+
+
+# -- wired into the trainers: `--zero-stage 3` builds every model partitioned -------------------
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.slow  # two 2-rank RM runs
+def test_rm_train_under_zero3_equals_a_plain_load(tiny_lm_dir, preferences_file, tmp_path):
+    """A segment RM (trained model + frozen segmenter) on 2 ranks: ZeRO-3, its models built
+    partitioned, trains as ZeRO-2 does with every model loaded whole."""
+    from tiny import tiny_rm_config
+
+    from segppo.rm.trainer import train_reward_model
+    from segppo.tracking import read_metrics
+
+    plain = tiny_rm_config(
+        tiny_lm_dir, preferences_file, tmp_path / "plain", max_steps=3, zero_stage=2, nproc=2
+    )
+    partitioned = dataclasses.replace(plain, output=str(tmp_path / "partitioned"), zero_stage=3)
+    train_reward_model(plain)
+    train_reward_model(partitioned)
+    losses = lambda cfg: [r["loss"] for r in read_metrics(cfg.output_dir, split="train")]  # noqa: E731
+    assert losses(partitioned) == pytest.approx(losses(plain), rel=1e-5)
+    a, b = _weights(plain.output_dir / "model"), _weights(partitioned.output_dir / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # an RM, then two 2-rank PPO runs
+def test_ppo_train_under_zero3_equals_a_plain_load(tiny_lm_dir, preferences_file, tmp_path):
+    """Actor, critic (from the RM), reference and RM built partitioned under ZeRO-3 on 2 ranks:
+    the same step as ZeRO-2 with every model loaded whole."""
+    from tiny import tiny_rm_config
+
+    from segppo.ppo.trainer import train_ppo
+    from segppo.rm.trainer import train_reward_model
+    from segppo.tracking import read_metrics
+    from tests.test_lora import _ppo_config
+
+    train_reward_model(tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "rm", max_steps=6))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in ["Name the capital.", "Which city?"] * 16)
+    )
+    inputs = (str(tmp_path / "rm"), str(prompts))
+    plain = _ppo_config(tiny_lm_dir, inputs, tmp_path / "plain", max_steps=1, zero_stage=2, nproc=2)
+    partitioned = dataclasses.replace(plain, output=str(tmp_path / "partitioned"), zero_stage=3)
+    train_ppo(plain)
+    train_ppo(partitioned)
+    a = read_metrics(plain.output_dir, split="train")[0]
+    b = read_metrics(partitioned.output_dir, split="train")[0]
+    for key in ("reward", "kl", "response_length", "policy_loss", "value_loss", "entropy"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    wa, wb = _weights(plain.output_dir / "policy"), _weights(partitioned.output_dir / "policy")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
