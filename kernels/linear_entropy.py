@@ -125,6 +125,14 @@ def _forward(hidden, weight, bias, targets, inv_temp: float):
     return entropy, logprobs, row_max, log_s, mean_c
 
 
+def _accumulate_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b; in place (no product-sized temporary) when the dtypes agree."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += a @ b
+
+
 def _backward(hidden, weight, bias, targets, stats, grad_entropy, grad_logprobs, inv_temp, needs):
     """Gradients of (hidden, weight, bias), each None when not needed.
 
@@ -174,9 +182,9 @@ def _backward(hidden, weight, bias, targets, stats, grad_entropy, grad_logprobs,
                 g.scatter_add_(1, index, torch.where(inside, c[n0:n1], 0.0)[:, None])
             g = g.to(hidden.dtype)  # the products run in the head's dtype, as in the unfused path
             if need_hidden:
-                grad_hidden[n0:n1] += g @ w_chunk
+                _accumulate_product(grad_hidden[n0:n1], g, w_chunk)
             if need_weight:
-                gw += g.T @ h
+                _accumulate_product(gw, g.T, h)
             if need_bias:
                 gb += g.sum(0)
         if need_weight and not direct:
