@@ -15,7 +15,8 @@ current RSS (`/proc/self/clear_refs` = 5), then the growth of VmHWM over VmRSS a
 ("rss": everything the process touched, allocator slack and oneDNN scratch included); a second call
 under torch.profiler(profile_memory=True) gives the exact peak of live tensor bytes ("tensor").
 Both include the outputs: in fwd+bwd, the gradients of hidden and weight ([V, H] float32 at the
-large size, the same for both variants). Time: the best of 3 calls, in the same subprocess.
+large size, the same for both variants). Time: the best of 3 calls per variant in one more
+subprocess, fused and unfused alternating (a shared machine's load drifts).
 
 Sizes (float32, hidden H): small N=512, H=256, V=4096; large N=2048, H=512, V=32000.
 SEGPPO_BENCH_THREADS sets torch's intra-op threads (default: torch's own choice).
@@ -78,25 +79,48 @@ def measure(variant: str, mode: str, size: str, dtype_name: str) -> dict:
     del out
     gc.collect()
     tensor = _tensor_peak_bytes(lambda: run_once(fn, mode, *inputs))
-    times = []
+    return {"rss": rss, "tensor": tensor, "threads": torch.get_num_threads()}
+
+
+def measure_times(mode: str, size: str, dtype_name: str) -> dict:
+    """Best of 3 calls per variant, the variants alternating (fused, unfused, fused, ...) so that a
+    load change on a shared machine hits both alike."""
+    if "SEGPPO_BENCH_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["SEGPPO_BENCH_THREADS"]))
+    inputs = make_inputs(*SIZES[size], getattr(torch, dtype_name))
+    times = {name: [] for name in VARIANTS}
     for _ in range(3):
-        start = time.perf_counter()
-        run_once(fn, mode, *inputs)
-        times.append(time.perf_counter() - start)
-    return {"rss": rss, "tensor": tensor, "seconds": min(times), "threads": torch.get_num_threads()}
+        for name, fn in VARIANTS.items():
+            start = time.perf_counter()
+            run_once(fn, mode, *inputs)
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
-def measure_in_subprocess(variant: str, mode: str, size: str, dtype_name: str = DTYPE) -> dict:
+def in_subprocess(*args: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "measure", variant, mode, size, dtype_name],
+        [sys.executable, os.path.abspath(__file__), *args],
         capture_output=True,
         text=True,
         env=dict(os.environ, SEGPPO_KERNELS="torch"),
         timeout=900,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"measurement of {variant}/{mode}/{size} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"measurement {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_all() -> dict:
+    """{(size, mode, variant): {rss, tensor, threads, seconds}}, each figure from a fresh process."""
+    found = {}
+    for size in SIZES:
+        for mode in MODES:
+            seconds = in_subprocess("time", mode, size, DTYPE)
+            for variant in VARIANTS:
+                found[(size, mode, variant)] = in_subprocess("measure", variant, mode, size, DTYPE)
+                found[(size, mode, variant)]["seconds"] = seconds[variant]
+                print(size, mode, variant, found[(size, mode, variant)], file=sys.stderr, flush=True)
+    return found
 
 
 def table(results: dict) -> list[str]:
@@ -138,12 +162,7 @@ def test_linear_entropy_memory_and_time(benchmark):
     want = run_once(linear_entropy_logprobs_reference, "fwd", *inputs)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-    results = {
-        (size, mode, variant): measure_in_subprocess(variant, mode, size)
-        for size in SIZES
-        for mode in MODES
-        for variant in VARIANTS
-    }
+    results = measure_all()
     benchmark.pedantic(lambda: run_once(linear_entropy_logprobs, "fwd", *inputs), rounds=1, iterations=1)
     benchmark.extra_info.update({"/".join(k): v for k, v in results.items()})
     print("\n".join(table(results)))
@@ -152,11 +171,7 @@ def test_linear_entropy_memory_and_time(benchmark):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "measure":
         print(json.dumps(measure(*sys.argv[2:6])))
+    elif len(sys.argv) > 1 and sys.argv[1] == "time":
+        print(json.dumps(measure_times(*sys.argv[2:5])))
     else:
-        found = {}
-        for size in SIZES:
-            for mode in MODES:
-                for variant in VARIANTS:
-                    found[(size, mode, variant)] = measure_in_subprocess(variant, mode, size)
-                    print(size, mode, variant, found[(size, mode, variant)], flush=True)
-        print("\n".join(table(found)))
+        print("\n".join(table(measure_all())))
