@@ -21,6 +21,7 @@ if HAS_TRITON:
 # thread: enough in flight to saturate HBM without spilling. Tests lower it to exercise the
 # online rescaling on small vocabularies.
 MAX_BLOCK_V = 4096
+LOG2E = 1.4426950408889634  # the kernels take scale = log2(e) / T (see below)
 
 
 def _launch_config(n_cols: int) -> tuple[int, int]:
@@ -31,6 +32,21 @@ def _launch_config(n_cols: int) -> tuple[int, int]:
 
 
 if HAS_TRITON:
+    # Kernel constants are tl.constexpr: a jit function reads no other globals.
+    # Exponentials are taken in base 2, 2^((x - m)·log2(e)/T): one exp2 (a single MUFU.EX2 on NVIDIA
+    # GPUs; tl.exp adds a multiply and a subnormal fix-up) with log2 e folded into the scale. The max m
+    # is subtracted before scaling, in the logits' own units, where x - m is exact for nearby values
+    # (scaling first would round x·log2 e at the logits' magnitude: 1e-4 of entropy at |x| ~ 1e4).
+    # Results are turned back to nats once per row.
+    LN2 = tl.constexpr(0.6931471805599453)
+    # A lane's running max before it has seen a finite logit: the lowest float32, so that it never
+    # exceeds a real logit (not even torch.finfo(float32).min, a common mask value) and, unlike -inf,
+    # rescaling by exp2((m_old - m_new)·scale) never meets -inf - (-inf).
+    NEG_BIG = tl.constexpr(-3.4028234663852886e38)
+    # Floor for base-2 exponents that multiply something: below it exp2 is exactly 0 in float32, so
+    # clamping changes no result, but it keeps -inf (a masked entry, or the shift away from NEG_BIG)
+    # out of products with 0, which would be NaN.
+    FLOOR = tl.constexpr(-1000.0)
 
     @triton.jit
     def _entropy_logprobs_fwd_kernel(
@@ -41,62 +57,73 @@ if HAS_TRITON:
         LP_ptr,
         STATS_ptr,
         n_cols,
+        scale,
         inv_temp,
         HAS_TARGETS: tl.constexpr,
         BLOCK_V: tl.constexpr,
+        TILE_C: tl.constexpr,
+        LANE_AXIS: tl.constexpr,
     ):
-        """One row of x = logits / T: H = logZ - E[x], logp = x[target] - logZ.
+        """One row, scale = log2 e / T, m = max x, y_i = (x_i - m)·scale: with s = Σ 2^y and
+        w = Σ y·2^y, H = ln2·(log2 s - w/s) and log p = ln2·(y[target] - log2 s).
 
         X [N, V] (row stride X_stride, unit column stride), T [N] int64; H, LP [N] f32;
-        STATS [N, 3] f32 receives (max x, logZ - max x, E[x] - max x) for the backward.
+        STATS [N, 3] f32 receives (m, log2 s, H / ln2) for the backward.
+
+        The block is a row-major [BLOCK_V / TILE_C, TILE_C] tile and each lane, a line of it along
+        LANE_AXIS that one thread holds, keeps its own online softmax (m, s, w), so the loop has no
+        reduction across threads at all; the lanes are merged once, after the loop. With 16-byte
+        aligned rows a lane is TILE_C consecutive logits (one vector load, LANE_AXIS = 1);
+        otherwise Triton loads one entry per thread, TILE_C is the CTA's thread count, and a lane
+        is a column, each thread's entries 32·num_warps apart (LANE_AXIS = 0).
         """
         row = tl.program_id(0).to(tl.int64)  # int64: N·V passes 2^31 at 16k rows of a 128k vocab
         X_ptr += row * X_stride
-        offs = tl.arange(0, BLOCK_V)
+        TILE_R: tl.constexpr = BLOCK_V // TILE_C
+        offs = tl.arange(0, TILE_R)[:, None] * TILE_C + tl.arange(0, TILE_C)[None, :]
 
-        m = -float("inf")  # running max of x
-        s = 0.0  # Σ exp(x - m)
-        # Σ (x - m)·exp(x - m): centred on the running max so that H = log s - w/s never subtracts
-        # two numbers of the size of the logits (m + log s - E[x] would cancel badly at |x| ~ 1e3).
-        w = 0.0
-        # NaN lanes are OR-ed elementwise and reduced once at the end: tl.max may drop NaN depending
-        # on the backend, and a NaN row must never come out finite.
-        nan_lanes = tl.zeros([BLOCK_V], dtype=tl.int32)
+        # Running max of x per lane (reducing a constant tile gives the lanes' shape and layout).
+        m = tl.max(tl.full([TILE_R, TILE_C], NEG_BIG, tl.float32), axis=LANE_AXIS)
+        s = tl.zeros_like(m)  # Σ 2^((x - m)·scale)
+        # Σ (x - m)·scale·2^((x - m)·scale): centred on the running max so that log2 s - w/s never
+        # subtracts two numbers of the size of the logits (log Z - E[x] would cancel at |x| ~ 1e3).
+        w = tl.zeros_like(m)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + offs
-            x = tl.load(X_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32) * inv_temp
-            nan_lanes = nan_lanes | (x != x).to(tl.int32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            # While every entry so far is -inf nothing has been accumulated and any finite shift is
-            # right; shifting by -inf itself would turn exp(x - m) into exp(NaN).
-            m_use = tl.where(m_new == -float("inf"), 0.0, m_new)
-            shift = tl.where(s > 0.0, m - m_use, 0.0)  # s > 0 implies m finite (and m_use)
-            alpha = tl.exp(shift)
-            xc = x - m_use
-            p = tl.exp(xc)
-            # Masked entries have p = 0 but xc = -inf, and -inf·0 is NaN: they contribute nothing.
-            xp = tl.where(x == -float("inf"), 0.0, xc) * p
-            w = alpha * (w + shift * s) + tl.sum(xp, axis=0)
-            s = alpha * s + tl.sum(p, axis=0)
-            # Carry the real max: m_use is only a shift. Pinning m at the stand-in 0 after an
-            # all -inf first block would make every later exp underflow once x < -87 (H = NaN).
+            x = tl.load(X_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=LANE_AXIS))
+            shift = tl.maximum((m - m_new) * scale, FLOOR)  # <= 0; 0 while nothing finite was seen
+            alpha = tl.exp2(shift)
+            yc = (x - tl.expand_dims(m_new, LANE_AXIS)) * scale
+            p = tl.exp2(yc)
+            # A NaN logit makes p NaN, and s carries it to both outputs: no separate NaN check.
+            w = alpha * (w + shift * s) + tl.sum(tl.maximum(yc, FLOOR) * p, axis=LANE_AXIS)
+            s = alpha * s + tl.sum(p, axis=LANE_AXIS)
             m = m_new
 
-        # A fully masked row has s = 0: log s = -inf and both outputs come out NaN, as they should.
-        bad = tl.max(nan_lanes, axis=0) > 0
-        log_s = tl.where(bad, float("nan"), tl.log(s))
-        mean_c = w / s
-        tl.store(H_ptr + row, log_s - mean_c)
-        # Stats stay relative to the max, so logZ and E[x] are never rounded at the logits' scale.
-        tl.store(STATS_ptr + 3 * row, m)
-        tl.store(STATS_ptr + 3 * row + 1, log_s)
-        tl.store(STATS_ptr + 3 * row + 2, mean_c)
+        # Merge the lanes on the row max. A lane that saw only -inf has m = NEG_BIG and s = 0.
+        m_row = tl.max(m, axis=0)
+        d = tl.maximum((m - m_row) * scale, FLOOR)
+        r = tl.exp2(d)
+        s_row = tl.sum(r * s, axis=0)
+        w_row = tl.sum(r * (w + d * s), axis=0)
+        # A fully masked row has s = 0: log2 s = -inf, w/s = NaN, and both outputs come out NaN.
+        log2_s = tl.log2(s_row)
+        entropy2 = log2_s - w_row / s_row
+        tl.store(H_ptr + row, entropy2 * LN2)
+        # Stats stay relative to the max, so logZ is never rounded at the logits' scale.
+        tl.store(STATS_ptr + 3 * row, m_row)
+        tl.store(STATS_ptr + 3 * row + 1, log2_s)
+        tl.store(STATS_ptr + 3 * row + 2, entropy2)
         if HAS_TARGETS:
             target = tl.load(T_ptr + row)
             valid = (target >= 0) & (target < n_cols)
             # An out-of-range id reads column 0 and reports NaN rather than reading out of bounds.
-            x_t = tl.load(X_ptr + tl.where(valid, target, 0)).to(tl.float32) * inv_temp
-            tl.store(LP_ptr + row, tl.where(valid, (x_t - m) - log_s, float("nan")))
+            x_t = tl.load(X_ptr + tl.where(valid, target, 0)).to(tl.float32)
+            # In nats straight away: (x_t - m)·scale can overflow where (x_t - m)/T does not
+            # (a target at torch.finfo(float32).min).
+            logp = (x_t - m_row) * inv_temp - log2_s * LN2
+            tl.store(LP_ptr + row, tl.where(valid, logp, float("nan")))
 
     @triton.jit
     def _entropy_logprobs_bwd_kernel(
@@ -109,14 +136,19 @@ if HAS_TRITON:
         GH_ptr,
         GLP_ptr,
         n_cols,
+        scale,
         inv_temp,
         HAS_GRAD_H: tl.constexpr,
         HAS_GRAD_LP: tl.constexpr,
         BLOCK_V: tl.constexpr,
     ):
-        """dL/dlogits for one row, with p = exp(x - logZ):
+        """dL/dlogits for one row. With u = (x - m)·scale - log2 s (so p = 2^u) and H in nats:
 
-        dH/dx_i = -p_i (x_i - E[x]),  dlogp/dx_i = δ(i, target) - p_i,  dx/dlogits = 1/T.
+        dH/dx_i = -(ln2/T)·p_i·(u_i + H/ln2),  dlogp/dx_i = (δ(i, target) - p_i)/T,
+
+        that is p·(a·u + b) + c·δ with per-row a = -g_H·ln2/T, b = (a·H/ln2 - g_logp/T), c = g_logp/T.
+        The loop writes p·(a·u + b); the target's entry, the only one with the δ term, is rewritten
+        after it, so no element pays for a comparison with the target id.
         X, G [N, V] (G in the logits' dtype); T, GH, GLP [N]; STATS [N, 3] from the forward.
         """
         row = tl.program_id(0).to(tl.int64)
@@ -124,29 +156,49 @@ if HAS_TRITON:
         G_ptr += row * G_stride
         offs = tl.arange(0, BLOCK_V)
         m = tl.load(STATS_ptr + 3 * row)
-        log_s = tl.load(STATS_ptr + 3 * row + 1)
-        mean_c = tl.load(STATS_ptr + 3 * row + 2)
-        g_h = 0.0
-        g_lp = 0.0
-        target = -1
+        log2_s = tl.load(STATS_ptr + 3 * row + 1)
+        a = 0.0
+        b = 0.0
         if HAS_GRAD_H:
-            g_h = tl.load(GH_ptr + row)
+            a = -tl.load(GH_ptr + row) * (LN2 * inv_temp)
+            b = a * tl.load(STATS_ptr + 3 * row + 2)
         if HAS_GRAD_LP:
-            g_lp = tl.load(GLP_ptr + row)
-            target = tl.load(T_ptr + row)
+            c = tl.load(GLP_ptr + row) * inv_temp
+            b -= c
         for start in range(0, n_cols, BLOCK_V):
             cols = start + offs
             in_row = cols < n_cols
-            x = tl.load(X_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32) * inv_temp
-            xc = x - m
-            p = tl.exp(xc - log_s)
-            grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+            x = tl.load(X_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32)
+            u = (x - m) * scale - log2_s
+            p = tl.exp2(u)
             if HAS_GRAD_H:
-                # Masked entries: p = 0 and x - E[x] = -inf; their gradient is exactly 0.
-                grad -= g_h * p * tl.where(x == -float("inf"), 0.0, xc - mean_c)
-            if HAS_GRAD_LP:
-                grad += g_lp * (tl.where(cols == target, 1.0, 0.0) - p)
-            tl.store(G_ptr + cols, (grad * inv_temp).to(G_ptr.dtype.element_ty), mask=in_row)
+                # Masked entries: p = 0 and u = -inf; the floor keeps a·u finite, so 0·(a·u + b) = 0.
+                grad = p * (a * tl.maximum(u, FLOOR) + b)
+            else:
+                grad = p * b
+            tl.store(G_ptr + cols, grad.to(G_ptr.dtype.element_ty), mask=in_row)
+        if HAS_GRAD_LP:
+            target = tl.load(T_ptr + row)
+            if (target >= 0) & (target < n_cols):
+                # The loop's store of this entry (by whichever thread held it) must land first.
+                tl.debug_barrier()
+                x_t = tl.load(X_ptr + target).to(tl.float32)
+                u_t = (x_t - m) * scale - log2_s
+                p_t = tl.exp2(u_t)
+                if HAS_GRAD_H:
+                    grad_t = p_t * (a * tl.maximum(u_t, FLOOR) + b) + c
+                else:
+                    grad_t = p_t * b + c
+                tl.store(G_ptr + target, grad_t.to(G_ptr.dtype.element_ty))
+
+
+def _lane_tile(x: torch.Tensor, block: int, num_warps: int) -> dict:
+    """The forward's lane tile: 16 bytes per lane where Triton can prove the rows' alignment (it
+    specialises on a pointer, stride or size being a multiple of 16), else one column per thread."""
+    aligned = x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 and x.shape[1] % 16 == 0
+    if aligned:
+        return {"TILE_C": min(block, 16 // x.element_size()), "LANE_AXIS": 1}
+    return {"TILE_C": min(block, 32 * num_warps), "LANE_AXIS": 0}
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -160,7 +212,8 @@ def entropy_logprobs_forward(x: torch.Tensor, targets: torch.Tensor | None, temp
     """x [N, V] any float dtype with unit column stride; targets [N] int64 or None.
 
     Returns float32 `(entropy [N], logprobs [N] | None, stats [N, 3])` of x / temperature, where
-    stats holds (max, logZ - max, E[x] - max) per row for the backward.
+    stats holds, in base 2 (y = x·log2 e / temperature), (max y, log2 Σ 2^(y - max), entropy in
+    bits) per row for the backward.
     """
     n_rows, n_cols = x.shape
     entropy = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -178,9 +231,11 @@ def entropy_logprobs_forward(x: torch.Tensor, targets: torch.Tensor | None, temp
             logprobs if logprobs is not None else entropy,
             stats,
             n_cols,
+            LOG2E / temperature,
             1.0 / temperature,
             HAS_TARGETS=targets is not None,
             BLOCK_V=block,
+            **_lane_tile(x, block, num_warps),
             num_warps=num_warps,
         )
     return entropy, logprobs, stats
@@ -213,6 +268,7 @@ def entropy_logprobs_backward(
             grad_entropy.reshape(-1).float().contiguous() if has_h else stats,
             grad_logprobs.reshape(-1).float().contiguous() if has_lp else stats,
             n_cols,
+            LOG2E / temperature,
             1.0 / temperature,
             HAS_GRAD_H=has_h,
             HAS_GRAD_LP=has_lp,

@@ -461,3 +461,43 @@ def test_saves_no_float32_copy(kernel_path, device):
         assert tensor.numel() <= 4 * rows, (tensor.dtype, tuple(tensor.shape))
     (entropy.sum() + logprobs.sum()).backward()
     assert logits.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("V, lane_axis", [(64, 1), (63, 0)])
+def test_both_lane_tiles(kernel_path, device, small_blocks, dtype, V, lane_axis):
+    """The forward tiles 16-byte-aligned rows by vector (a lane = consecutive logits) and other
+    rows by thread (a lane = a column); both must give the same answers, on every kind of row."""
+    logits, targets = make((6, V), dtype=dtype, device=device)
+    ramp = torch.linspace(-20, 20, V, device=device).to(dtype)
+    logits[1] += ramp  # the max moves in every block
+    logits[2] -= ramp  # the max is in the first block
+    logits[3, :16] = NEG_INF  # a masked first block
+    logits[4, ::5] = NEG_INF
+    logits[5] = logits[5] + 1e3
+    if kernel_path == "triton":
+        assert entropy_module._lane_tile(logits, 16, 1)["LANE_AXIS"] == lane_axis
+    want_h, want_lp = oracle(logits, targets, 0.9)
+    entropy, logprobs = entropy_logprobs(logits, targets, temperature=0.9)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert_close(entropy, want_h, rtol=tol, atol=tol)
+    assert_close(logprobs, want_lp, rtol=tol, atol=tol * 10)  # log p at |x| ~ 1e3
+    g1, g2 = torch.randn(6).to(device), torch.randn(6).to(device)
+    got = _grads(logits, targets, 0.9, g1, g2, "both", segppo_fn)
+    want = _grads(logits.double(), targets, 0.9, g1.double(), g2.double(), "both", oracle)
+    torch.testing.assert_close(got.double(), want, rtol=max(tol, 1e-2 * (dtype != torch.float32)), atol=tol)
+
+
+def test_lowest_float32_logits_are_not_masked(kernel_path, device, small_blocks):
+    """torch.finfo(float32).min is a common "banned" value; unlike -inf it is a real logit."""
+    lowest = torch.finfo(torch.float32).min
+    logits, targets = make((3, 40), device=device)
+    logits[0] = lowest  # every entry equal: the uniform distribution
+    logits[1, :30] = lowest  # banned entries next to real ones: probability 0
+    logits[2, 20:] = lowest
+    targets[0] = 3
+    entropy, logprobs = entropy_logprobs(logits, targets)
+    want_h, want_lp = oracle(logits, targets)
+    assert_close(entropy, want_h, rtol=1e-5, atol=ATOL[kernel_path])
+    assert_close(logprobs, want_lp, rtol=1e-5, atol=ATOL[kernel_path])
+    assert entropy[0].item() == pytest.approx(math.log(40), abs=1e-5)
