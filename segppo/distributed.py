@@ -201,7 +201,14 @@ def _error_record(log_dir: Path, rank: int) -> Path:
 
 
 def _spawned_worker(
-    local_rank: int, world_size: int, port: int, fn: Callable, args: tuple, log_dir: str, record_dir: str
+    local_rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable,
+    args: tuple,
+    log_dir: str,
+    record_dir: str,
+    quiet_libraries: bool,
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -211,6 +218,8 @@ def _spawned_worker(
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
     )
+    if quiet_libraries:  # as the launching process was (the CLI turns their bars off); rank 0 too
+        quiet_progress_bars()
     if not torch.cuda.is_available():
         # Ranks share the CPU: more threads than cores make every op wait on descheduled threads.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -228,6 +237,12 @@ def _spawned_worker(
         record["log"] = str(log)
         atomic_write_text(_error_record(Path(record_dir), local_rank), json.dumps(record))
         raise
+
+
+def _libraries_quiet() -> bool:
+    import transformers
+
+    return not transformers.utils.logging.is_progress_bar_enabled()
 
 
 def launch(fn: Callable, *args: Any, nproc: int = 1, log_dir: Path | None = None) -> None:
@@ -253,7 +268,7 @@ def launch(fn: Callable, *args: Any, nproc: int = 1, log_dir: Path | None = None
         try:
             context = torch.multiprocessing.start_processes(
                 _spawned_worker,
-                args=(nproc, _free_port(), fn, args, str(log_dir), record_dir),
+                args=(nproc, _free_port(), fn, args, str(log_dir), record_dir, _libraries_quiet()),
                 nprocs=nproc,
                 start_method="spawn",
                 join=False,

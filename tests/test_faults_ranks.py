@@ -267,3 +267,27 @@ def test_a_full_disk_is_one_error_line_in_the_cli(tiny_lm_dir, preferences_file,
     assert errors[0].startswith("error: not enough free space to save the training state in ")
     assert f"the previous state {out / 'state' / 'step-1'} is intact" in errors[0]
     assert latest_state(out / "state").name == "step-1"
+
+
+@pytest.mark.slow
+def test_two_ranks_from_the_cli_show_one_progress_bar_and_no_library_bars(
+    tiny_lm_dir, preferences_file, tmp_path
+):
+    # The command line turns the libraries' bars and load reports off; spawned ranks (rank 0 too)
+    # follow it, and only rank 0 draws segppo's own bar, as a one-process run does.
+    args = [sys.executable, "-m", "segppo.cli", "rm", "train", "--model", tiny_lm_dir]
+    args += ["--dataset", preferences_file, "--output", str(tmp_path / "run"), "--max-steps", "1"]
+    args += ["--batch-size", "16", "--micro-batch-size", "8", "--max-len", "64", "--max-prompt-len", "32"]
+    args += ["--zero-stage", "0", "--nproc", "2"]
+    result = run_with_timeout(args, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert len([line for line in lines if line.startswith("rm train ━")]) == 1, result.stderr
+    assert len([line for line in lines if line.startswith("done:")]) == 1, result.stderr
+    for library_output in (
+        "Loading weights",
+        "LOAD REPORT",
+        "Writing model shards",
+        "Generating train split",
+    ):
+        assert library_output not in result.stderr, result.stderr
