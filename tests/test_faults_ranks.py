@@ -291,3 +291,24 @@ def test_two_ranks_from_the_cli_show_one_progress_bar_and_no_library_bars(
         "Generating train split",
     ):
         assert library_output not in result.stderr, result.stderr
+
+
+def crash_on_rank_1(folder: str) -> None:
+    """A rank's body: rank 1 fails with an error that is not a user error (a bug, say)."""
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("an internal error on rank one")
+
+
+def test_an_internal_error_in_a_spawned_rank_is_one_cli_line_naming_the_rank(tmp_path, capsys):
+    import typer
+    from segppo.cli.options import run_or_exit
+
+    from segppo.distributed import launch
+
+    with pytest.raises(typer.Exit) as caught:
+        run_or_exit(lambda: launch(crash_on_rank_1, str(tmp_path), nproc=2, log_dir=tmp_path))
+    assert caught.value.exit_code == 1
+    err = capsys.readouterr().err
+    log = tmp_path / "rank1.error.log"
+    assert err == f"error: rank 1: RuntimeError: an internal error on rank one (traceback in {log})\n"
+    assert "Traceback" in log.read_text() and "crash_on_rank_1" in log.read_text()
