@@ -49,6 +49,44 @@ if HAS_TRITON:
     FLOOR = tl.constexpr(-1000.0)
 
     @triton.jit
+    def _fwd_block(X_ptr, cols, n_cols, scale, m, s, w, LANE_AXIS: tl.constexpr, MASKED: tl.constexpr):
+        """One block of the forward's per-lane online softmax (see the kernel): new (m, s, w)."""
+        if MASKED:
+            x = tl.load(X_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        else:
+            x = tl.load(X_ptr + cols).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=LANE_AXIS))
+        shift = tl.maximum((m - m_new) * scale, FLOOR)  # <= 0; 0 while nothing finite was seen
+        alpha = tl.exp2(shift)
+        yc = (x - tl.expand_dims(m_new, LANE_AXIS)) * scale
+        p = tl.exp2(yc)
+        # A NaN logit makes p NaN, and s carries it to both outputs: no separate NaN check.
+        w = alpha * (w + shift * s) + tl.sum(tl.maximum(yc, FLOOR) * p, axis=LANE_AXIS)
+        s = alpha * s + tl.sum(p, axis=LANE_AXIS)
+        return m_new, s, w
+
+    @triton.jit
+    def _bwd_block(
+        X_ptr, G_ptr, cols, n_cols, scale, m, log2_s, a, b, HAS_GRAD_H: tl.constexpr, MASKED: tl.constexpr
+    ):
+        """One block of the backward: G = p·(a·u + b) (see the kernel)."""
+        if MASKED:
+            x = tl.load(X_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        else:
+            x = tl.load(X_ptr + cols).to(tl.float32)
+        u = (x - m) * scale - log2_s
+        p = tl.exp2(u)
+        if HAS_GRAD_H:
+            # Masked entries: p = 0 and u = -inf; the floor keeps a·u finite, so 0·(a·u + b) = 0.
+            grad = p * (a * tl.maximum(u, FLOOR) + b)
+        else:
+            grad = p * b
+        if MASKED:
+            tl.store(G_ptr + cols, grad.to(G_ptr.dtype.element_ty), mask=cols < n_cols)
+        else:
+            tl.store(G_ptr + cols, grad.to(G_ptr.dtype.element_ty))
+
+    @triton.jit
     def _entropy_logprobs_fwd_kernel(
         X_ptr,
         X_stride,
@@ -88,18 +126,13 @@ if HAS_TRITON:
         # Σ (x - m)·scale·2^((x - m)·scale): centred on the running max so that log2 s - w/s never
         # subtracts two numbers of the size of the logits (log Z - E[x] would cancel at |x| ~ 1e3).
         w = tl.zeros_like(m)
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + offs
-            x = tl.load(X_ptr + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=LANE_AXIS))
-            shift = tl.maximum((m - m_new) * scale, FLOOR)  # <= 0; 0 while nothing finite was seen
-            alpha = tl.exp2(shift)
-            yc = (x - tl.expand_dims(m_new, LANE_AXIS)) * scale
-            p = tl.exp2(yc)
-            # A NaN logit makes p NaN, and s carries it to both outputs: no separate NaN check.
-            w = alpha * (w + shift * s) + tl.sum(tl.maximum(yc, FLOOR) * p, axis=LANE_AXIS)
-            s = alpha * s + tl.sum(p, axis=LANE_AXIS)
-            m = m_new
+        # Full blocks without a mask (a per-entry bound check costs a compare and a predicate
+        # register per entry where loads are not vectors); the partial last block with one.
+        n_full = n_cols - n_cols % BLOCK_V
+        for start in range(0, n_full, BLOCK_V):
+            m, s, w = _fwd_block(X_ptr, start + offs, n_cols, scale, m, s, w, LANE_AXIS, False)
+        if n_full < n_cols:
+            m, s, w = _fwd_block(X_ptr, n_full + offs, n_cols, scale, m, s, w, LANE_AXIS, True)
 
         # Merge the lanes on the row max. A lane that saw only -inf has m = NEG_BIG and s = 0.
         m_row = tl.max(m, axis=0)
@@ -165,18 +198,11 @@ if HAS_TRITON:
         if HAS_GRAD_LP:
             c = tl.load(GLP_ptr + row) * inv_temp
             b -= c
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + offs
-            in_row = cols < n_cols
-            x = tl.load(X_ptr + cols, mask=in_row, other=-float("inf")).to(tl.float32)
-            u = (x - m) * scale - log2_s
-            p = tl.exp2(u)
-            if HAS_GRAD_H:
-                # Masked entries: p = 0 and u = -inf; the floor keeps a·u finite, so 0·(a·u + b) = 0.
-                grad = p * (a * tl.maximum(u, FLOOR) + b)
-            else:
-                grad = p * b
-            tl.store(G_ptr + cols, grad.to(G_ptr.dtype.element_ty), mask=in_row)
+        n_full = n_cols - n_cols % BLOCK_V  # full blocks unmasked, as in the forward
+        for start in range(0, n_full, BLOCK_V):
+            _bwd_block(X_ptr, G_ptr, start + offs, n_cols, scale, m, log2_s, a, b, HAS_GRAD_H, False)
+        if n_full < n_cols:
+            _bwd_block(X_ptr, G_ptr, n_full + offs, n_cols, scale, m, log2_s, a, b, HAS_GRAD_H, True)
         if HAS_GRAD_LP:
             target = tl.load(T_ptr + row)
             if (target >= 0) & (target < n_cols):
