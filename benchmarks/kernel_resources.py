@@ -24,7 +24,7 @@ per warp in units of 256, from 64K per SM; at most 2048 threads and 32 CTAs per 
 per SM is 164 KiB (sm_80) or 228 KiB (sm_90), with 1 KiB reserved per CTA.
 
     python benchmarks/kernel_resources.py                  # table for sm_80 and sm_90
-    python benchmarks/kernel_resources.py --arch 90 --markdown
+    python benchmarks/kernel_resources.py --arch 90 --merge     # equal vocabularies on one row
     python benchmarks/kernel_resources.py --no-sass --json out.json   # compile check only (CI)
 
 Exits 1 if a variant fails to compile or spills. tests/test_kernel_compile.py runs it.
@@ -286,6 +286,21 @@ def problems(results: list[dict]) -> list[str]:
     return bad
 
 
+def merge_vocabularies(results: list[dict]) -> list[dict]:
+    """One row per variant that differs only in V and compiled to the same figures (V = 32000,
+    128256 and 152064 share a specialisation: all multiples of 16), the V's joined by '/'."""
+    merged: dict[tuple, tuple[dict, list[str]]] = {}
+    for r in results:
+        vocab = re.search(r" V=(\d+)", r["variant"])
+        figures = tuple(sorted((k, str(v)) for k, v in r.items() if k not in ("variant", "kernel_sass")))
+        key = (re.sub(r" V=\d+", " V=*", r["variant"]), figures)
+        merged.setdefault(key, (r, []))[1].append(vocab.group(1) if vocab else "")
+    return [
+        dict(r, variant=template.replace("V=*", "V=" + "/".join(vocabs)))
+        for (template, _), (r, vocabs) in merged.items()
+    ]
+
+
 def markdown(results: list[dict]) -> str:
     head = (
         "| arch | variant | warps | BLOCK | regs | spill B | smem B | CTAs/SM | elem/thr/iter "
@@ -317,16 +332,21 @@ def main(argv=None) -> int:
     parser.add_argument("--only", help="only variants whose tag contains this text")
     parser.add_argument("--no-sass", action="store_true", help="skip the disassembly (compile check only)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--load", type=Path, help="print the rows a --json run wrote, compiling nothing")
+    parser.add_argument("--merge", action="store_true", help="one row for vocabularies with equal figures")
     args = parser.parse_args(argv)
     if not (NVIDIA_BIN / "ptxas").exists():
         print(f"ptxas not found under {NVIDIA_BIN}", file=sys.stderr)
         return 2
-    results = [r for arch in args.arch for r in measure(arch, not args.no_sass, args.only)]
+    if args.load:
+        results = [r for r in json.loads(args.load.read_text()) if r["arch"] in args.arch]
+        results = [r for r in results if not args.only or args.only in r["variant"]]
+    else:
+        results = [r for arch in args.arch for r in measure(arch, not args.no_sass, args.only)]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(f"triton {triton.__version__}, torch {torch.__version__}, {len(results)} variants")
-    print(markdown(results))
+    print(markdown(merge_vocabularies(results) if args.merge else results))
     bad = problems(results)
     for line in bad:
         print("FAIL", line, file=sys.stderr)
