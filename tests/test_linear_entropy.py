@@ -323,3 +323,28 @@ def test_other_heads_keep_the_logits_path(which):
         wrong, _ = linear_entropy_logprobs(hidden.reshape(-1, 32), model.get_output_embeddings().weight)
         right = segments.head_entropy_logprobs(model, *args[:3], 3)[0]
         assert not torch.allclose(wrong, right.reshape(-1), atol=1e-3)
+
+
+def test_lora_actor_and_its_disabled_adapters_use_the_fused_head():
+    """A LoRA-wrapped policy (peft leaves the LM head plain) and the reference it gives with the
+    adapters switched off both take the fused head and match the logits path."""
+    pytest.importorskip("peft")
+    from segppo import segments
+    from segppo.models.lora import adapters_disabled, apply_lora
+
+    model = apply_lora(tiny_model("llama"), 4, 8.0)
+    with torch.no_grad():  # non-zero adapters, so that switching them off changes the outputs
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5, generator=torch.Generator().manual_seed(4))
+    assert segments.plain_linear_head(model) is not None
+    batch = tiny_batch(384)
+    args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
+    actor = segments.logprobs_and_entropy(model, *args, temperature=0.7)
+    for g, w in zip(actor, unfused_logprobs_and_entropy(model, batch, 0.7), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with adapters_disabled(model):
+        reference = segments.logprobs_and_entropy(model, *args, temperature=0.7)
+        for g, w in zip(reference, unfused_logprobs_and_entropy(model, batch, 0.7), strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(actor[0], reference[0], atol=1e-3)
