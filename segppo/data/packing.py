@@ -158,14 +158,11 @@ def pack_responses(
     responses: Sequence[Sequence[int]],
     has_eos: Sequence[bool],
     pad_token_id: int,
-    max_tokens: int,
+    max_tokens: int | None = None,
 ) -> PackedBatch:
     """Pack (prompt, response) sequences into rows of at most `max_tokens` tokens (or the longest
-    sequence, if longer).
-
-    The trainers pass their `max_len`, the widest row a padded batch of the run may have: a packed
-    micro-batch then has at most as many rows, none wider, so its memory (the `R·W²` block mask
-    included) stays within what the padded path needs at its worst."""
+    sequence, if longer); by default the padded layout's width (longest prompt + longest response),
+    so a packed batch has no more rows than the padded one and none wider (`row_tokens`)."""
     if not (len(prompts) == len(responses) == len(has_eos)) or not prompts:
         raise ValueError(
             f"need as many prompts, responses and has_eos, at least one: "
@@ -175,6 +172,8 @@ def pack_responses(
         raise ValueError(
             "packing needs a non-empty prompt for every sequence (its last token scores response token 0)"
         )
+    if max_tokens is None:
+        max_tokens = max(map(len, prompts)) + max(map(len, responses))
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
@@ -207,7 +206,9 @@ def pack_responses(
     )
 
 
-def pack_response_batch(batch: ResponseBatch, pad_token_id: int, max_tokens: int) -> PackedBatch:
+def pack_response_batch(
+    batch: ResponseBatch, pad_token_id: int, max_tokens: int | None = None
+) -> PackedBatch:
     """The packed form of a padded `ResponseBatch` (same sequences, same `[B, T]` response layout)."""
     prompt_len = batch.prompt_len
     lengths = batch.response_mask.sum(-1).tolist()
@@ -217,7 +218,7 @@ def pack_response_batch(batch: ResponseBatch, pad_token_id: int, max_tokens: int
 
 
 def pack_preferences(
-    pairs: Sequence[EncodedPair], pad_token_id: int, max_tokens: int
+    pairs: Sequence[EncodedPair], pad_token_id: int, max_tokens: int | None = None
 ) -> PackedPreferenceBatch:
     """B pairs -> 2B packed sequences (chosen first, then rejected) with a [B] margin, like
     `collate_preferences`."""
@@ -244,6 +245,18 @@ def packing_mode(model) -> str:
     module = getattr(model, "module", model)  # unwrap a DeepSpeed engine
     implementation = getattr(module.config, "_attn_implementation", None) or ""
     return "position_ids" if "flash" in implementation else "mask"
+
+
+def row_tokens(model, max_len: int) -> int | None:
+    """How many tokens the trainers pack into one row for `model`.
+
+    Under flash attention (varlen) attention costs per sequence, so a row may hold up to `max_len`
+    tokens, the whole micro-batch if it fits. Under the block mask it costs `R·W²` however few
+    of the pairs attend, so rows stay at the padded layout's width (None): never more rows, none
+    wider, fewer padding tokens. (Measured on CPU: rows of 2048 tokens made RM training slower
+    than padding; benchmarks/RESULTS.md, "Packing".)
+    """
+    return max_len if packing_mode(model) == "position_ids" else None
 
 
 def _forward(model, packed: PackedBatch, mode: str | None):

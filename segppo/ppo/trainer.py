@@ -29,7 +29,12 @@ from pathlib import Path
 import torch
 
 from segppo.config import PPOConfig
-from segppo.data.packing import pack_response_batch, packed_critic_values, packed_logprobs_and_entropy
+from segppo.data.packing import (
+    pack_response_batch,
+    packed_critic_values,
+    packed_logprobs_and_entropy,
+    row_tokens,
+)
 from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -276,10 +281,10 @@ class PPOTrainer:
         mask = batch.response_mask
         cfg = self.cfg
         packed = None
-        if cfg.packing:  # rows of at most the longest sequence the run can have
-            packed = pack_response_batch(
-                batch, self.tokenizer.pad_token_id, cfg.max_prompt_len + cfg.max_new_tokens
-            ).to(mask.device)
+        if cfg.packing:
+            max_len = cfg.max_prompt_len + cfg.max_new_tokens
+            row = row_tokens(self.models.actor, max_len)
+            packed = pack_response_batch(batch, self.tokenizer.pad_token_id, row).to(mask.device)
         # At the sampling temperature, as `score` computed the old log-probs.
         if packed is None:
             args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)

@@ -33,7 +33,7 @@ from segppo.data import (
     load_splits,
     split_train_eval,
 )
-from segppo.data.packing import pack_preferences, packed_scores
+from segppo.data.packing import pack_preferences, packed_scores, row_tokens
 from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -193,16 +193,17 @@ def score_pairs(
     segmentation: Segmentation,
     pad_token_id: int,
     device: torch.device,
-    packing_tokens: int | None = None,
+    packing_max_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores of the chosen and of the rejected responses `[B]`, and the pairs' margins `[B]`.
 
-    Padded (`collate_preferences`), or with `packing_tokens` packed (`pack_preferences`: the 2B
-    sequences laid end to end in rows of at most that many tokens, kept apart by the attention
+    Padded (`collate_preferences`), or with `packing_max_len` packed (`pack_preferences`: the 2B
+    sequences laid end to end in rows, `row_tokens` long at most, kept apart by the attention
     mask): the same numbers, with fewer padding tokens packed.
     """
-    if packing_tokens is not None:
-        batch = pack_preferences(pairs, pad_token_id, packing_tokens).to(device)
+    if packing_max_len is not None:
+        batch = pack_preferences(pairs, pad_token_id, row_tokens(reward_model, packing_max_len))
+        batch = batch.to(device)
         scores = packed_scores(reward_model, segmenter, batch, segmentation)
     else:
         batch = collate_preferences(pairs, pad_token_id).to(device)
@@ -352,7 +353,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
                     segmentation,
                     tokenizer.pad_token_id,
                     info.device,
-                    packing_tokens=cfg.max_len if cfg.packing else None,
+                    packing_max_len=cfg.max_len if cfg.packing else None,
                 )
                 n = len(pairs)
                 loss = bradley_terry_loss(chosen, rejected, margin if cfg.margin else None)
