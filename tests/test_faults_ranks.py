@@ -111,30 +111,60 @@ def _policy_that_is_nan_when_padded(tiny_lm_dir: str, folder: Path) -> str:
     return str(folder)
 
 
-def _prompts(path: Path, rank1_step2_long: bool) -> str:
-    """Eight prompts (two steps), all SHORT but, if asked, one of rank 1's in step 2."""
-    order = torch.randperm(8, generator=torch.Generator().manual_seed(NAN_LOSS_RUN["seed"])).tolist()
-    # step 2 takes order[4:8]; its micro-rollouts 1 and 3 (order[5], order[7]) run on rank 1
-    rows = [{"prompt": LONG if rank1_step2_long and i == order[7] else SHORT} for i in range(8)]
+def _prompts(path: Path, run: dict, long_row: int | None) -> str:
+    """Two steps of SHORT prompts; with `long_row`, rank 1's pool row `long_row` of step 2 is LONG."""
+    n = 2 * run["rollout_batch_size"]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(run["seed"])).tolist()
+    # Step 2 takes order[n/2:]; one prompt per micro-rollout, micro-rollout j on rank j mod 2, so rank
+    # 1's pool (in micro-rollout order) holds order[n/2 + 1], order[n/2 + 3], ...
+    long_prompt = order[n // 2 + 1 + 2 * long_row] if long_row is not None else None
+    rows = [{"prompt": LONG if i == long_prompt else SHORT} for i in range(n)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
 
 
+def _second_update_row(run: dict) -> int:
+    """A row of rank 1's pool that step 2's second update (of two) trains on (the trainer's order)."""
+    from segppo.generation import seed_for
+
+    seed = seed_for(run["seed"], 1, 0, 1)  # (run seed, step 2 counted from 0, epoch 0, rank 1)
+    return torch.randperm(4, generator=torch.Generator().manual_seed(seed)).tolist()[2]
+
+
+# Step 2's first update of rank 1 pads (rows of 2 prompts of different lengths): nothing of the step
+# was applied, so the state after step 1 is saved. With two updates a step and the LONG prompt in
+# the second one, the first update has run: nothing is saved, the regular save of step 1 is resumed.
+STOPS = {
+    "before_any_update": (
+        NAN_LOSS_RUN,
+        "the last good state (after step 1) is saved in {state} "
+        "(resume with --resume after fixing the cause)",
+    ),
+    "after_an_update": (
+        {**NAN_LOSS_RUN, "rollout_batch_size": 8, "save_every": 1},
+        "updates of this step had run, so no state was saved; after fixing the cause, --resume continues "
+        "from {state}/step-1",
+    ),
+}
+
+
 @pytest.mark.slow
-def test_a_nan_loss_on_one_rank_stops_both_and_resume_continues(tiny_lm_dir, reward_model, tmp_path):
+@pytest.mark.parametrize("moment", list(STOPS))
+def test_a_nan_loss_on_one_rank_stops_both_and_resume_continues(tiny_lm_dir, reward_model, tmp_path, moment):
     """Only rank 1's training micro-batch of step 2 pads, so only rank 1's loss is NaN, after both
     ranks finished the rollout. The loss check is collective and comes before any backward of the
-    update: both ranks save the state after step 1 as `step-1` and exit with the same error; the
-    resume (with prompts that do not pad) ends as a run that never broke."""
+    update: both ranks exit with the same error, and the state on disk is one a resume can trust;
+    the resume (with prompts that do not pad) ends as a run that never broke."""
     from segppo.config import PPOConfig
     from segppo.ppo.trainer import train_ppo
 
+    run, saved = STOPS[moment]
+    long_row = 0 if moment == "before_any_update" else _second_update_row(run)
     policy = _policy_that_is_nan_when_padded(tiny_lm_dir, tmp_path / "policy")
-    broken_prompts = _prompts(tmp_path / "broken.jsonl", rank1_step2_long=True)
-    good_prompts = _prompts(tmp_path / "good.jsonl", rank1_step2_long=False)
+    broken_prompts = _prompts(tmp_path / "broken.jsonl", run, long_row)
+    good_prompts = _prompts(tmp_path / "good.jsonl", run, None)
     out = tmp_path / "broken"
-    values = dict(policy=policy, reward_model=reward_model, prompts=broken_prompts, output=str(out))
-    values.update(NAN_LOSS_RUN)
+    values = dict(policy=policy, reward_model=reward_model, prompts=broken_prompts, output=str(out), **run)
 
     result = run_with_timeout(_cli_args(values), timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
@@ -142,11 +172,8 @@ def test_a_nan_loss_on_one_rank_stops_both_and_resume_continues(tiny_lm_dir, rew
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr[-3000:]  # one line, naming the rank that reported first
     state = out / "state"
-    expected = (
-        f"step 2: the policy loss is not finite; the last good state (after step 1) is saved in {state} "
-        "(resume with --resume after fixing the cause)"
-    )
-    assert lines[0].startswith("error: rank ") and expected in lines[0]
+    expected = f"step 2: the policy loss is not finite; {saved.format(state=state)}"
+    assert lines[0].startswith("error: rank ") and expected in lines[0], lines[0]
     for rank in (0, 1):  # both ranks raised it themselves (neither was stopped by the other's failure)
         log = (out / f"rank{rank}.error.log").read_text()
         assert f"NonFiniteError: {expected}" in log, log[-2000:]

@@ -39,6 +39,7 @@ from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
     check_run_folder,
+    latest_state,
     launch,
     rank_group,
     set_seed,
@@ -398,9 +399,15 @@ class PPOTrainer:
         state = self.cfg.output_dir / "state"
         if not updated:
             checkpoint.save_state(self.cfg, self.models, self.kl_ctl, step)
-            saved = f"the last good state (after step {step}) is saved in {state}"
+            saved = (
+                f"the last good state (after step {step}) is saved in {state} "
+                "(resume with --resume after fixing the cause)"
+            )
+        elif (latest := latest_state(state)) is not None:
+            saved = (
+                "updates of this step had run, so no state was saved; after fixing the cause, "
+                f"--resume continues from {latest}"
+            )
         else:
-            saved = f"updates of this step had run, no state was saved; --resume uses the latest in {state}"
-        raise NonFiniteError(
-            f"step {step + 1}: {what} is not finite; {saved} (resume with --resume after fixing the cause)"
-        )
+            saved = "updates of this step had run and no earlier state was saved: there is nothing to resume"
+        raise NonFiniteError(f"step {step + 1}: {what} is not finite; {saved}")
