@@ -270,6 +270,10 @@ def test_rm_lora_resume_matches_an_uninterrupted_run_and_exports_the_adapter(
     state_file = _state_file(broken.output_dir, "reward_model", 4)
     trained = _trained_lora(AutoModelForTokenClassification, tiny_lm_dir, state_file, num_labels=1)
     torch.testing.assert_close(_values(reloaded), _values(trained), rtol=1e-5, atol=1e-6)
+    from segppo.models import load_reward_model
+
+    with pytest.raises(FileNotFoundError, match="a LoRA adapter alone"):
+        load_reward_model(folder)  # PPO and eval need a whole model: a clear error, not a missing file
 
 
 @pytest.fixture(scope="module")
@@ -365,3 +369,28 @@ def test_ppo_lora_resume_matches_an_uninterrupted_run(tiny_lm_dir, ppo_inputs, t
     b = load_file(broken.output_dir / "policy" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_ppo_with_lora_under_zero3_equals_zero2(tiny_lm_dir, ppo_inputs, tmp_path):
+    """LoRA on partitioned models: adapters added to a model built under ZeRO-3, the reference its
+    base with the adapters off, the merged export gathered from the partitions."""
+    from segppo.ppo.trainer import train_ppo
+    from segppo.tracking import read_metrics
+
+    plain = _ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "plain", zero_stage=2, **LORA)
+    partitioned = dataclasses.replace(plain, output=str(tmp_path / "partitioned"), zero_stage=3)
+    train_ppo(plain)
+    train_ppo(partitioned)
+    want, got = (
+        read_metrics(plain.output_dir, split="train"),
+        read_metrics(partitioned.output_dir, split="train"),
+    )
+    assert got[0]["kl"] == 0.0 and got[1]["kl"] != 0.0
+    for w, g in zip(want, got, strict=True):
+        for key in ("reward", "kl", "policy_loss", "value_loss"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (w["step"], key)
+    a = load_file(plain.output_dir / "policy" / "model.safetensors")
+    b = load_file(partitioned.output_dir / "policy" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)

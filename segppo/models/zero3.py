@@ -6,10 +6,10 @@ With `HfDeepSpeedConfig` alive (transformers keeps only a weak reference to it, 
 hold it: `partitioned_loading`), transformers' `from_pretrained` constructs the model under
 `deepspeed.zero.Init`, every parameter partitioned as it is created; but it has every rank read the
 whole checkpoint, so each rank's peak host memory is no lower than a full load (measured 1.56-1.9x of
-it on 2 CPU ranks). `from_pretrained_partitioned` builds the model the same way and then copies the
-checkpoint in on rank 0 only, one tensor at a time (gathered, filled, re-partitioned): measured
-0.60-0.63x of a full load for a 31 MiB model on 2 ranks, where 0.5x is the floor. `deepspeed.initialize`
-then finds the parameters already partitioned.
+it on 2 CPU ranks). `from_pretrained_partitioned` builds the model the same way and then has
+each rank read only its own slice of each weight straight into its partition: no rank gathers a
+weight or reads more than 1/N of the checkpoint (a multi-node run needs the checkpoint on a
+filesystem every node sees). `deepspeed.initialize` then finds the parameters already partitioned.
 
 The config must stay registered for as long as the models are used, not only while they load:
 transformers asks `is_deepspeed_zero3_enabled()` again later (e.g. `generate` then keeps all ranks
@@ -129,16 +129,15 @@ def from_pretrained_partitioned(
     missing_ok: tuple[str, ...] = (),
     trust_remote_code: bool = False,
 ) -> torch.nn.Module:
-    """`model_class.from_pretrained(folder)` built partitioned, with the checkpoint read on rank 0
-    only, one tensor at a time: no rank ever holds more than its partitions plus one gathered
-    weight. (transformers' own ZeRO-3 path has every rank read the whole checkpoint, so a rank
-    peaks at a full copy again; see tests/test_zero3_loading.py.)
+    """`model_class.from_pretrained(folder)` built partitioned, each rank reading only its slices
+    of the checkpoint into its partitions (`_fill_partition`): no rank holds more than its
+    partitions plus the one weight zero.Init creates whole before partitioning it. (transformers'
+    own ZeRO-3 path has every rank read the whole checkpoint, so a rank peaks at a full copy again;
+    see tests/test_zero3_loading.py.)
 
     `missing_ok` names weights the checkpoint may lack (a new reward head), left as initialised.
     Call inside `partitioned_loading` with the process group up.
     """
-    import deepspeed
-    import torch.distributed as dist
     from transformers import AutoConfig
 
     if zero_stage(ds_config) != 3:
@@ -158,20 +157,10 @@ def from_pretrained_partitioned(
     ]
     if absent:
         raise ValueError(f"{folder}: the checkpoint lacks {absent[:8]}")
-    main = dist.get_rank() == 0
-    headers = {path: _safetensors_header(path) for path in set(files.values())} if main else {}
+    headers = {path: _safetensors_header(path) for path in set(files.values())}
     for name, param in model.named_parameters():
-        if name not in files:
-            continue
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if main:
-                tensor = _read_tensor(files[name], headers[files[name]], name)
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"{folder}: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-                    )
-                with torch.no_grad():
-                    param.copy_(tensor)
+        if name in files:
+            _fill_partition(param, files[name], headers[files[name]], name, folder)
     return model
 
 
@@ -195,24 +184,47 @@ def _safetensors_header(path: Path) -> tuple[int, dict]:
         return 8 + size, json.loads(f.read(size))
 
 
-def _read_tensor(path: Path, header: tuple[int, dict], name: str) -> torch.Tensor:
-    """One tensor read into its own buffer. (A memory map, as `safe_open` uses, would leave the
-    whole file's pages resident in this process once every tensor was read.)"""
+def _fill_partition(param, path: Path, header: tuple[int, dict], name: str, folder: Path) -> None:
+    """Read this rank's slice of checkpoint tensor `name` into its ZeRO-3 partition (`ds_tensor`:
+    elements `[rank · size, (rank + 1) · size)` of the flattened weight, the last one padded), in
+    place when the dtypes agree. No rank gathers the weight or reads more than its own slice."""
+    import torch.distributed as dist
+
     base, entries = header
     entry = entries[name]
-    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-    if dtype is None:
+    if tuple(entry["shape"]) != tuple(param.ds_shape):
+        raise ValueError(
+            f"{folder}: {name} has shape {tuple(entry['shape'])}, expected {tuple(param.ds_shape)}"
+        )
+    file_dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+    if file_dtype is None:
         raise ValueError(f"{path}: {name} has dtype {entry['dtype']}, which ZeRO-3 loading does not read")
-    start, end = entry["data_offsets"]
-    buffer = bytearray(end - start)
+    part = param.ds_tensor.data.view(-1)
+    size = part.numel()
+    start = size * dist.get_rank(group=getattr(param, "ds_process_group", None))
+    count = max(0, min(size, param.ds_numel - start))
+    if not count:
+        return
+    itemsize = torch.empty(0, dtype=file_dtype).element_size()
     with open(path, "rb", buffering=0) as f:
-        f.seek(base + start)
-        f.readinto(buffer)
-    return (
-        torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
-        if buffer
-        else torch.empty(entry["shape"], dtype=dtype)
-    )
+        f.seek(base + entry["data_offsets"][0] + start * itemsize)
+        if file_dtype == part.dtype and part.device.type == "cpu":
+            _read_exactly(f, memoryview(part[:count].view(torch.uint8).numpy()))
+            return
+        buffer = bytearray(count * itemsize)
+        _read_exactly(f, memoryview(buffer))
+    with torch.no_grad():
+        part[:count].copy_(torch.frombuffer(buffer, dtype=file_dtype))
+
+
+def _read_exactly(f, view: memoryview) -> None:
+    """Fill `view` from `f`: one read returns at most ~2 GiB on Linux, less than a large weight."""
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise ValueError(f"{f.name}: the file ends inside a tensor")
+        done += got
 
 
 def _return_freed_host_memory() -> None:
