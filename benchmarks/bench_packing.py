@@ -1,13 +1,18 @@
-"""Reward-model forward, packed vs padded, on a length distribution like the shared preference rows.
+"""Reward-model forward and training step, packed vs padded, on lengths like the shared preference rows.
 
 Each micro-batch is 8 pairs (16 sequences) with lengths drawn from the log-normal fit in
-`tests/test_packing.py` (scaled by SEGPPO_BENCH_SCALE, default 4, towards real preference data:
-prompts ~64 tokens, responses ~33 at the median, long right tail). Variants:
+`tests/test_packing.py` (the shared rows' statistics: prompts ~16 tokens, responses ~8 at the
+median; scaled by SEGPPO_BENCH_SCALE, default 4, towards real preference data: ~64 and ~33, long
+right tail). Variants:
   padded   `collate_responses` + `reward_values` (left-padded prompts, right-padded responses);
-  packed   `pack_responses` (rows of at most the padded width) + `packed_reward_values` with the
-           4D block mask (the CPU path);
+  packed   rows of at most the padded width (what `--packing` does under the block mask,
+           `row_tokens`) + `packed_reward_values` with the 4D block mask (the CPU path);
   packed-position_ids  the same rows with position_ids only (transformers builds the mask; the
-           flash-attention varlen path on GPU).
+           flash-attention varlen path on GPU);
+  packed-max_len  rows of up to MAX_LEN tokens (what `--packing` does under flash attention),
+           here with the block mask, to show why the mask path does not use them.
+`test_rm_train_step` is what `rm train` does per micro-batch: `score_pairs` (padded, or packed as
+with `--packing`), the Bradley-Terry loss, backward and an AdamW step.
 extra_info has real tokens, padding tokens and real tokens/s per micro-batch set.
 
     python -m pytest benchmarks/bench_packing.py -q --benchmark-min-rounds=3
@@ -21,15 +26,27 @@ import pytest
 import torch
 from transformers import AutoModelForTokenClassification
 
+from segppo.data.chat import EncodedPair
 from segppo.data.collate import collate_responses
-from segppo.data.packing import pack_responses, packed_reward_values, padded_tokens
+from segppo.data.packing import (
+    pack_preferences,
+    pack_responses,
+    packed_reward_values,
+    packed_scores,
+    padded_tokens,
+    row_tokens,
+)
 from segppo.models.reward_model import reward_values
+from segppo.rm.loss import bradley_terry_loss
+from segppo.rm.trainer import score_pairs
+from segppo.segments import Segmentation
 from tests.test_packing import preference_like_lengths
 from tests.tiny import tiny_config
 
 SCALE = float(os.environ.get("SEGPPO_BENCH_SCALE", 4))
 STEPS = 8
 SEQUENCES = 16
+MAX_LEN = int(os.environ.get("SEGPPO_BENCH_MAX_LEN", 2048))  # rm train's default --max-len
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +69,7 @@ def micro_batches():
     return batches
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed", "packed-position_ids"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed-position_ids", "packed-max_len"])
 def test_rm_forward(benchmark, reward_model, micro_batches, layout):
     benchmark.group = f"rm forward packed vs padded, scale {SCALE:g}"
     real = sum(sum(p) + sum(r) for p, r, _, _ in micro_batches)
@@ -68,8 +85,8 @@ def test_rm_forward(benchmark, reward_model, micro_batches, layout):
     else:
         mode = "position_ids" if layout.endswith("position_ids") else "mask"
         inputs = [
-            pack_responses(pr, rs, [True] * SEQUENCES, 0, max_tokens=max(p) + max(r))
-            for p, r, pr, rs in micro_batches
+            pack_responses(pr, rs, [True] * SEQUENCES, 0, max_tokens=MAX_LEN if "max_len" in layout else None)
+            for _, _, pr, rs in micro_batches
         ]
         padding = sum(b.padding_tokens for b in inputs)
 
@@ -86,5 +103,67 @@ def test_rm_forward(benchmark, reward_model, micro_batches, layout):
     )
     print(
         f"\n{layout}: {real} real tokens, {padding} padding, "
+        f"{benchmark.extra_info['tokens_per_s']:.0f} tokens/s"
+    )
+
+
+@pytest.fixture(scope="module")
+def pair_batches(micro_batches):
+    """The same 16 sequences per micro-batch as 8 pairs: prompt i with responses i and i + 8."""
+    half = SEQUENCES // 2
+    return [
+        [EncodedPair(prompts[i], responses[i], True, responses[i + half], True) for i in range(half)]
+        for _, _, prompts, responses in micro_batches
+    ]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed-max_len"])
+def test_rm_train_step(benchmark, pair_batches, layout):
+    benchmark.group = f"rm train step packed vs padded, scale {SCALE:g}"
+    torch.manual_seed(0)
+    config = tiny_config(
+        "llama", num_labels=1, classifier_dropout=0.0, hidden_size=64, max_position_embeddings=2048
+    )
+    model = AutoModelForTokenClassification.from_config(config, attn_implementation="sdpa").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    segmentation = Segmentation.resolve("token", 0.0)  # no segmenter: the RM's own cost
+    real = sum(
+        len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for b in pair_batches for p in b
+    )
+    row = MAX_LEN if layout == "packed-max_len" else row_tokens(model, MAX_LEN)
+    if layout == "padded":
+        padding = sum(
+            padded_tokens(
+                [len(p.prompt_ids) for p in b] * 2,
+                [len(p.chosen_ids) for p in b] + [len(p.rejected_ids) for p in b],
+            )
+            for b in pair_batches
+        )
+    else:
+        padding = sum(pack_preferences(b, 0, row).padding_tokens for b in pair_batches)
+
+    def run():
+        for pairs in pair_batches:
+            if layout == "packed-max_len":
+                scores = packed_scores(model, None, pack_preferences(pairs, 0, MAX_LEN), segmentation)
+                chosen, rejected = scores.chunk(2)
+            else:  # exactly what rm train runs, with or without --packing
+                packing_max_len = MAX_LEN if layout == "packed" else None
+                cpu = torch.device("cpu")
+                chosen, rejected, _ = score_pairs(
+                    model, None, pairs, segmentation, 0, cpu, packing_max_len=packing_max_len
+                )
+            bradley_terry_loss(chosen, rejected).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(
+        real_tokens=real,
+        padding_tokens=padding,
+        tokens_per_s=real / benchmark.stats.stats.median,
+    )
+    print(
+        f"\ntrain step {layout}: {real} real tokens, {padding} padding, "
         f"{benchmark.extra_info['tokens_per_s']:.0f} tokens/s"
     )
