@@ -88,7 +88,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.T
 LOG_RATIO_LIMIT = 20.0
 
 
-
 def loss_denominator(response_lengths: list[int], agg: str) -> float:
     """What one optimizer step's loss is averaged over: its tokens (token-mean) or sequences (seq-mean).
 
