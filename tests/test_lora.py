@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, GenerationConfig
 
 from segppo.models.reward_model import init_scalar_head, reward_values, scalar_head
-from tests.tiny import tiny_config, tiny_rm_config
+from tests.tiny import tiny_config, tiny_ppo_config, tiny_rm_config
 
 peft = pytest.importorskip("peft")  # the `lora` extra (also in `dev`)
 from segppo.models.lora import adapters_disabled, apply_lora, export_lora  # noqa: E402
@@ -292,41 +292,13 @@ def ppo_inputs(tiny_lm_dir, preferences_file, tmp_path_factory):
     return str(root / "rm"), str(prompts)
 
 
-def _ppo_config(policy, ppo_inputs, output, **overrides):
-    from segppo.config import PPOConfig
-
-    reward_model, prompts = ppo_inputs
-    values = dict(
-        policy=policy,
-        reward_model=reward_model,
-        prompts=prompts,
-        output=str(output),
-        rollout_batch_size=16,
-        micro_rollout_batch_size=8,
-        train_batch_size=16,
-        micro_train_batch_size=8,
-        max_new_tokens=8,
-        max_prompt_len=32,
-        actor_lr=1e-2,
-        critic_lr=1e-2,
-        critic_init="rm",
-        ppo_epochs=1,
-        zero_stage=0,
-        warmup_ratio=0.0,
-        max_steps=2,
-        num_logged_samples=0,
-        seed=0,
-    )
-    return PPOConfig(**{**values, **overrides})
-
-
 def test_ppo_with_lora_uses_the_base_as_reference_and_exports_the_actor_merged(
     tiny_lm_dir, ppo_inputs, tmp_path
 ):
     from segppo.ppo.trainer import train_ppo
     from segppo.tracking import read_metrics
 
-    cfg = _ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "run", **LORA)
+    cfg = tiny_ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "run", **LORA)
     train_ppo(cfg)
     rows = read_metrics(cfg.output_dir, split="train")
     # The actor starts as its base (B = 0), so the first rollout's KL to the reference is exactly 0;
@@ -349,9 +321,9 @@ def test_ppo_lora_resume_matches_an_uninterrupted_run(tiny_lm_dir, ppo_inputs, t
     from segppo.tracking import read_metrics
 
     base = dict(max_steps=2, save_every=1, **LORA)
-    straight = _ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "straight", **base)
+    straight = tiny_ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "straight", **base)
     train_ppo(straight)
-    broken = _ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "broken", **base)
+    broken = tiny_ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "broken", **base)
 
     def interrupt(step, metrics):
         if step == 1:
@@ -377,7 +349,7 @@ def test_ppo_with_lora_under_zero3_equals_zero2(tiny_lm_dir, ppo_inputs, tmp_pat
     from segppo.ppo.trainer import train_ppo
     from segppo.tracking import read_metrics
 
-    plain = _ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "plain", zero_stage=2, **LORA)
+    plain = tiny_ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "plain", zero_stage=2, **LORA)
     partitioned = dataclasses.replace(plain, output=str(tmp_path / "partitioned"), zero_stage=3)
     train_ppo(plain)
     train_ppo(partitioned)

@@ -99,8 +99,9 @@ def _train_rm(cfg):
 def test_ppo_with_every_offload_equals_without(tiny_lm_dir, preferences_file, tmp_path):
     """--ref-offload, --rm-offload and --offload-optimizer together on 2 ZeRO-3 ranks: the same
     step as without them."""
+    from tiny import tiny_ppo_config
+
     from segppo.ppo.trainer import train_ppo
-    from tests.test_lora import _ppo_config
 
     _train_rm(tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "rm", max_steps=6))
     prompts = tmp_path / "prompts.jsonl"
@@ -108,7 +109,7 @@ def test_ppo_with_every_offload_equals_without(tiny_lm_dir, preferences_file, tm
         "".join(json.dumps({"prompt": p}) + "\n" for p in ["Name the capital.", "Which city?"] * 16)
     )
     inputs = (str(tmp_path / "rm"), str(prompts))
-    plain = _ppo_config(tiny_lm_dir, inputs, tmp_path / "plain", max_steps=1, zero_stage=3, nproc=2)
+    plain = tiny_ppo_config(tiny_lm_dir, inputs, tmp_path / "plain", max_steps=1, zero_stage=3, nproc=2)
     offloaded = dataclasses.replace(
         plain, output=str(tmp_path / "offloaded"), ref_offload=True, rm_offload=True, offload_optimizer=True
     )

@@ -202,12 +202,11 @@ def test_rm_train_under_zero3_equals_a_plain_load(tiny_lm_dir, preferences_file,
 def test_ppo_train_under_zero3_equals_a_plain_load(tiny_lm_dir, preferences_file, tmp_path):
     """Actor, critic (from the RM), reference and RM built partitioned under ZeRO-3 on 2 ranks:
     the same step as ZeRO-2 with every model loaded whole."""
-    from tiny import tiny_rm_config
+    from tiny import tiny_ppo_config, tiny_rm_config
 
     from segppo.ppo.trainer import train_ppo
     from segppo.rm.trainer import train_reward_model
     from segppo.tracking import read_metrics
-    from tests.test_lora import _ppo_config
 
     train_reward_model(tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "rm", max_steps=6))
     prompts = tmp_path / "prompts.jsonl"
@@ -215,7 +214,7 @@ def test_ppo_train_under_zero3_equals_a_plain_load(tiny_lm_dir, preferences_file
         "".join(json.dumps({"prompt": p}) + "\n" for p in ["Name the capital.", "Which city?"] * 16)
     )
     inputs = (str(tmp_path / "rm"), str(prompts))
-    plain = _ppo_config(tiny_lm_dir, inputs, tmp_path / "plain", max_steps=1, zero_stage=2, nproc=2)
+    plain = tiny_ppo_config(tiny_lm_dir, inputs, tmp_path / "plain", max_steps=1, zero_stage=2, nproc=2)
     partitioned = dataclasses.replace(plain, output=str(tmp_path / "partitioned"), zero_stage=3)
     train_ppo(plain)
     train_ppo(partitioned)

@@ -155,3 +155,32 @@ def tiny_rm_config(model, dataset, output, **overrides):
     )
     values.update(overrides)
     return RMConfig(**values)
+
+
+def tiny_ppo_config(policy, ppo_inputs, output, **overrides):
+    """A 2-step PPO run on the tiny models; `ppo_inputs` = (reward model folder, prompts file)."""
+    from segppo.config import PPOConfig
+
+    reward_model, prompts = ppo_inputs
+    values = dict(
+        policy=policy,
+        reward_model=reward_model,
+        prompts=prompts,
+        output=str(output),
+        rollout_batch_size=16,
+        micro_rollout_batch_size=8,
+        train_batch_size=16,
+        micro_train_batch_size=8,
+        max_new_tokens=8,
+        max_prompt_len=32,
+        actor_lr=1e-2,
+        critic_lr=1e-2,
+        critic_init="rm",
+        ppo_epochs=1,
+        zero_stage=0,
+        warmup_ratio=0.0,
+        max_steps=2,
+        num_logged_samples=0,
+        seed=0,
+    )
+    return PPOConfig(**{**values, **overrides})
