@@ -1,7 +1,11 @@
 """The installed package is the repository's layout (DESIGN.md §1)."""
 
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
+from importlib.metadata import distribution
 from pathlib import Path
 
 import tomllib
@@ -18,19 +22,85 @@ def test_every_subpackage_is_installed():
     assert setuptools["package-dir"]["segppo.cli"] == "cli"
 
 
-FIND_TOP_LEVEL = "import importlib.util as u; print(u.find_spec('kernels'), u.find_spec('cli'))"
+def test_checkout_root_holds_no_package_but_segppo():
+    # `python -m pytest` and `python -c` from the root put it first on sys.path (DESIGN.md §1)
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert packages == ["segppo"], f"{packages}: a root folder with __init__.py shadows that package name"
 
 
-def test_no_top_level_kernels_or_cli_module():
-    # transformers imports a top-level `kernels` package when one is importable
+def _installed_top_level_names() -> set[str]:
+    from importlib.metadata import packages_distributions
+
+    return set(packages_distributions())
+
+
+def test_no_root_test_or_benchmark_module_shadows_an_installed_package():
+    # pytest puts tests/ and benchmarks/ on sys.path too (rootdir conftest, no __init__.py); root
+    # folders without __init__.py are namespace portions, which any installed package outranks
+    ours = {p.stem for folder in ("tests", "benchmarks") for p in (ROOT / folder).glob("*.py")}
+    ours |= {p.stem for p in ROOT.glob("*.py")}
+    clash = ours & (_installed_top_level_names() - {"segppo"})
+    assert not clash, f"{sorted(clash)} in the checkout shadow installed packages of those names"
+
+
+BUILD_A_MODEL_FROM_THE_ROOT = """
+import sys, transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations import hub_kernels  # imports Hugging Face's `kernels`
+import kernels
+from segppo.kernels import entropy_logprobs, gae, segment_rewards, sequence_scores
+import segppo.kernels.entropy, segppo.cli.main
+config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=2)
+LlamaForCausalLM(config)
+print(sys.path[0] or "<cwd>", kernels.__file__, segppo.kernels.entropy.__file__, sep="\\n")
+"""
+
+
+def test_checkout_root_on_sys_path_imports_hugging_face_kernels():
+    # transformers >= 5.25 requires Hugging Face's `kernels` and imports it when a model is built;
+    # from the root, a root kernels/__init__.py was imported in its place (ImportError: CUDAProperties)
     out = subprocess.run(
-        [sys.executable, "-c", FIND_TOP_LEVEL],
+        [sys.executable, "-c", BUILD_A_MODEL_FROM_THE_ROOT], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    first_path, kernels_file, entropy_file = out.stdout.split()
+    assert first_path == "<cwd>"
+    installed = Path(distribution("kernels").locate_file("kernels/__init__.py")).resolve()
+    assert Path(kernels_file).resolve() == installed != ROOT / "kernels" / "__init__.py"
+    assert Path(entropy_file).resolve() == ROOT / "kernels" / "entropy.py"
+
+
+def test_wheel_holds_every_module_beside_its_init(tmp_path):
+    # a wheel install has no checkout folders to add: kernels/ and cli/ modules sit under segppo/;
+    # built from a copy, since setuptools leaves build/ in the source folder
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__"))
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path, source]
+    subprocess.run(pip_wheel, check=True, capture_output=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("segppo-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+    for folder in ("kernels", "cli"):
+        assert f"segppo/{folder}/__init__.py" in names
+        for module in (ROOT / folder).glob("*.py"):
+            assert f"segppo/{folder}/{module.name}" in names
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, wheel],
+        check=True,
+        capture_output=True,
+    )
+    probe = "import segppo.kernels as k, segppo.cli.main; print(k.__path__, k.gae.__module__)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
         capture_output=True,
         text=True,
-        cwd="/",
-        check=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
     )
-    assert out.stdout.strip() == "None None"
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("]")[0] == f"[{str(target / 'segppo' / 'kernels')!r}", out.stdout
 
 
 def test_console_script_help():
