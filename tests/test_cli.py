@@ -59,6 +59,7 @@ def test_help_lists_commands():
     assert invoke("rm", "--help").exit_code == 0
 
 
+@pytest.mark.smoke
 def test_rm_train_eval_inspect_end_to_end(tiny_lm_dir, preferences_file, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "rm.yaml"

