@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from safetensors.torch import load_file
 from test_ppo import PROMPTS, ppo_config
 from tiny import tiny_rm_config
 
+import segppo.ppo.trainer as trainer_module
 from segppo.config import PPOConfig
+from segppo.ppo.advantages import advantages_and_returns, group_ids_for, returns_to_go
 from segppo.ppo.trainer import train_ppo
 from segppo.rm.trainer import train_reward_model
 from segppo.tracking import read_metrics
@@ -70,6 +73,77 @@ def test_rloo_with_two_samples_per_prompt_trains_without_a_critic(
     first_step = [s["prompt"] for s in samples if s["step"] == 1]
     assert len(first_step) == 8
     assert all(first_step[i] == first_step[i + 1] for i in range(0, 8, 2))
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce++"])
+def test_each_critic_free_estimator_trains_end_to_end_on_dense_rewards(
+    estimator, tiny_lm_dir, segment_rm, prompts_file, tmp_path, monkeypatch
+):
+    """One `ppo train` step (2 PPO epochs) on segment rewards: the advantages the loss sees are the
+    estimator's, the metrics are finite, the policy moves and no critic exists."""
+    rollouts, seen_by_loss = [], []
+    real_advantages, real_policy_loss = trainer_module.advantages, trainer_module.policy_loss
+
+    def recording_advantages(experiences, *args, **kwargs):
+        out = real_advantages(experiences, *args, **kwargs)
+        rollouts.extend(out)
+        return out
+
+    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, **kwargs):
+        seen_by_loss.append(advantages[mask.bool()].detach().clone())
+        return real_policy_loss(logprobs, old_logprobs, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "advantages", recording_advantages)
+    monkeypatch.setattr(trainer_module, "policy_loss", recording_policy_loss)
+    cfg = ppo_config(
+        tiny_lm_dir,
+        segment_rm,
+        prompts_file,
+        tmp_path / "run",
+        advantage=estimator,
+        n_samples_per_prompt=2,
+        rollout_batch_size=4,  # 4 prompts × 2 samples: one micro-rollout of 8 responses
+        micro_rollout_batch_size=8,
+        train_batch_size=8,
+        micro_train_batch_size=4,
+        max_steps=1,
+        num_logged_samples=0,
+    )
+    policy = train_ppo(cfg)
+
+    (metrics,) = read_metrics(cfg.output_dir, split="train")
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
+    assert metrics["responses"] == 8 and metrics["value_loss"] == 0.0
+    before, after = load_file(f"{tiny_lm_dir}/model.safetensors"), load_file(policy / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in after if k in before)
+    assert not (cfg.output_dir / "state" / "step-1" / "critic").exists()
+
+    (e,) = rollouts
+    mask = e.batch.response_mask
+    assert e.values.abs().max() == 0.0  # no critic: no values
+    # The estimator's own advantages, recomputed from the rollout (whitened where it whitens).
+    group_ids = group_ids_for(8, 2)
+    raw, _ = advantages_and_returns(
+        estimator,
+        e.rewards,
+        mask,
+        group_ids=group_ids,
+        task_rewards=e.task_rewards,
+        reward_positions=e.reward_positions,
+    )
+    if estimator == "grpo":  # not whitened; the group's rewards are z-scored, so their sum is 0
+        torch.testing.assert_close(e.advantages, raw)
+        kl_to_go = returns_to_go(e.rewards - e.task_rewards, mask)[:, 0]
+        first = (e.advantages[:, 0] - kl_to_go).view(4, 2).sum(-1)
+        torch.testing.assert_close(first, torch.zeros(4), atol=1e-4, rtol=0)
+    else:  # rloo (--whiten-advantages is on by default) and reinforce++: whitened over the rollout
+        mean, var = raw[mask].mean(), raw[mask].var(unbiased=False)
+        torch.testing.assert_close(e.advantages[mask], (raw[mask] - mean) / torch.sqrt(var + 1e-8))
+    assert e.advantages[mask].abs().max() > 0 and bool((e.advantages[~mask] == 0).all())
+    # What reached the loss: every response token's advantage, once per PPO epoch.
+    sent = torch.sort(torch.cat(seen_by_loss)).values
+    expected = torch.sort(e.advantages[mask].repeat(cfg.ppo_epochs)).values
+    torch.testing.assert_close(sent, expected)
 
 
 def test_grpo_with_one_sample_per_prompt_is_an_error():

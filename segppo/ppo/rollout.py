@@ -62,7 +62,9 @@ class Experience:
     segments: SegmentRewards | None = None  # dense normalized rewards, ends, counts
     raw_score: torch.Tensor | None = None  # [B] the RM's sequence score (mean value at segment ends)
     kl: torch.Tensor | None = None  # [B, T]
-    rewards: torch.Tensor | None = None  # [B, T] what GAE sees
+    rewards: torch.Tensor | None = None  # [B, T] what GAE sees: task_rewards − β·kl
+    task_rewards: torch.Tensor | None = None  # [B, T] the clipped dense reward plus penalties, no KL
+    reward_positions: torch.Tensor | None = None  # [B, T] bool: the tokens that bear task_rewards
     # Filled by `advantages`:
     advantages: torch.Tensor | None = None  # [B, T] whitened over the whole rollout when asked
     returns: torch.Tensor | None = None  # [B, T]
@@ -107,9 +109,30 @@ def score(
     return Experience(batch, logprobs, ref_logprobs, ref_entropy, policy_entropy, values, rm_values_fn(batch))
 
 
+def reward_positions(
+    segments: SegmentRewards, response_mask: torch.Tensor, shaping: RewardShaping
+) -> torch.Tensor:
+    """`[B, T]` bool: the tokens the task reward is placed on, what the group estimators' statistics
+    run over: every token of a segment (`interpolate`, `repeat`), or the segment ends (`end`, and
+    bandit, whose one reward `segment_rewards` puts on the last token); plus the last token when a
+    penalty is set (each response's penalty, 0 or not, is one reward of the group)."""
+    ends = segments.ends
+    if shaping.segmentation.granularity == "bandit" or shaping.distribute == "end":
+        positions = ends.clone()
+    else:  # every token up to the last segment end (a trailing EOS is in no segment)
+        positions = ends.flip(-1).long().cumsum(-1).flip(-1) > 0
+    mask = response_mask.bool()
+    if shaping.missing_eos_penalty is not None or shaping.overlong_penalty is not None:
+        length = mask.sum(-1)
+        rows = torch.nonzero(length > 0).flatten()
+        positions[rows, length[rows] - 1] = True
+    return positions & mask
+
+
 @torch.no_grad()
 def rewards(exp: Experience, shaping: RewardShaping, kl_coef: float) -> Experience:
-    """Dense segment rewards (`segment_rewards`), clipped, minus β·KL, plus the penalties."""
+    """Dense segment rewards (`segment_rewards`), clipped, minus β·KL, plus the penalties; the task
+    rewards (the same without the KL) and their positions, for the group estimators."""
     mask, has_eos, seg = exp.batch.response_mask, exp.batch.has_eos, shaping.segmentation
     exp.segments = segment_rewards(
         exp.rm_values,
@@ -131,17 +154,15 @@ def rewards(exp: Experience, shaping: RewardShaping, kl_coef: float) -> Experien
         has_eos=has_eos,
     )
     exp.kl = torch.where(mask, kl_penalty(exp.logprobs, exp.ref_logprobs, shaping.kl_estimator), 0.0)
-    exp.rewards = token_rewards(
-        exp.segments.rewards,
-        exp.kl,
-        mask,
-        has_eos,
-        kl_coef=kl_coef,
+    shaped = dict(
         reward_clip=shaping.reward_clip,
         missing_eos_penalty=shaping.missing_eos_penalty,
         overlong_penalty=shaping.overlong_penalty,
         max_response_len=shaping.max_response_len,
     )
+    exp.rewards = token_rewards(exp.segments.rewards, exp.kl, mask, has_eos, kl_coef=kl_coef, **shaped)
+    exp.task_rewards = token_rewards(exp.segments.rewards, exp.kl, mask, has_eos, kl_coef=0.0, **shaped)
+    exp.reward_positions = reward_positions(exp.segments, mask, shaping)
     return exp
 
 
@@ -165,6 +186,8 @@ def advantages(
             e.batch.response_mask,
             values=e.values,
             group_ids=group_ids_for(e.rewards.shape[0], n_samples_per_prompt),
+            task_rewards=e.task_rewards,
+            reward_positions=e.reward_positions,
             gamma=gamma,
             lam=lam,
         )
