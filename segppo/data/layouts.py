@@ -97,8 +97,7 @@ class SkipReport:
     reasons: list[str] = field(default_factory=list)  # the first `max_reasons`, as "row i: why"
     truncated_prompts: int = 0
     truncated_responses: int = 0
-    system_folded: int = 0  # system messages folded into the first user turn (template rejects them)
-    system_dropped: int = 0  # system messages the template renders without
+    system_folded: int = 0  # system messages folded into the first user turn (the template drops them)
     max_reasons: int = 5
 
     @property
@@ -114,8 +113,8 @@ class SkipReport:
         text = f"layout {self.layout}: kept {self.kept} of {self.total} rows"
         if self.truncated_prompts or self.truncated_responses:
             text += f" ({self.truncated_prompts} prompts and {self.truncated_responses} responses truncated)"
-        if self.system_folded or self.system_dropped:
-            text += f" (system prompts: {self.system_folded} folded, {self.system_dropped} dropped)"
+        if self.system_folded:
+            text += f" (system prompts: {self.system_folded} folded into the first user turn)"
         if self.skipped:
             text += f", skipped {self.skipped}; first reasons: " + "; ".join(self.reasons)
         return text

@@ -9,7 +9,8 @@ overrides either. Stop tokens default to the tokenizer's EOS and the generation 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,16 @@ def _as_ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
-SYSTEM_HANDLING = ("keep", "fold", "drop")
+SYSTEM_HANDLING = ("keep", "fold")
 _SYSTEM_PROBE_TEXT = "Answer in one word."
 # A conversation used once per ChatFormat to find which token ends the template's assistant turn.
 _PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
 
 
-def probe_system_handling(tokenizer: Any, template: str) -> str:
-    """ "keep", "fold" (the template raises on a system message) or "drop" (renders without it)."""
+def probe_system_handling(tokenizer: Any, template: str) -> tuple[str, str | None]:
+    """("keep", None), or ("fold", why) when the template does not render a system message: it
+    raises on one (Gemma-2: "System role not supported") or renders without it (Phi-3-mini, April
+    2024: no branch for the role). Either way its text belongs in the first user turn."""
     from jinja2 import TemplateError
 
     probe = [{"role": "system", "content": _SYSTEM_PROBE_TEXT}, _PROBE[0]]
@@ -105,5 +108,41 @@ def probe_system_handling(tokenizer: Any, template: str) -> str:
             probe, chat_template=template, add_generation_prompt=True, tokenize=False
         )
     except TemplateError:
-        return "fold"
-    return "keep" if _SYSTEM_PROBE_TEXT in text else "drop"
+        return "fold", "rejects system messages"
+    if _SYSTEM_PROBE_TEXT in text:
+        return "keep", None
+    return "fold", "renders without system messages"
+
+
+def content_control_tokens(tokenizer: Any, template: str) -> list[str] | None:
+    """The added tokens message content must not produce, as `apply_chat_template`'s
+    `chat_control_tokens`, when transformers' own choice (special tokens and the added tokens the
+    template writes) misses some; else None.
+
+    It misses added tokens that are not special yet strip the whitespace beside them (`lstrip`,
+    `rstrip`): Phi-3 declares `</s>` so, and content `</s> new` matched as that token comes back as
+    `</s>new`. Encoded as text, such content keeps its every character.
+    """
+    added = [t for t in tokenizer.added_tokens_decoder.values() if not t.special]
+    stripping = {t.content for t in added if t.lstrip or t.rstrip}
+    if not stripping:
+        return None
+    own = getattr(tokenizer, "chat_control_tokens", None)
+    if own is None:  # what transformers infers: the added tokens written in the template
+        own = [t.content for t in added if t.content in template and not t.content.isspace()]
+    return sorted(set(own) | stripping)
+
+
+@contextmanager
+def chat_control_tokens(tokenizer: Any, tokens: list[str] | None) -> Iterator[None]:
+    """`tokenizer.chat_control_tokens` set to `tokens` inside the block (nothing when None), put back
+    after it: the tokenizer is shared and is saved with whatever it holds."""
+    if tokens is None:
+        yield
+        return
+    saved = getattr(tokenizer, "chat_control_tokens", None)
+    tokenizer.chat_control_tokens = tokens
+    try:
+        yield
+    finally:
+        tokenizer.chat_control_tokens = saved
