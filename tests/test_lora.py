@@ -111,6 +111,39 @@ def test_merged_export_loads_with_stock_transformers(tmp_path):
         torch.testing.assert_close(_logits(lm), _logits(_lm()), rtol=0, atol=0)
 
 
+def _as_if_trained(model, seed=0):
+    """Every adapter factor non-zero (peft starts one factor of each pair at 0: B of a linear
+    layer, A of an embedding), so that each adapter changes the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(0.3 * torch.randn(param.shape, generator=g))
+
+
+def test_merged_export_merges_embedding_adapters(tmp_path):
+    """peft keeps an embedding's adapter in `lora_embedding_A/B` (not `lora_A/B`); the merged export
+    dropped it and the exported model differed from the trained one."""
+    lm = apply_lora(_lm(), rank=4, alpha=8, targets="embed_tokens,q_proj")
+    rm = apply_lora(_reward_model(), rank=4, alpha=8, targets="embed_tokens,q_proj")
+    for model, model_class, folder in (
+        (lm, AutoModelForCausalLM, "lm"),
+        (rm, AutoModelForTokenClassification, "rm"),
+    ):
+        assert any("lora_embedding_A" in n for n, _ in model.named_parameters())
+        _as_if_trained(model)
+        with adapters_disabled(model):
+            base = model(input_ids=IDS, attention_mask=MASK).logits
+        trained = model(input_ids=IDS, attention_mask=MASK).logits
+        assert not torch.allclose(trained, base, atol=1e-2)
+        export_lora(model, tmp_path / folder)
+        loaded = model_class.from_pretrained(tmp_path / folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(
+                loaded(input_ids=IDS, attention_mask=MASK).logits, trained, rtol=1e-5, atol=1e-5
+            )
+
+
 def test_adapter_only_export_reloads_onto_the_base(tmp_path):
     rm = apply_lora(_reward_model(), rank=2, alpha=4)
     _train(rm)
@@ -190,9 +223,10 @@ def test_adapter_free_view_is_the_base_inside_a_training_engine():
 LORA = dict(lora_rank=4, lora_alpha=8.0)
 
 
-def _trained_lora(model_class, folder, state_file, **config):
+def _trained_lora(model_class, folder, state_file, targets=None, **config):
     """The LoRA model as its DeepSpeed training state holds it (adapters, trained head, base)."""
-    model = apply_lora(model_class.from_config(AutoConfig.from_pretrained(folder, **config)), rank=4, alpha=8)
+    base = model_class.from_config(AutoConfig.from_pretrained(folder, **config))
+    model = apply_lora(base, rank=4, alpha=8, targets=targets)
     model.load_state_dict(torch.load(state_file, weights_only=False)["module"])
     return model.eval()
 
@@ -202,16 +236,22 @@ def _state_file(run, name, step):
 
 
 @pytest.mark.smoke
-def test_rm_train_with_lora_exports_the_trained_model_merged(tiny_lm_dir, preferences_file, tmp_path):
+@pytest.mark.parametrize("targets", ["all-linear", "embed_tokens,q_proj"])
+def test_rm_train_with_lora_exports_the_trained_model_merged(
+    tiny_lm_dir, preferences_file, tmp_path, targets
+):
     from segppo.rm.trainer import train_reward_model
 
-    cfg = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=3, **LORA)
+    cfg = tiny_rm_config(
+        tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=3, lora_targets=targets, **LORA
+    )
     train_reward_model(cfg)
     merged = AutoModelForTokenClassification.from_pretrained(cfg.output_dir / "model").eval()
     trained = _trained_lora(
         AutoModelForTokenClassification,
         cfg.output_dir / "model",
         _state_file(cfg.output_dir, "reward_model", 3),
+        targets=targets,
     )
     torch.testing.assert_close(_values(merged), _values(trained), rtol=1e-5, atol=1e-6)
     state, backbone = trained.state_dict(), load_file(f"{tiny_lm_dir}/model.safetensors")

@@ -53,11 +53,14 @@ def apply_lora(
     *,
     dropout: float = 0.0,
     modules_to_save: Sequence[str] | None = None,
+    merge: bool = True,
 ) -> peft.PeftModel:
     """Wrap `model` in LoRA adapters of rank `rank` and scale `alpha/rank` on the `targets` modules
     (names or name suffixes, default every linear layer). Only the adapters (B initialised to 0,
     so the wrapped model starts equal to the base) and `modules_to_save` are trainable; by default
-    `modules_to_save` is the scalar head when the model has one."""
+    `modules_to_save` is the scalar head when the model has one. With `merge` (a merged export
+    will follow) an adapter that cannot be merged is refused here, before any training
+    (`check_mergeable`)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be positive, got {rank}")
     if alpha <= 0:
@@ -88,6 +91,8 @@ def apply_lora(
         for name, param in wrapped.named_parameters():
             if "modules_to_save" in name and name.endswith(f"{head}.modules_to_save.default.bias"):
                 param.requires_grad_(False)
+    if merge:
+        check_mergeable(wrapped)
     _expose_base_signature(wrapped)
     return wrapped
 
@@ -149,33 +154,81 @@ class AdapterFreeView:
             return self.engine(*args, **kwargs)
 
 
+def _adapted_layers(inner: peft.PeftModel) -> dict[str, peft.tuners.lora.LoraLayer]:
+    """Every LoRA layer of `inner` by its (peft) module name."""
+    return {
+        name: module
+        for name, module in inner.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+        and ("default" in module.lora_A or "default" in module.lora_embedding_A)
+    }
+
+
+def _plain_name(name: str) -> str:
+    """A peft module or parameter name as the base model calls it."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def check_mergeable(model: nn.Module) -> None:
+    """A one-line error naming the first adapter `merged_state_dict` cannot fold into the base
+    weights: anything but plain LoRA on a linear layer or an embedding, and an adapter on a weight
+    that another module shares (tied embeddings). The tied head keeps using the unadapted weight
+    while the trained model runs, and a tied export holds one copy of it, so no merged folder can
+    equal the trained model. (peft's `ensure_weight_tying` ties the two adapters as two parameters
+    over one storage, which DeepSpeed's flat buffers split and AdamW would step twice.)"""
+    inner = getattr(model, "module", model)
+    users: dict[int, list[str]] = {}
+    for name, param in inner.named_parameters(remove_duplicate=False):
+        users.setdefault(id(param), []).append(name)
+    for name, layer in _adapted_layers(inner).items():
+        where = f"LoRA on {_plain_name(name)}"
+        embedding = "default" in layer.lora_embedding_A
+        if not embedding and not isinstance(layer.lora_A["default"], nn.Linear):
+            raise ValueError(f"{where}: only plain LoRA on linear layers and embeddings can be merged")
+        if layer.use_dora.get("default") or layer.lora_bias.get("default"):
+            raise ValueError(f"{where}: DoRA and LoRA biases cannot be merged")
+        weight = layer.get_base_layer().weight
+        shared = [n for n in users[id(weight)] if n != f"{name}.base_layer.weight"]
+        if shared:
+            raise ValueError(
+                f"{where} cannot be merged: its weight is tied to {_plain_name(shared[0])}, which would "
+                f"keep the unadapted weight; leave {name.rsplit('.', 1)[-1]} out of --lora-targets, or "
+                "export the adapter alone (--lora-export adapter)"
+            )
+
+
+def _delta(layer, module_name: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`scaling · B·A` of one adapter in the layout of the base weight (peft's `get_delta_weight`):
+    `[out, in]` for a linear layer (transposed for GPT-2's Conv1D, `fan_in_fan_out`), and for an
+    embedding, whose adapter maps ids through `A [r, V]` then `B [H, r]`, the `[V, H]` of its weight."""
+    if "default" in layer.lora_embedding_A:
+        a = state[f"{module_name}.lora_embedding_A.default"].float()
+        b = state[f"{module_name}.lora_embedding_B.default"].float()
+        return (b @ a).T * layer.scaling["default"]
+    a = state[f"{module_name}.lora_A.default.weight"].float()
+    b = state[f"{module_name}.lora_B.default.weight"].float()
+    delta = b @ a
+    return (delta.T if layer.fan_in_fan_out else delta) * layer.scaling["default"]
+
+
 def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The plain transformers state dict of LoRA `model` from its full (peft-named) `state`: each
-    adapted weight is `W + scaling · B·A` (peft's own merge), each trained copy of a head replaces the
-    head, and the names are the base model's. Works on a gathered state dict, so under ZeRO-3 no rank
-    needs the model's parameters whole, only rank 0 this one state dict."""
+    adapted weight (linear layers and embeddings) is `W + scaling · B·A` (peft's own merge), each
+    trained copy of a head replaces the head, and the names are the base model's. Works on a
+    gathered state dict, so under ZeRO-3 no rank needs the model's parameters whole, only rank 0
+    this one state dict."""
     inner = getattr(model, "module", model)
     if not isinstance(inner, peft.PeftModel):
         raise ValueError(f"{type(inner).__name__} has no LoRA adapters to merge")
-    layers = {}
-    for name, module in inner.named_modules():
-        if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.lora_A:
-            if not isinstance(module.lora_A["default"], nn.Linear) or module.use_dora.get("default"):
-                raise ValueError(f"{name}: only plain LoRA on linear layers can be merged")
-            layers[name] = module
+    check_mergeable(inner)
+    layers = _adapted_layers(inner)
     merged: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if ".lora_" in key or ".original_module." in key:
             continue  # the adapters are merged below; a head's frozen original is replaced
         module_name = key.rsplit(".", 1)[0].removesuffix(".base_layer")
         if key.endswith(".base_layer.weight") and module_name in layers:
-            layer = layers[module_name]
-            a = state[f"{module_name}.lora_A.default.weight"].float()
-            b = state[f"{module_name}.lora_B.default.weight"].float()
-            delta = b @ a
-            if layer.fan_in_fan_out:
-                delta = delta.T
-            value = (value.float() + delta * layer.scaling["default"]).to(value.dtype)
+            value = (value.float() + _delta(layers[module_name], module_name, state)).to(value.dtype)
         plain = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
         merged[plain.replace(".modules_to_save.default.", ".")] = value
     return merged

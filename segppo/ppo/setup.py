@@ -226,8 +226,10 @@ def load_models(
         from segppo.models.lora import apply_lora
 
         lora = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-        actor = apply_lora(actor, *lora)
-        critic = apply_lora(critic, *lora) if critic is not None else None  # the value head trains whole
+        merge = cfg.lora_export == "merged"  # an adapter that cannot be merged fails now, not at the end
+        actor = apply_lora(actor, *lora, merge=merge)
+        # The value head trains whole; the critic is never exported.
+        critic = apply_lora(critic, *lora, merge=False) if critic is not None else None
     if not base_reference:
         reference = load_policy(
             cfg.reference or cfg.policy,

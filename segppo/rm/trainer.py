@@ -261,7 +261,8 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
     if cfg.lora_rank:
         from segppo.models.lora import apply_lora
 
-        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)  # the head trains whole
+        merge = cfg.lora_export == "merged"  # an adapter that cannot be merged fails now, not at the end
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, merge=merge)
     segmenter = None
     if segmentation.needs_entropy:
         segmenter_name = cfg.segmenter or cfg.model
