@@ -203,7 +203,6 @@ def tiny_model(arch, **overrides):
 def unfused_logprobs_and_entropy(model, batch, temperature):
     """The pre-fusion code of `segments.logprobs_and_entropy`: the logits, then entropy_logprobs."""
     from segppo.kernels import entropy_logprobs
-
     from segppo.segments import last_logits
 
     P, T = batch.prompt_len, batch.response_mask.shape[1]
@@ -227,8 +226,9 @@ def values_and_param_grads(fn, model, batch):
     "arch,overrides",
     [
         ("llama", {}),
-        ("llama", {"tie_word_embeddings": True}),
+        ("llama-tied", {}),
         ("qwen2", {}),
+        ("qwen2-tied", {}),
         ("gpt2", {}),
         ("gpt_neox", {}),
         ("phi3", {}),
@@ -240,7 +240,7 @@ def test_segments_use_the_fused_head_and_match_the_logits_path(arch, overrides):
     model, batch = tiny_model(arch, **overrides), tiny_batch(384)
     head = segments.plain_linear_head(model)
     assert head is model.get_output_embeddings()
-    if overrides.get("tie_word_embeddings") or arch == "gpt2":
+    if model.config.tie_word_embeddings:  # the weight's gradient sums both uses (checked below)
         assert head.weight is model.get_input_embeddings().weight
     args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
 
@@ -325,14 +325,15 @@ def test_other_heads_keep_the_logits_path(which):
         assert not torch.allclose(wrong, right.reshape(-1), atol=1e-3)
 
 
-def test_lora_actor_and_its_disabled_adapters_use_the_fused_head():
-    """A LoRA-wrapped policy (peft leaves the LM head plain) and the reference it gives with the
-    adapters switched off both take the fused head and match the logits path."""
+@pytest.mark.parametrize("arch", ["llama", "llama-tied"])
+def test_lora_actor_and_its_disabled_adapters_use_the_fused_head(arch):
+    """A LoRA-wrapped policy (peft leaves the LM head plain, tied or not) and the reference it gives
+    with the adapters switched off both take the fused head and match the logits path."""
     pytest.importorskip("peft")
     from segppo import segments
     from segppo.models.lora import adapters_disabled, apply_lora
 
-    model = apply_lora(tiny_model("llama"), 4, 8.0)
+    model = apply_lora(tiny_model(arch), 4, 8.0)
     with torch.no_grad():  # non-zero adapters, so that switching them off changes the outputs
         for name, param in model.named_parameters():
             if "lora_B" in name:

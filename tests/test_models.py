@@ -36,6 +36,8 @@ HEAD = {
     "phi3": "score",
     "gpt2": "classifier",
     "gpt_neox": "classifier",
+    "llama-tied": "score",
+    "qwen2-tied": "score",
 }
 
 

@@ -2,7 +2,9 @@
 
 `tiny_tokenizer()` is a byte-level BPE trained on a few sentences, with ChatML-style turn tokens
 and a chat template whose end-of-turn token is the EOS. `tiny_config(arch)` gives a
-transformers config of a few thousand parameters for each architecture the project supports.
+transformers config of a few thousand parameters for each architecture the project supports, with
+tied variants (`TIED_ARCHITECTURES`: the LM head is the input embedding, as in SmolLM2, Llama-3.2,
+Qwen2.5-0.5B and GPT-2).
 """
 
 from __future__ import annotations
@@ -70,9 +72,13 @@ _ARCH = {
     "phi3": dict(model_type="phi3", num_key_value_heads=2),
     "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256),
     "gpt_neox": dict(model_type="gpt_neox", rotary_pct=1.0),
+    # Tied input and output embeddings: one weight, two uses (GPT-2 ties by default too).
+    "llama-tied": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2-tied": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True),
 }
 
 ARCHITECTURES = tuple(_ARCH)
+TIED_ARCHITECTURES = ("llama-tied", "qwen2-tied", "gpt2")
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
