@@ -5,12 +5,13 @@ Each micro-batch is 8 pairs (16 sequences) with lengths drawn from the log-norma
 median; scaled by SEGPPO_BENCH_SCALE, default 4, towards real preference data: ~64 and ~33, long
 right tail). Variants:
   padded   `collate_responses` + `reward_values` (left-padded prompts, right-padded responses);
-  packed   rows of at most the padded width (what `--packing` does under the block mask,
-           `row_tokens`) + `packed_reward_values` with the 4D block mask (the CPU path);
-  packed-position_ids  the same rows with position_ids only (transformers builds the mask; the
-           flash-attention varlen path on GPU);
-  packed-max_len  rows of up to MAX_LEN tokens (what `--packing` does under flash attention),
-           here with the block mask, to show why the mask path does not use them.
+  packed   rows of at most the padded width (what `--packing` does under the block mask)
+           + `packed_reward_values` with the 4D block mask (the CPU path);
+  packed-varlen  the whole micro-batch in one row with the "varlen" inputs (what `--packing` does
+           under flash attention; on sdpa transformers builds the mask from position_ids, so this
+           stands in for the flash path without its cost per sequence);
+  packed-max_len  rows of up to MAX_LEN tokens with the block mask, to show why the mask path
+           keeps rows at the padded width.
 `test_rm_train_step` is what `rm train` does per micro-batch: `score_pairs` (padded, or packed as
 with `--packing`), the Bradley-Terry loss, backward and an AdamW step.
 extra_info has real tokens, padding tokens and real tokens/s per micro-batch set.
@@ -34,7 +35,6 @@ from segppo.data.packing import (
     packed_reward_values,
     packed_scores,
     padded_tokens,
-    row_tokens,
 )
 from segppo.models.reward_model import reward_values
 from segppo.rm.loss import bradley_terry_loss
@@ -69,7 +69,7 @@ def micro_batches():
     return batches
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed", "packed-position_ids", "packed-max_len"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed-varlen", "packed-max_len"])
 def test_rm_forward(benchmark, reward_model, micro_batches, layout):
     benchmark.group = f"rm forward packed vs padded, scale {SCALE:g}"
     real = sum(sum(p) + sum(r) for p, r, _, _ in micro_batches)
@@ -83,9 +83,10 @@ def test_rm_forward(benchmark, reward_model, micro_batches, layout):
                     reward_values(reward_model, b.input_ids, b.attention_mask, b.position_ids)
 
     else:
-        mode = "position_ids" if layout.endswith("position_ids") else "mask"
+        mode = "varlen" if layout == "packed-varlen" else "mask"
+        max_tokens = MAX_LEN if layout == "packed-max_len" else None
         inputs = [
-            pack_responses(pr, rs, [True] * SEQUENCES, 0, max_tokens=MAX_LEN if "max_len" in layout else None)
+            pack_responses(pr, rs, [True] * SEQUENCES, 0, max_tokens, one_row=mode == "varlen")
             for _, _, pr, rs in micro_batches
         ]
         padding = sum(b.padding_tokens for b in inputs)
@@ -130,7 +131,7 @@ def test_rm_train_step(benchmark, pair_batches, layout):
     real = sum(
         len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for b in pair_batches for p in b
     )
-    row = MAX_LEN if layout == "packed-max_len" else row_tokens(model, MAX_LEN)
+    row = MAX_LEN if layout == "packed-max_len" else None  # None: the padded width (sdpa's rows)
     if layout == "padded":
         padding = sum(
             padded_tokens(
@@ -148,10 +149,9 @@ def test_rm_train_step(benchmark, pair_batches, layout):
                 scores = packed_scores(model, None, pack_preferences(pairs, 0, MAX_LEN), segmentation)
                 chosen, rejected = scores.chunk(2)
             else:  # exactly what rm train runs, with or without --packing
-                packing_max_len = MAX_LEN if layout == "packed" else None
                 cpu = torch.device("cpu")
                 chosen, rejected, _ = score_pairs(
-                    model, None, pairs, segmentation, 0, cpu, packing_max_len=packing_max_len
+                    model, None, pairs, segmentation, 0, cpu, packing=layout == "packed"
                 )
             bradley_terry_loss(chosen, rejected).backward()
             optimizer.step()

@@ -74,7 +74,7 @@ class RMConfig(MemoryOptions):
     packing: bool = option(
         False,
         help="Pack each micro-batch's chosen and rejected sequences into rows kept apart by the "
-        "attention mask (same loss, fewer padding tokens).",
+        "attention mask, one row under flash attention (same loss, fewer padding tokens).",
     )
     eval_every: int = option(0, help="Evaluate every N steps (0: at the end only).")
     save_every: int = option(0, help="Checkpoint every N steps (0: at the end only).")
@@ -309,8 +309,8 @@ class PPOConfig(PPOMemoryOptions):
     gradient_checkpointing: bool = False
     packing: bool = option(
         False,
-        help="Pack each update micro-batch's sequences into rows kept apart by the attention mask "
-        "(same losses, fewer padding tokens).",
+        help="Pack each update micro-batch's sequences into rows kept apart by the attention mask, "
+        "one row under flash attention (same losses, fewer padding tokens).",
     )
     save_every: int = option(0, help="Checkpoint every N steps (0: at the end only).")
     save_total_limit: int = option(2, help="Training states kept in state/, newest first (0: all).")

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from segppo.kernels import sequence_scores
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
 from segppo.data.chat import EncodedPair
@@ -23,6 +22,7 @@ from segppo.data.packing import (
     packed_reward_values,
     padded_tokens,
 )
+from segppo.kernels import sequence_scores
 from segppo.models.reward_model import reward_values
 from segppo.ppo.rollout import critic_values
 from segppo.rm.loss import bradley_terry_loss
@@ -31,7 +31,7 @@ from tests.tiny import tiny_config
 
 PAD = 0
 ARCHS = ("llama", "qwen2", "gpt_neox")
-MODES = ("mask", "position_ids")
+MODES = ("mask", "varlen")
 
 
 def _sequences(n: int, seed: int):
@@ -73,6 +73,28 @@ def test_layout_and_index_maps():
     assert torch.equal(mask, expected)
 
 
+def test_one_row_layout_and_varlen_inputs():
+    """Flash attention's layout: every sequence in one row, in input order, no padding; the
+    sequence boundaries go to the forward as `cu_seq_lens` (int32) and `max_length` (int)."""
+    prompts, responses, has_eos = [[5, 6], [7], [8, 9, 10]], [[11, 12, 13], [14], [15, 16]], [True] * 3
+    packed = pack_responses(prompts, responses, has_eos, PAD, one_row=True)
+    assert packed.input_ids.tolist() == [[5, 6, 11, 12, 13, 7, 14, 8, 9, 10, 15, 16]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4]]
+    assert packed.row.tolist() == [0, 0, 0] and packed.response_start.tolist() == [2, 6, 10]
+    inputs = packed.model_inputs("varlen")
+    assert set(inputs) == {
+        "input_ids",
+        "position_ids",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+    }
+    assert inputs["cu_seq_lens_q"].tolist() == [0, 5, 7, 12] and inputs["cu_seq_lens_q"].dtype == torch.int32
+    assert inputs["cu_seq_lens_k"] is inputs["cu_seq_lens_q"]
+    assert inputs["max_length_q"] == inputs["max_length_k"] == 5 and type(inputs["max_length_q"]) is int
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="non-empty prompt"):
         pack_responses([[]], [[4]], [True], PAD, 8)
@@ -82,7 +104,12 @@ def test_bad_input_is_refused():
         pack_responses([[4]], [[4]], [True], PAD, 0)
     packed = pack_responses([[4]], [[4]], [True], PAD, 8)
     with pytest.raises(ValueError, match="mode"):
-        packed.model_inputs("varlen")
+        packed.model_inputs("position_ids")
+    two_rows = pack_responses([[4], [5]], [[4], [5]], [True, True], PAD, max_tokens=2)
+    with pytest.raises(ValueError, match="one row without padding .*got 2 rows"):
+        two_rows.model_inputs("varlen")
+    with pytest.raises(ValueError, match="not both"):
+        pack_responses([[4]], [[4]], [True], PAD, 8, one_row=True)
     with pytest.raises(ValueError, match="expected"):
         packed.gather(torch.zeros(3, 3))
 
@@ -99,8 +126,12 @@ def test_rm_values_entropy_logprobs_equal_padded(models, mode):
     lm, rm = models
     prompts, responses, has_eos = _sequences(7, seed=3)
     padded = collate_responses(prompts, responses, has_eos, PAD)
-    packed = pack_response_batch(padded, PAD, max_tokens=24)
-    assert packed.input_ids.shape[0] < 7  # several sequences share rows
+    if mode == "varlen":  # flash attention's layout: everything in one row, no padding
+        packed = pack_response_batch(padded, PAD, one_row=True)
+        assert packed.input_ids.shape[0] == 1 and packed.padding_tokens == 0
+    else:
+        packed = pack_response_batch(padded, PAD, max_tokens=24)
+        assert 1 < packed.input_ids.shape[0] < 7  # several sequences share rows
     mask = padded.response_mask
     with torch.no_grad():
         want_values = reward_values(rm, padded.input_ids, padded.attention_mask, padded.position_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +18,12 @@ from segppo.rm.trainer import prepare_preferences, train_reward_model
 from segppo.tracking import read_metrics
 
 
-@pytest.fixture(scope="module")
-def ragged_preferences(tmp_path_factory):
+def ragged_rows(path, n: int = 120) -> str:
     """The Paris/Lyon set with prompts of 0 to 12 extra filler words and responses of 1 to 14, so
     that sequences differ in length and several fit in a row of the padded width."""
     rng = random.Random(0)
     rows = []
-    for _ in range(120):
+    for _ in range(n):
         words = rng.randint(1, 14)
         filler = [rng.choice(FILLER) for _ in range(words)]
         at = rng.randrange(words)
@@ -31,9 +31,13 @@ def ragged_preferences(tmp_path_factory):
         chosen[at], rejected[at] = "Paris", "Lyon"
         prompt = " ".join(["Name the capital."] + [rng.choice(FILLER) for _ in range(rng.randint(0, 12))])
         rows.append({"prompt": prompt, "chosen": " ".join(chosen), "rejected": " ".join(rejected)})
-    path = tmp_path_factory.mktemp("ragged") / "prefs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    Path(path).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def ragged_preferences(tmp_path_factory):
+    return ragged_rows(tmp_path_factory.mktemp("ragged") / "prefs.jsonl")
 
 
 def _train_losses(cfg) -> list[float]:

@@ -19,16 +19,22 @@ layout:
   (`gather(per_token, shift=-1)`), which for `t = 0` is the prompt's last token: prompts must be
   non-empty.
 
-Two ways to keep the sequences apart (`model_inputs`):
+Two ways to keep the sequences apart (`model_inputs`), chosen by the attention implementation
+(`packing_mode`):
 
 - `"mask"` (CPU, and any attention implementation that takes a 4D mask: eager, sdpa): a
   block-diagonal causal additive mask `[R, 1, W, W]`. transformers passes a 4D mask through
-  unchanged. It costs `R·W²` per layer, so rows should be a few thousand tokens at most.
-- `"position_ids"` (GPU with `attn_implementation="flash_attention_2"`, the padding-free path of
-  transformers' `DataCollatorWithFlattening`): no attention mask at all; transformers finds the
-  sequence boundaries where `position_ids` does not increase by one and runs flash-attention's
-  varlen kernel (`cu_seqlens`) on them, with no `W²` mask. The same inputs also work on sdpa/eager
-  (transformers then builds the block mask itself), which is what the CPU tests check.
+  unchanged. It costs `R·W²` per layer, so rows stay at the padded layout's width.
+- `"varlen"` (flash attention: transformers gives it no 4D mask): the whole micro-batch in ONE row
+  with no padding (`one_row=True`), no attention mask, `position_ids` restarting at every sequence
+  and the boundaries as `cu_seq_lens_q/k` + `max_length_q/k` (what transformers'
+  `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` passes), which transformers hands
+  to flash-attention's variable-length kernel. One row is required: transformers 5 infers packed
+  sequences from `position_ids` only when the batch size is 1 (`_is_packed_sequence`); with R ≥ 2
+  rows and no `cu_seq_lens` it ran plain causal attention over each whole row, and the sequences
+  of a row attended to each other. The same inputs also work on sdpa/eager (transformers then
+  builds the block mask from `position_ids`, and ignores `cu_seq_lens`), which is how the CPU
+  tests check them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
 from segppo.kernels import entropy_logprobs, sequence_scores
 from segppo.segments import Segmentation
@@ -87,18 +94,35 @@ class PackedBatch:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=seq.device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
-    def model_inputs(self, mode: str = "mask", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    def model_inputs(self, mode: str = "mask", dtype: torch.dtype = torch.float32) -> dict:
         """Keyword arguments for a transformers forward: `mode` "mask" (a 4D block mask, any
-        attention implementation) or "position_ids" (no mask; flash-attention varlen on GPU)."""
+        attention implementation that takes one) or "varlen" (one row, no mask, the sequence
+        boundaries for flash-attention's variable-length kernel)."""
         if mode == "mask":
             return dict(
                 input_ids=self.input_ids,
                 attention_mask=self.block_mask(dtype),
                 position_ids=self.position_ids,
             )
-        if mode == "position_ids":
-            return dict(input_ids=self.input_ids, position_ids=self.position_ids)
-        raise ValueError(f"packing mode must be 'mask' or 'position_ids', not {mode!r}")
+        if mode == "varlen":
+            if self.input_ids.shape[0] != 1 or self.padding_tokens:
+                raise ValueError(
+                    f"flash attention's variable-length path needs the sequences in one row without "
+                    f"padding (pack with one_row=True); got {self.input_ids.shape[0]} rows, "
+                    f"{self.padding_tokens} padding tokens"
+                )
+            lengths = torch.unique_consecutive(self.sequence_ids[0], return_counts=True)[1]
+            cu_seq_lens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            longest = int(lengths.max())
+            return dict(
+                input_ids=self.input_ids,
+                position_ids=self.position_ids,
+                cu_seq_lens_q=cu_seq_lens,
+                cu_seq_lens_k=cu_seq_lens,
+                max_length_q=longest,
+                max_length_k=longest,
+            )
+        raise ValueError(f"packing mode must be 'mask' or 'varlen', not {mode!r}")
 
     def gather(self, per_token: torch.Tensor, shift: int = 0) -> torch.Tensor:
         """`[R, W, ...]` per-column outputs -> `[B, T, ...]` at response positions, zero where
@@ -159,10 +183,14 @@ def pack_responses(
     has_eos: Sequence[bool],
     pad_token_id: int,
     max_tokens: int | None = None,
+    *,
+    one_row: bool = False,
 ) -> PackedBatch:
     """Pack (prompt, response) sequences into rows of at most `max_tokens` tokens (or the longest
     sequence, if longer); by default the padded layout's width (longest prompt + longest response),
-    so a packed batch has no more rows than the padded one and none wider (`row_tokens`)."""
+    so a packed batch has no more rows than the padded one and none wider. With `one_row` every
+    sequence goes into a single row without padding (flash attention's variable-length path,
+    `packs_in_one_row`)."""
     if not (len(prompts) == len(responses) == len(has_eos)) or not prompts:
         raise ValueError(
             f"need as many prompts, responses and has_eos, at least one: "
@@ -172,11 +200,15 @@ def pack_responses(
         raise ValueError(
             "packing needs a non-empty prompt for every sequence (its last token scores response token 0)"
         )
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    if one_row:
+        if max_tokens is not None:
+            raise ValueError("pack either into one row or into rows of max_tokens, not both")
+        max_tokens = sum(lengths)
     if max_tokens is None:
         max_tokens = max(map(len, prompts)) + max(map(len, responses))
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     bins = first_fit_decreasing(lengths, max_tokens)
     width = max(sum(lengths[i] for i in b) for b in bins)
     input_ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
@@ -207,18 +239,20 @@ def pack_responses(
 
 
 def pack_response_batch(
-    batch: ResponseBatch, pad_token_id: int, max_tokens: int | None = None
+    batch: ResponseBatch, pad_token_id: int, max_tokens: int | None = None, *, one_row: bool = False
 ) -> PackedBatch:
     """The packed form of a padded `ResponseBatch` (same sequences, same `[B, T]` response layout)."""
     prompt_len = batch.prompt_len
     lengths = batch.response_mask.sum(-1).tolist()
     prompts = [batch.prompt_ids(b) for b in range(batch.input_ids.shape[0])]
     responses = [batch.input_ids[b, prompt_len : prompt_len + n].tolist() for b, n in enumerate(lengths)]
-    return pack_responses(prompts, responses, batch.has_eos.tolist(), pad_token_id, max_tokens)
+    return pack_responses(
+        prompts, responses, batch.has_eos.tolist(), pad_token_id, max_tokens, one_row=one_row
+    )
 
 
 def pack_preferences(
-    pairs: Sequence[EncodedPair], pad_token_id: int, max_tokens: int | None = None
+    pairs: Sequence[EncodedPair], pad_token_id: int, max_tokens: int | None = None, *, one_row: bool = False
 ) -> PackedPreferenceBatch:
     """B pairs -> 2B packed sequences (chosen first, then rejected) with a [B] margin, like
     `collate_preferences`."""
@@ -228,6 +262,7 @@ def pack_preferences(
         has_eos=[p.chosen_has_eos for p in pairs] + [p.rejected_has_eos for p in pairs],
         pad_token_id=pad_token_id,
         max_tokens=max_tokens,
+        one_row=one_row,
     )
     margin = torch.tensor([0.0 if p.margin is None else p.margin for p in pairs], dtype=torch.float32)
     return PackedPreferenceBatch(**vars(packed), margin=margin)
@@ -240,23 +275,24 @@ def padded_tokens(prompt_lengths: Sequence[int], response_lengths: Sequence[int]
 
 
 def packing_mode(model) -> str:
-    """How `model` keeps packed sequences apart: "position_ids" (flash-attention's varlen kernel,
-    no mask) when it runs a flash-attention implementation, else the 4D block "mask"."""
+    """How `model` keeps packed sequences apart: "varlen" when transformers gives its attention
+    implementation no 4D mask (the flash-attention implementations, and the hub's flash kernels,
+    whose mask function is `flash_attention_mask`), else the 4D block "mask"."""
     module = getattr(model, "module", model)  # unwrap a DeepSpeed engine
-    implementation = getattr(module.config, "_attn_implementation", None) or ""
-    return "position_ids" if "flash" in implementation else "mask"
+    implementation = getattr(module.config, "_attn_implementation", None)
+    takes_no_4d_mask = ALL_MASK_ATTENTION_FUNCTIONS.get(implementation) is flash_attention_mask
+    return "varlen" if takes_no_4d_mask else "mask"
 
 
-def row_tokens(model, max_len: int) -> int | None:
-    """How many tokens the trainers pack into one row for `model`.
-
-    Under flash attention (varlen) attention costs per sequence, so a row may hold up to `max_len`
-    tokens, the whole micro-batch if it fits. Under the block mask it costs `R·W²` however few
-    of the pairs attend, so rows stay at the padded layout's width (None): never more rows, none
-    wider, fewer padding tokens. (Measured on CPU: rows of 2048 tokens made RM training slower
-    than padding; benchmarks/RESULTS.md, "Packing".)
-    """
-    return max_len if packing_mode(model) == "position_ids" else None
+def packs_in_one_row(*models) -> bool:
+    """Whether a micro-batch that all of `models` read is packed into one row: when any of them
+    runs flash attention (`packing_mode` "varlen": transformers' variable-length path takes one
+    row). Under the block mask rows stay at the padded layout's width instead: the mask costs
+    `R·W²` however few of the pairs attend (measured on CPU: rows of 2048 tokens made RM training
+    slower than padding; benchmarks/RESULTS.md, "Packing"), while flash attention costs per
+    sequence, so one row of the whole micro-batch (never more tokens than its padded layout)
+    is free. The other models read the one row through their own mode."""
+    return any(packing_mode(m) == "varlen" for m in models if m is not None)
 
 
 def _forward(model, packed: PackedBatch, mode: str | None):

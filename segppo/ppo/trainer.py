@@ -33,7 +33,7 @@ from segppo.data.packing import (
     pack_response_batch,
     packed_critic_values,
     packed_logprobs_and_entropy,
-    row_tokens,
+    packs_in_one_row,
 )
 from segppo.distributed import (
     DistInfo,
@@ -285,9 +285,8 @@ class PPOTrainer:
         cfg = self.cfg
         packed = None
         if cfg.packing:
-            max_len = cfg.max_prompt_len + cfg.max_new_tokens
-            row = row_tokens(self.models.actor, max_len)
-            packed = pack_response_batch(batch, self.tokenizer.pad_token_id, row).to(mask.device)
+            one_row = packs_in_one_row(self.models.actor, self.models.critic)
+            packed = pack_response_batch(batch, self.tokenizer.pad_token_id, one_row=one_row).to(mask.device)
         # At the sampling temperature, as `score` computed the old log-probs.
         if packed is None:
             args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)

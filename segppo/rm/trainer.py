@@ -33,7 +33,7 @@ from segppo.data import (
     load_splits,
     split_train_eval,
 )
-from segppo.data.packing import pack_preferences, packed_scores, row_tokens
+from segppo.data.packing import pack_preferences, packed_scores, packs_in_one_row
 from segppo.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -193,17 +193,18 @@ def score_pairs(
     segmentation: Segmentation,
     pad_token_id: int,
     device: torch.device,
-    packing_max_len: int | None = None,
+    packing: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores of the chosen and of the rejected responses `[B]`, and the pairs' margins `[B]`.
 
-    Padded (`collate_preferences`), or with `packing_max_len` packed (`pack_preferences`: the 2B
-    sequences laid end to end in rows, `row_tokens` long at most, kept apart by the attention
-    mask): the same numbers, with fewer padding tokens packed.
+    Padded (`collate_preferences`), or with `packing` packed (`pack_preferences`: the 2B
+    sequences laid end to end in rows of the padded width, kept apart by the attention mask, or
+    in one row when a model runs flash attention, `packs_in_one_row`): the same numbers, with
+    fewer padding tokens.
     """
-    if packing_max_len is not None:
-        batch = pack_preferences(pairs, pad_token_id, row_tokens(reward_model, packing_max_len))
-        batch = batch.to(device)
+    if packing:
+        one_row = packs_in_one_row(reward_model, segmenter)
+        batch = pack_preferences(pairs, pad_token_id, one_row=one_row).to(device)
         scores = packed_scores(reward_model, segmenter, batch, segmentation)
     else:
         batch = collate_preferences(pairs, pad_token_id).to(device)
@@ -354,7 +355,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
                     segmentation,
                     tokenizer.pad_token_id,
                     info.device,
-                    packing_max_len=cfg.max_len if cfg.packing else None,
+                    packing=cfg.packing,
                 )
                 n = len(pairs)
                 loss = bradley_terry_loss(chosen, rejected, margin if cfg.margin else None)
