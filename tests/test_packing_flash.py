@@ -292,9 +292,9 @@ def test_ppo_update_packing_under_flash_matches_padded(torch_flash, tiny_lm_dir,
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
 def test_packed_and_padded_logprobs_agree_under_flash_attention_2():
-    """The real kernel: packed (one row, varlen) and padded (unpadded by transformers) log-probs,
-    entropy and values of the same bf16 model agree to bf16 precision; the rows the old code
-    built (several sequences per row) do not."""
+    """The real kernel: packed (one row, varlen) and padded (unpadded by transformers) log-probs
+    and entropy of the same bf16 model agree to bf16 precision; the rows the old code built
+    (several sequences per row, no mask) do not."""
     from segppo.data.packing import pack_responses
     from segppo.kernels import entropy_logprobs
 
@@ -321,4 +321,4 @@ def test_packed_and_padded_logprobs_agree_under_flash_attention_2():
     assert packed.input_ids.shape[0] == 1 and rows.input_ids.shape[0] >= 2
     torch.testing.assert_close(got, want * mask, rtol=0.05, atol=0.05)
     torch.testing.assert_close(got_entropy, want_entropy * mask, rtol=0.05, atol=0.05)
-    assert (old - want * mask).abs().max() > 0.5  # the rows mixed their sequences
+    assert (old - want * mask).abs().max() > 0.2  # the rows mixed their sequences (0.66 in float32 on CPU)
