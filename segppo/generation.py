@@ -39,6 +39,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from segppo.context import Context, config_context
 from segppo.data import EncodedPrompt, ResponseBatch, collate_prompts, collate_responses
 
 
@@ -108,6 +109,17 @@ def _prompt_ids(prompts: Prompts) -> list[list[int]]:
     return [list(p.prompt_ids) if isinstance(p, EncodedPrompt) else list(p) for p in prompts]
 
 
+def check_fits_context(context: Context | None, prompt_ids: list[list[int]], sampling) -> None:
+    """Every prompt plus `sampling.max_new_tokens` fits `context` (None: no limit), else one line
+    naming the longest prompt; both engines call it before they generate."""
+    if context is None or not prompt_ids:
+        return
+    row = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    context.check(
+        len(prompt_ids[row]), sampling.max_new_tokens, prompt=f"the prompt of row {row}", new="max_new_tokens"
+    )
+
+
 def responses_batch(prompt_ids, generated: torch.Tensor, sampling: SamplingConfig, pad_token_id: int):
     """The `ResponseBatch` of `generated` (the new tokens only, `[B, N]`): cut, padded, collated."""
     responses, has_eos = cut_at_stop(generated, sampling.stop_token_ids)
@@ -130,6 +142,9 @@ class HFEngine:
         self, prompts: Prompts, sampling: SamplingConfig, seeds: Sequence[int] | None = None
     ) -> ResponseBatch:
         prompt_ids = _prompt_ids(prompts)
+        module = getattr(self.model, "module", self.model)
+        name = module.config.name_or_path or type(module).__name__
+        check_fits_context(config_context(module.config, name), prompt_ids, sampling)
         batch = collate_prompts(prompt_ids, self.pad_token_id).to(self.device)
         width = batch.input_ids.shape[1]
         if seeds is None:
@@ -158,7 +173,6 @@ class HFEngine:
             pad_token_id=self.pad_token_id,
             **draw,
         )
-        module = getattr(self.model, "module", self.model)
         with _only_generation_config(module, config):
             out = module.generate(
                 input_ids=batch.input_ids,

@@ -163,6 +163,18 @@ def check_rm_train(cfg: Any) -> None:
     check_save_options(cfg)
 
 
+def check_context(model: str, field: str, cfg: Any) -> None:
+    """`cfg.max_prompt_len + cfg.max_new_tokens` fit `model`'s context (`segppo.context`): the limit
+    both generation engines keep, checked before the slow start-up."""
+    from segppo.context import model_context
+
+    context = model_context(model, trust_remote_code=cfg.trust_remote_code, label=_flag(field))
+    if context is not None:
+        context.check(
+            cfg.max_prompt_len, cfg.max_new_tokens, prompt="--max-prompt-len", new="--max-new-tokens"
+        )
+
+
 def check_ppo_train(cfg: Any) -> None:
     check_sources(
         cfg,
@@ -172,6 +184,10 @@ def check_ppo_train(cfg: Any) -> None:
     )
     check_world_size(cfg)
     check_save_options(cfg)
+    # the policy generates prompt + response; the reference scores the same tokens
+    check_context(cfg.policy, "policy", cfg)
+    if cfg.reference:
+        check_context(cfg.reference, "reference", cfg)
 
 
 def check_fit_normalizer(cfg: Any) -> None:

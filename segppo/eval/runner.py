@@ -35,7 +35,7 @@ from segppo.generation import SamplingConfig, stop_token_ids
 from segppo.io import atomic_write_json, atomic_write_text
 from segppo.models import SegppoMetadata, load_tokenizer
 from segppo.models.metadata import METADATA_FILE
-from segppo.preflight import check_eval
+from segppo.preflight import check_context, check_eval
 from segppo.rm.scoring import load_scorer
 from segppo.tracking import LiveProgress
 
@@ -259,6 +259,8 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs, baseline = policy_specs(cfg)
+    for spec in specs:  # the first turn fits every policy (the engines check each batch as well)
+        check_context(spec.folder, "policy", cfg)
     scorer = build_scorer(cfg, scorer_fn, device)
     rm = isinstance(scorer, RewardModelScorer)
     prompts, report = load_eval_prompts(
