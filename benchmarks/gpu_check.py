@@ -1,8 +1,13 @@
-"""One check for a CUDA machine: every op's Triton path against its torch reference, then the
-benchmarks, printed as one table. Installs nothing; about 2-4 minutes on an H100/H200.
+"""One check for a CUDA machine: every op's Triton path against its torch reference, the
+benchmarks, then the stack end to end (benchmarks/gpu_stack.py: a tiny `ppo train` in bf16 with the
+Triton kernels and the fused head, packing under flash attention, the vLLM engine with sleep mode),
+closing with one table of what passed, failed or was skipped and why. Installs nothing; at most
+about 8 minutes on an H100/H200 (kernels and benchmarks 2-4, the stack's sections each under their
+own time limit).
 
-    python benchmarks/gpu_check.py                 # correctness + benchmarks on cuda
-    python benchmarks/gpu_check.py --no-bench      # correctness only
+    python benchmarks/gpu_check.py                 # everything on cuda
+    python benchmarks/gpu_check.py --no-bench      # no benchmarks
+    python benchmarks/gpu_check.py --no-stack      # the kernels only
     python benchmarks/gpu_check.py --device cpu --quick   # tiny sizes, Triton interpreted on CPU
 
 Correctness (Triton path, forced with SEGPPO_KERNELS=triton, against `segppo.kernels.reference`):
@@ -20,16 +25,18 @@ eager torch, torch.compile(eager) and a device-to-device copy of the logits meas
 entropy_logprobs (N=16384, H=4096, V=128256 bf16: time and peak extra memory); segment_rewards
 and gae at B=512, T=2048 against their torch references.
 
-Exit status: 0 all checks pass, 1 a check failed, 2 no CUDA device (one line on stderr).
+The stack's sections and what they check: benchmarks/gpu_stack.py.
+
+Exit status: 0 nothing failed (skips included), 1 a check failed, 2 no CUDA device (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
+from pathlib import Path
 
 NO_CUDA = (
     "gpu_check: no CUDA device (torch.cuda.is_available() is False); run it on a GPU machine, "
@@ -43,6 +50,13 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="tiny sizes (what the CPU test runs)")
     parser.add_argument("--no-bench", action="store_true", help="correctness only")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    parser.add_argument("--no-stack", action="store_true", help="leave out the end-to-end sections")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help="seconds for the whole check; sections that would start with too little are skipped "
+        "(default: 480 on cuda, none on cpu)",
+    )
     return parser.parse_args(argv)
 
 
@@ -162,8 +176,9 @@ def check_gae(checks, torch, device, b, t):
 
 
 def check_fused_head(checks, torch, device, n, h, vocabs, dtypes):
-    from segppo.kernels import reference
     from segppo.kernels.linear_entropy import linear_entropy_logprobs
+
+    from segppo.kernels import reference
 
     for dtype in dtypes:
         for v in vocabs:
@@ -286,8 +301,9 @@ def bench_entropy(torch, rows, compile_too):
 
 
 def bench_fused_head(torch, rows):
-    from segppo.kernels import entropy_logprobs
     from segppo.kernels.linear_entropy import linear_entropy_logprobs
+
+    from segppo.kernels import entropy_logprobs
 
     n, h, v = 16384, 4096, 128256
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
@@ -344,9 +360,11 @@ def bench_rewards_gae(torch, rows):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
-    os.environ["SEGPPO_KERNELS"] = "triton"  # the public ops run their Triton path
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here), str(here.parent)]  # gpu_stack, and segppo from this checkout
+    from gpu_stack import CUDA_BUDGET_S, SECTIONS, Row, prepare_environment, print_table, run_sections
+
+    prepare_environment(args.device)  # the Triton path (interpreted on CPU), before triton's import
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -358,8 +376,18 @@ def main(argv=None) -> int:
     print(f"correctness: {len(checks.rows) - len(failed)}/{len(checks.rows)} checks pass")
     for name, err, tol, _ in failed:
         print(f"  FAIL {name}: max abs error {err:.3g} (tolerance {tol:g} + {tol:g}·|want|)")
+    summary = [
+        Row(
+            f"kernels ({args.device}: Triton against the torch references)",
+            "FAIL" if failed else "PASS",
+            f"{len(checks.rows) - len(failed)}/{len(checks.rows)} checks pass"
+            + (f"; first failure: {failed[0][0]}" if failed else ""),
+            time.perf_counter() - started,
+        )
+    ]
     bench_rows: list[tuple] = []
     if args.device == "cuda" and not args.no_bench:
+        bench_started = time.perf_counter()
         bench_entropy(torch, bench_rows, not args.no_compile)
         bench_fused_head(torch, bench_rows)
         bench_rewards_gae(torch, bench_rows)
@@ -368,8 +396,31 @@ def main(argv=None) -> int:
         print(f"{'benchmark':<26} {'size':<26} {'ms':>9} {'':>16} {'':>14}")
         for name, size, ms, a, b in bench_rows:
             print(f"{name:<26} {size:<26} {ms:>9.3f} {a:>16} {b:>14}")
-    print(f"gpu_check: {time.perf_counter() - started:.0f} s, {'FAILED' if failed else 'ok'}")
-    return 1 if failed else 0
+        broken = [row[0] for row in bench_rows if math.isnan(row[2])]
+        detail = f"{len(bench_rows) - len(broken)}/{len(bench_rows)} timings (table above)"
+        summary.append(
+            Row(
+                "benchmarks",
+                "FAIL" if broken else "PASS",
+                detail + (f"; failed: {', '.join(broken)}" if broken else ""),
+                time.perf_counter() - bench_started,
+            )
+        )
+    else:
+        why = "--no-bench" if args.no_bench else "CUDA only"
+        summary.append(Row("benchmarks", "SKIP", why))
+    if not args.no_stack:
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # the sections run in processes of their own
+        budget = (
+            args.budget if args.budget is not None else (CUDA_BUDGET_S if args.device == "cuda" else None)
+        )
+        left = None if budget is None else budget - (time.perf_counter() - started)
+        summary += run_sections(SECTIONS, args.device, args.quick, budget=left)
+    print_table(summary)
+    bad = [row for row in summary if row.status == "FAIL"]
+    print(f"gpu_check: {time.perf_counter() - started:.0f} s, {'FAILED' if bad else 'ok'}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
