@@ -12,8 +12,9 @@ that section only):
            device in bf16, every logged metric is finite, and the saved policy loads. On CPU: fp32,
            Triton interpreted. One-process PPO runs under DeepSpeed (`segppo.optim.training_engine`:
            engines, bf16 master weights, checkpoints), so without deepspeed it is skipped.
-  packing  the log-probs of packed micro-batches (`pack_response_batch` into rows of several
-           sequences, `packed_logprobs_and_entropy`, the mode `packing_mode` picks) against the
+  packing  the log-probs of packed micro-batches (`pack_response_batch`: one row with cu_seq_lens
+           under flash attention, as the trainers pack, else rows of several sequences under the
+           block mask; `packed_logprobs_and_entropy` in the mode `packing_mode` picks) against the
            padded batch's, per attention implementation: sdpa everywhere, flash_attention_2 on CUDA
            when flash_attn is importable. A control runs the packed rows without keeping sequences
            apart; it must differ, or the comparison could not have seen mixing.
@@ -182,7 +183,7 @@ def section_ppo(device: str, quick: bool) -> list[Row]:
 def packed_against_padded(torch, model, device) -> tuple[float, float, int]:
     """(max |packed − padded| of the response log-probs, the same for the control, rows packed)."""
     from segppo.data import collate_responses
-    from segppo.data.packing import pack_response_batch, packed_logprobs_and_entropy
+    from segppo.data.packing import pack_response_batch, packed_logprobs_and_entropy, packs_in_one_row
     from segppo.segments import logprobs_and_entropy
 
     g = torch.Generator().manual_seed(7)
@@ -190,9 +191,11 @@ def packed_against_padded(torch, model, device) -> tuple[float, float, int]:
     prompts = [torch.randint(4, 384, (n,), generator=g).tolist() for n in prompt_lengths]
     responses = [torch.randint(4, 384, (n,), generator=g).tolist() for n in response_lengths]
     batch = collate_responses(prompts, responses, [False] * len(prompts), 0)
-    # rows of about half the tokens each: two or three rows of several sequences
-    width = (sum(prompt_lengths) + sum(response_lengths)) // 2 + 2
-    packed = pack_response_batch(batch, 0, width).to(device)
+    if packs_in_one_row(model):  # flash attention: the trainers' one row with cu_seq_lens
+        packed = pack_response_batch(batch, 0, one_row=True)
+    else:  # the block mask: rows of about half the tokens each, several sequences in every row
+        packed = pack_response_batch(batch, 0, (sum(prompt_lengths) + sum(response_lengths)) // 2 + 2)
+    packed = packed.to(device)
     batch = batch.to(device)
     with torch.no_grad():
         args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
