@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from segppo.config import EvalConfig
+from segppo.config_fields import RUN
 
 from .options import build_config, config_options, run_or_exit
 
@@ -18,7 +19,9 @@ Opt = typer.Option
 @config_options(EvalConfig)
 def eval_command(
     values: dict[str, Any],
-    as_json: Annotated[bool, Opt("--json", help="Print results.json instead of a table.")] = False,
+    as_json: Annotated[
+        bool, Opt("--json", help="Print results.json instead of a table.", rich_help_panel=RUN)
+    ] = False,
 ) -> None:
     """Generate with each policy, score with a reward model or a Python function, compare with the
     baseline (win rates, ties half), and export AlpacaEval / Arena-Hard / MT-Bench answer files."""

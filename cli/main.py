@@ -6,6 +6,7 @@ import typer
 
 from . import demo, normalizer, ppo, rm
 from . import eval as eval_cli
+from .help import GroupedHelpCommand
 
 app = typer.Typer(
     name="segppo",
@@ -28,7 +29,7 @@ def root() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-@app.command()
+@app.command(cls=GroupedHelpCommand)
 def info() -> None:
     """Show versions, devices and which kernel path each op takes here."""
     from rich.console import Console
@@ -40,9 +41,9 @@ def info() -> None:
 
 app.add_typer(rm.app, name="rm")
 app.add_typer(ppo.app, name="ppo")
-app.command("demo")(demo.demo)
-app.command("fit-normalizer")(normalizer.fit_normalizer)
-app.command("eval")(eval_cli.eval_command)
+app.command("demo", cls=GroupedHelpCommand)(demo.demo)
+app.command("fit-normalizer", cls=GroupedHelpCommand)(normalizer.fit_normalizer)
+app.command("eval", cls=GroupedHelpCommand)(eval_cli.eval_command)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.text import Text
 
 from segppo.config import FitNormalizerConfig
+from segppo.config_fields import NORMALIZER_FIT
 from segppo.presets import FIT_NORMALIZER_PRESETS
 
 from .options import build_config, config_options, run_or_exit
@@ -22,7 +23,9 @@ Opt = typer.Option
 @config_options(FitNormalizerConfig, FIT_NORMALIZER_PRESETS)
 def fit_normalizer(
     values: dict[str, Any],
-    list_keys: Annotated[bool, Opt(help="List the entries of --from-param-json and exit.")] = False,
+    list_keys: Annotated[
+        bool, Opt(help="List the entries of --from-param-json and exit.", rich_help_panel=NORMALIZER_FIT)
+    ] = False,
 ) -> None:
     """Fit the location-aware normalizer of a reward model, or import the paper's param.json.
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from segppo.config import load_config_file
+from segppo.config_fields import RUN
 from segppo.presets import preset_values
 
 
@@ -50,6 +51,7 @@ def config_options(config_cls: type, presets: dict[str, dict[str, Any]] | None =
             values = {k: v for k, v in given.items() if k in names}
             fn(values, **{p.name: given[p.name] for p in own})
 
+        command.config_class = config_cls  # what `--help` and its tests read the panels of
         command.__signature__ = inspect.Signature(params)
         command.__annotations__ = {p.name: p.annotation for p in params}
         del command.__wrapped__  # Typer must read the signature above, not fn's
@@ -59,7 +61,9 @@ def config_options(config_cls: type, presets: dict[str, dict[str, Any]] | None =
 
 
 def _field_parameter(f: dataclasses.Field, annotation: Any) -> inspect.Parameter:
-    option = typer.Option(help=f.metadata.get("help"))
+    # The field's panel is its option's `--help` panel (`segppo.cli.help`); a plain field has none.
+    info = dict(help=f.metadata.get("help"), rich_help_panel=f.metadata.get("panel"))
+    option = typer.Argument(**info) if f.metadata.get("argument") else typer.Option(**info)
     default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
     return _keyword(f.name, Annotated[annotation, option], default)
 
@@ -87,6 +91,7 @@ def config_option(config_cls: type):
     return typer.Option(
         "--config",
         help="YAML file whose keys are option names; explicit flags win.",
+        rich_help_panel=RUN,
         is_eager=True,
         callback=callback,
         show_default=False,
@@ -106,6 +111,7 @@ def preset_option(presets: dict[str, dict[str, Any]]):
     return typer.Option(
         "--preset",
         help=f"One of the paper's runs: {', '.join(sorted(presets))}.",
+        rich_help_panel=RUN,
         is_eager=True,
         callback=callback,
         show_default=False,

@@ -9,12 +9,13 @@ import typer
 from segppo.config import PPOConfig
 from segppo.presets import PPO_PRESETS
 
+from .help import GroupedHelpCommand
 from .options import build_config, config_options, run_or_exit
 
 app = typer.Typer(help="PPO with segment-, token- or bandit-level rewards.", no_args_is_help=True)
 
 
-@app.command("train")
+@app.command("train", cls=GroupedHelpCommand)
 @config_options(PPOConfig, PPO_PRESETS)
 def train(values: dict[str, Any]) -> None:
     """Train a policy with PPO against the reward model's dense (or bandit) rewards."""

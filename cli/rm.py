@@ -11,8 +11,10 @@ from rich.table import Table
 from rich.text import Text
 
 from segppo.config import RMConfig, RMEvalConfig
+from segppo.config_fields import DATA, MODEL, RUN, SEGMENTS
 from segppo.presets import RM_PRESETS
 
+from .help import GroupedHelpCommand
 from .options import build_config, config_options, run_or_exit
 
 app = typer.Typer(help="Train, evaluate and inspect reward models.", no_args_is_help=True)
@@ -21,7 +23,7 @@ console = Console()
 Opt = typer.Option
 
 
-@app.command("train")
+@app.command("train", cls=GroupedHelpCommand)
 @config_options(RMConfig, RM_PRESETS)
 def train(values: dict[str, Any]) -> None:
     """Train a segment-, token- or bandit-level reward model on preference pairs."""
@@ -31,11 +33,13 @@ def train(values: dict[str, Any]) -> None:
     run_or_exit(lambda: train_reward_model(cfg))
 
 
-@app.command("eval")
+@app.command("eval", cls=GroupedHelpCommand)
 @config_options(RMEvalConfig)
 def evaluate(
     values: dict[str, Any],
-    as_json: Annotated[bool, Opt("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[
+        bool, Opt("--json", help="Print JSON instead of a table.", rich_help_panel=RUN)
+    ] = False,
 ) -> None:
     """Pairwise accuracy and score statistics of a reward model (never on its training rows)."""
     from segppo.rm.evaluate import evaluate_reward_model
@@ -60,15 +64,25 @@ def _reward_style(value: float, scale: float) -> str:
     return f"on rgb({channel},40,40)" if value < 0 else f"on rgb(40,{channel},40)"
 
 
-@app.command("inspect")
+@app.command("inspect", cls=GroupedHelpCommand)
 def inspect(
-    model: Annotated[str, Opt(help="Reward model folder (or run folder) or hub name.")],
-    prompt: Annotated[str, Opt(help="The user prompt.")],
-    response: Annotated[str, Opt(help="The assistant response to split and score.")],
-    segmenter: Annotated[str | None, Opt(help="Override the segmenter recorded in segppo.json.")] = None,
-    granularity: Annotated[str | None, Opt()] = None,
-    threshold: Annotated[float | None, Opt()] = None,
-    trust_remote_code: Annotated[bool, Opt()] = False,
+    model: Annotated[
+        str, Opt(help="Reward model folder (or run folder) or hub name.", rich_help_panel=MODEL)
+    ],
+    prompt: Annotated[str, Opt(help="The user prompt.", rich_help_panel=DATA)],
+    response: Annotated[str, Opt(help="The assistant response to split and score.", rich_help_panel=DATA)],
+    segmenter: Annotated[
+        str | None, Opt(help="Override the segmenter recorded in segppo.json.", rich_help_panel=SEGMENTS)
+    ] = None,
+    granularity: Annotated[
+        str | None, Opt(help="For imported RMs that record none.", rich_help_panel=SEGMENTS)
+    ] = None,
+    threshold: Annotated[
+        float | None, Opt(help="Entropy threshold, with --granularity segment.", rich_help_panel=SEGMENTS)
+    ] = None,
+    trust_remote_code: Annotated[
+        bool, Opt(help="Allow model code from the hub (off by default).", rich_help_panel=MODEL)
+    ] = False,
 ) -> None:
     """Show a response split into the RM's segments, each coloured by its reward."""
     from segppo.rm.evaluate import inspect_response

@@ -15,7 +15,16 @@ from pathlib import Path
 
 from segppo.config_eval import DEMO_TASKS, DemoConfig, EvalConfig  # re-exported
 from segppo.config_fields import (  # re-exported
+    DATA,
+    GENERATION,
+    MEMORY,
+    MODEL,
+    NORMALIZER_FIT,
+    OPTIMISATION,
+    PPO,
     PROMPT_SHARE,
+    RUN,
+    SEGMENTS,
     check_positive,
     load_config_file,
     normalize_keys,
@@ -37,54 +46,73 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
 class RMConfig(MemoryOptions):
     """`segppo rm train`: a segment-, token- or bandit-level reward model from preference pairs."""
 
-    model: str = option(help="Backbone the RM starts from: a causal LM (hub name or folder).")
-    dataset: str = option(help="Preference data: hub name, .json/.jsonl/.parquet file or folder.")
-    output: str = option(help="Run folder (model/, state/, metrics.jsonl).")
-    granularity: str = option("segment", help="segment | token | bandit.")
-    entropy_threshold: float = option(2.0, help="Segment ends where the segmenter's entropy exceeds this.")
-    segmenter: str | None = option(None, help="Entropy model (default: --model).")
-    split: str = option("train", help="Training split.")
+    model: str = option(panel=MODEL, help="Backbone the RM starts from: a causal LM (hub name or folder).")
+    dataset: str = option(panel=DATA, help="Preference data: hub name, .json/.jsonl/.parquet file or folder.")
+    output: str = option(panel=RUN, help="Run folder (model/, state/, metrics.jsonl).")
+    granularity: str = option("segment", panel=SEGMENTS, help="segment | token | bandit.")
+    entropy_threshold: float = option(
+        2.0, panel=SEGMENTS, help="Segment ends where the segmenter's entropy exceeds this."
+    )
+    segmenter: str | None = option(None, panel=SEGMENTS, help="Entropy model (default: --model).")
+    split: str = option("train", panel=DATA, help="Training split.")
     eval_split: str | None = option(
-        None, help="Evaluation split (default: the dataset's own, else held out)."
+        None, panel=DATA, help="Evaluation split (default: the dataset's own, else held out)."
     )
-    eval_fraction: float = option(0.02, help="Fraction held out when the dataset has no eval split.")
-    max_samples: int | None = option(None, help="Use at most this many training rows.")
-    prompt_key: str | None = option(None, help="Column of the prompt (overrides detection).")
-    chosen_key: str | None = option(None, help="Column of the chosen response.")
-    rejected_key: str | None = option(None, help="Column of the rejected response.")
-    strict: bool = option(False, help="A malformed data row is an error naming it (default: skip and count).")
-    chat_template: str | None = option(None, help="Jinja chat template (string or file).")
-    max_len: int = option(2048, help="Prompt + response tokens.")
+    eval_fraction: float = option(
+        0.02, panel=DATA, help="Fraction held out when the dataset has no eval split."
+    )
+    max_samples: int | None = option(None, panel=DATA, help="Use at most this many training rows.")
+    prompt_key: str | None = option(None, panel=DATA, help="Column of the prompt (overrides detection).")
+    chosen_key: str | None = option(None, panel=DATA, help="Column of the chosen response.")
+    rejected_key: str | None = option(None, panel=DATA, help="Column of the rejected response.")
+    strict: bool = option(
+        False, panel=DATA, help="A malformed data row is an error naming it (default: skip and count)."
+    )
+    chat_template: str | None = option(None, panel=DATA, help="Jinja chat template (string or file).")
+    max_len: int = option(2048, panel=DATA, help="Prompt + response tokens.")
     max_prompt_len: int | None = option(
-        None, help="Prompt tokens, truncated from the left first (default: 27/32 of --max-len, 1728 of 2048)."
+        None,
+        panel=DATA,
+        help="Prompt tokens, truncated from the left first (default: 27/32 of --max-len, 1728 of 2048).",
     )
-    epochs: int = 1
-    max_steps: int | None = option(None, help="Stop after this many optimizer steps.")
-    lr: float = option(1e-6, help="Peak learning rate.")
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = option(0.1, help="Cosine floor as a fraction of --lr.")
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    batch_size: int = option(128, help="Pairs per optimizer step over all ranks.")
-    micro_batch_size: int = option(8, help="Pairs per forward on one rank.")
-    margin: bool = option(False, help="Use the data's score margins in the loss.")
-    zero_stage: int = option(2, help="DeepSpeed ZeRO stage 0-3.")
-    bf16: bool = option(False, help="Train in bfloat16.")
-    gradient_checkpointing: bool = False
+    epochs: int = option(1, panel=OPTIMISATION, help="Passes over the training pairs.")
+    max_steps: int | None = option(None, panel=OPTIMISATION, help="Stop after this many optimizer steps.")
+    lr: float = option(1e-6, panel=OPTIMISATION, help="Peak learning rate.")
+    warmup_ratio: float = option(
+        0.03, panel=OPTIMISATION, help="Share of the steps spent warming the learning rate up."
+    )
+    min_lr_ratio: float = option(0.1, panel=OPTIMISATION, help="Cosine floor as a fraction of --lr.")
+    weight_decay: float = option(0.0, panel=OPTIMISATION, help="AdamW weight decay.")
+    grad_clip: float = option(1.0, panel=OPTIMISATION, help="Clip the gradient norm to this.")
+    batch_size: int = option(128, panel=OPTIMISATION, help="Pairs per optimizer step over all ranks.")
+    micro_batch_size: int = option(8, panel=MEMORY, help="Pairs per forward on one rank.")
+    margin: bool = option(False, panel=SEGMENTS, help="Use the data's score margins in the loss.")
+    zero_stage: int = option(2, panel=MEMORY, help="DeepSpeed ZeRO stage 0-3.")
+    bf16: bool = option(False, panel=MEMORY, help="Train in bfloat16.")
+    gradient_checkpointing: bool = option(
+        False, panel=MEMORY, help="Recompute activations in the backward pass (less memory, slower)."
+    )
     packing: bool = option(
         False,
+        panel=MEMORY,
         help="Pack each micro-batch's chosen and rejected sequences into rows kept apart by the "
         "attention mask, one row under flash attention (same loss, fewer padding tokens).",
     )
-    eval_every: int = option(0, help="Evaluate every N steps (0: at the end only).")
-    save_every: int = option(0, help="Checkpoint every N steps (0: at the end only).")
-    save_total_limit: int = option(2, help="Training states kept in state/, newest first (0: all).")
-    seed: int = 42
-    nproc: int = option(1, help="Local ranks to run (DeepSpeed).")
-    resume: bool = option(False, help="Continue the run in --output from its last state.")
-    trust_remote_code: bool = option(False, help="Allow model code from the hub (off by default).")
-    tensorboard: bool = False
-    wandb_project: str | None = None
+    eval_every: int = option(0, panel=RUN, help="Evaluate every N steps (0: at the end only).")
+    save_every: int = option(0, panel=RUN, help="Checkpoint every N steps (0: at the end only).")
+    save_total_limit: int = option(
+        2, panel=RUN, help="Training states kept in state/, newest first (0: all)."
+    )
+    seed: int = option(
+        42, panel=RUN, help="Seed of the data order, the held-out rows and the initialisation."
+    )
+    nproc: int = option(1, panel=MEMORY, help="Local ranks to run (DeepSpeed).")
+    resume: bool = option(False, panel=RUN, help="Continue the run in --output from its last state.")
+    trust_remote_code: bool = option(
+        False, panel=MODEL, help="Allow model code from the hub (off by default)."
+    )
+    tensorboard: bool = option(False, panel=RUN, help="Also log to TensorBoard (output/tensorboard).")
+    wandb_project: str | None = option(None, panel=RUN, help="Also log to this W&B project.")
 
     def __post_init__(self) -> None:
         check_positive(self, "max_len")
@@ -121,20 +149,28 @@ class RMConfig(MemoryOptions):
 class RMEvalConfig:
     """`segppo rm eval`: pairwise accuracy and score statistics of a reward model."""
 
-    model: str = option(help="Reward model folder (or run folder) or hub name.")
-    dataset: str = option(help="Preference data.")
-    split: str = "train"
-    max_samples: int | None = None
-    prompt_key: str | None = None
-    chosen_key: str | None = None
-    rejected_key: str | None = None
-    max_len: int = 2048
-    max_prompt_len: int | None = option(None, help="Prompt tokens (default: 27/32 of --max-len).")
-    batch_size: int = option(8, help="Pairs per forward.")
-    segmenter: str | None = option(None, help="Override the segmenter recorded in segppo.json.")
-    granularity: str | None = option(None, help="For imported RMs that record none.")
-    threshold: float | None = None
-    trust_remote_code: bool = False
+    model: str = option(panel=MODEL, help="Reward model folder (or run folder) or hub name.")
+    dataset: str = option(panel=DATA, help="Preference data.")
+    split: str = option(
+        "train", panel=DATA, help="Split evaluated (the RM's held-out rows when it is its training split)."
+    )
+    max_samples: int | None = option(None, panel=DATA, help="Use at most this many rows.")
+    prompt_key: str | None = option(None, panel=DATA, help="Column of the prompt (overrides detection).")
+    chosen_key: str | None = option(None, panel=DATA, help="Column of the chosen response.")
+    rejected_key: str | None = option(None, panel=DATA, help="Column of the rejected response.")
+    max_len: int = option(2048, panel=DATA, help="Prompt + response tokens.")
+    max_prompt_len: int | None = option(None, panel=DATA, help="Prompt tokens (default: 27/32 of --max-len).")
+    batch_size: int = option(8, panel=MEMORY, help="Pairs per forward.")
+    segmenter: str | None = option(
+        None, panel=SEGMENTS, help="Override the segmenter recorded in segppo.json."
+    )
+    granularity: str | None = option(None, panel=SEGMENTS, help="For imported RMs that record none.")
+    threshold: float | None = option(
+        None, panel=SEGMENTS, help="Entropy threshold, with --granularity segment."
+    )
+    trust_remote_code: bool = option(
+        False, panel=MODEL, help="Allow model code from the hub (off by default)."
+    )
 
     def __post_init__(self) -> None:
         check_positive(self, "max_len")
@@ -151,40 +187,63 @@ class FitNormalizerConfig:
     with `into_rm` also the `normalizer` field of the reward model folder's `segppo.json`.
     """
 
-    reward_model: str | None = option(None, help="Reward model folder (or run folder) or hub name to fit.")
-    dataset: str | None = option(None, help="Preference data whose responses are scored.")
-    output: str = option("normalizer.json", help="Where to write normalizer.json.")
-    samples: int = option(60000, help="Preference pairs to score (chosen and rejected responses).")
-    split: str = "train"
-    seed: int = option(42, help="Seed of the shuffle that picks the pairs.")
-    prompt_key: str | None = option(None, help="Column of the prompt (overrides detection).")
-    chosen_key: str | None = None
-    rejected_key: str | None = None
-    max_len: int = option(2048, help="Prompt + response tokens.")
-    max_prompt_len: int | None = option(None, help="Prompt tokens (default: 27/32 of --max-len).")
-    batch_size: int = option(8, help="Pairs per forward on one rank.")
-    min_bin_count: int = option(10, help="Bins with fewer scores are left out of the fit.")
+    reward_model: str | None = option(
+        None, panel=MODEL, help="Reward model folder (or run folder) or hub name to fit."
+    )
+    dataset: str | None = option(None, panel=DATA, help="Preference data whose responses are scored.")
+    output: str = option("normalizer.json", panel=RUN, help="Where to write normalizer.json.")
+    samples: int = option(
+        60000, panel=DATA, help="Preference pairs to score (chosen and rejected responses)."
+    )
+    split: str = option("train", panel=DATA, help="Split whose pairs are scored.")
+    seed: int = option(42, panel=DATA, help="Seed of the shuffle that picks the pairs.")
+    prompt_key: str | None = option(None, panel=DATA, help="Column of the prompt (overrides detection).")
+    chosen_key: str | None = option(None, panel=DATA, help="Column of the chosen response.")
+    rejected_key: str | None = option(None, panel=DATA, help="Column of the rejected response.")
+    max_len: int = option(2048, panel=DATA, help="Prompt + response tokens.")
+    max_prompt_len: int | None = option(None, panel=DATA, help="Prompt tokens (default: 27/32 of --max-len).")
+    batch_size: int = option(8, panel=MEMORY, help="Pairs per forward on one rank.")
+    min_bin_count: int = option(
+        10, panel=NORMALIZER_FIT, help="Bins with fewer scores are left out of the fit."
+    )
     fit_mode: str = option(
         "weighted",
+        panel=NORMALIZER_FIT,
         help="weighted: bins weighted by their counts, centred on the data | paper: the paper's unweighted "
         "Huber fit of the bins.",
     )
     min_r2: float = option(
-        0.2, help="With --fit-mode weighted: a line of lower R² is replaced by a constant."
+        0.2,
+        panel=NORMALIZER_FIT,
+        help="With --fit-mode weighted: a line of lower R² is replaced by a constant.",
     )
-    sigma_floor: float = option(1e-2, help="Lower bound of the fitted std.")
-    plot: str | None = option(None, help="Also save a PNG of the fit (needs matplotlib).")
+    sigma_floor: float = option(1e-2, panel=NORMALIZER_FIT, help="Lower bound of the fitted std.")
+    plot: str | None = option(
+        None, panel=NORMALIZER_FIT, help="Also save a PNG of the fit (needs matplotlib)."
+    )
     into_rm: bool = option(
-        False, help="Also write the normalizer into the reward model folder's segppo.json."
+        False,
+        panel=NORMALIZER_FIT,
+        help="Also write the normalizer into the reward model folder's segppo.json.",
     )
-    segmenter: str | None = option(None, help="Override the segmenter recorded in segppo.json.")
-    granularity: str | None = option(None, help="For imported RMs that record none.")
-    threshold: float | None = option(None, help="Entropy threshold, with --granularity segment.")
-    bf16: bool = option(False, help="Run the models in bfloat16.")
-    nproc: int = option(1, help="Local ranks to split the samples across.")
-    trust_remote_code: bool = option(False, help="Allow model code from the hub (off by default).")
-    from_param_json: str | None = option(None, help="Import the paper's param.json instead of fitting.")
-    key: str | None = option(None, help="Entry of --from-param-json: model/dataset/method/agg/threshold.")
+    segmenter: str | None = option(
+        None, panel=SEGMENTS, help="Override the segmenter recorded in segppo.json."
+    )
+    granularity: str | None = option(None, panel=SEGMENTS, help="For imported RMs that record none.")
+    threshold: float | None = option(
+        None, panel=SEGMENTS, help="Entropy threshold, with --granularity segment."
+    )
+    bf16: bool = option(False, panel=MEMORY, help="Run the models in bfloat16.")
+    nproc: int = option(1, panel=MEMORY, help="Local ranks to split the samples across.")
+    trust_remote_code: bool = option(
+        False, panel=MODEL, help="Allow model code from the hub (off by default)."
+    )
+    from_param_json: str | None = option(
+        None, panel=NORMALIZER_FIT, help="Import the paper's param.json instead of fitting."
+    )
+    key: str | None = option(
+        None, panel=NORMALIZER_FIT, help="Entry of --from-param-json: model/dataset/method/agg/threshold."
+    )
 
     def __post_init__(self) -> None:
         check_positive(self, "max_len")
@@ -227,100 +286,150 @@ class FitNormalizerConfig:
 class PPOConfig(PPOMemoryOptions):
     """`segppo ppo train`: PPO against dense segment (or token, or bandit) rewards."""
 
-    policy: str = option(help="SFT model: the initial policy (and the default reference).")
-    reward_model: str = option(help="Reward model folder (or run folder) or hub name.")
-    prompts: str = option(help="Prompt data: hub name, file or folder (strings or message lists).")
-    output: str = option(help="Run folder (policy/, state/, metrics.jsonl, samples.jsonl).")
-    reference: str | None = option(None, help="Frozen reference for KL and entropy (default: --policy).")
-    critic_init: str = option("rm", help="rm | sft: where the critic starts.")
-    split: str = "train"
-    max_samples: int | None = option(None, help="Use at most this many prompts.")
-    prompt_key: str | None = option(None, help="Column of the prompt (overrides detection).")
+    policy: str = option(panel=MODEL, help="SFT model: the initial policy (and the default reference).")
+    reward_model: str = option(panel=MODEL, help="Reward model folder (or run folder) or hub name.")
+    prompts: str = option(
+        panel=DATA, help="Prompt data: hub name, file or folder (strings or message lists)."
+    )
+    output: str = option(panel=RUN, help="Run folder (policy/, state/, metrics.jsonl, samples.jsonl).")
+    reference: str | None = option(
+        None, panel=MODEL, help="Frozen reference for KL and entropy (default: --policy)."
+    )
+    critic_init: str = option("rm", panel=MODEL, help="rm | sft: where the critic starts.")
+    split: str = option("train", panel=DATA, help="Split of the prompt data.")
+    max_samples: int | None = option(None, panel=DATA, help="Use at most this many prompts.")
+    prompt_key: str | None = option(None, panel=DATA, help="Column of the prompt (overrides detection).")
     chat_template: str | None = option(
-        None, help="Jinja template (default: the one the RM was trained with)."
+        None, panel=DATA, help="Jinja template (default: the one the RM was trained with)."
     )
-    max_prompt_len: int = 1024
-    long_prompts: str = option("error", help="error | truncate: prompts over --max-prompt-len.")
-    strict: bool = option(False, help="A malformed prompt row is an error naming it (default: skip, count).")
-    max_new_tokens: int = option(1024, help="Generation limit per response.")
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_token: list[str] | None = option(None, help="Extra stop token (repeatable).")
-    reward_granularity: str | None = option(None, help="segment | token | bandit (default: the RM's).")
-    entropy_threshold: float | None = option(None, help="Segmentation threshold (default: the RM's).")
+    max_prompt_len: int = option(1024, panel=DATA, help="Prompt tokens (see --long-prompts).")
+    long_prompts: str = option("error", panel=DATA, help="error | truncate: prompts over --max-prompt-len.")
+    strict: bool = option(
+        False, panel=DATA, help="A malformed prompt row is an error naming it (default: skip, count)."
+    )
+    max_new_tokens: int = option(1024, panel=GENERATION, help="Generation limit per response.")
+    temperature: float = option(
+        1.0, panel=GENERATION, help="Sampling temperature (log-probs and KL are taken at it)."
+    )
+    top_p: float = option(1.0, panel=GENERATION, help="Nucleus sampling mass.")
+    stop_token: list[str] | None = option(None, panel=GENERATION, help="Extra stop token (repeatable).")
+    reward_granularity: str | None = option(
+        None, panel=SEGMENTS, help="segment | token | bandit (default: the RM's)."
+    )
+    entropy_threshold: float | None = option(
+        None, panel=SEGMENTS, help="Segmentation threshold (default: the RM's)."
+    )
     distribute: str = option(
-        "interpolate", help="interpolate | repeat | end: a segment's reward on its tokens."
+        "interpolate", panel=SEGMENTS, help="interpolate | repeat | end: a segment's reward on its tokens."
     )
-    normalizer: str | None = option(None, help="normalizer.json (default: the RM's own, if any).")
-    normalize: bool = option(True, help="Location-aware normalization of segment rewards.")
-    reward_mean: float | None = option(None, help="Bandit normalizer mean.")
-    reward_std: float | None = option(None, help="Bandit normalizer std.")
-    sigma_floor: float | None = option(None, help="Floor of σ(p) (default: the normalizer's own).")
-    reward_clip: float = 10.0
-    kl_coef: float = option(0.01, help="β of the KL penalty (initial value when adaptive).")
+    normalizer: str | None = option(
+        None, panel=SEGMENTS, help="normalizer.json (default: the RM's own, if any)."
+    )
+    normalize: bool = option(True, panel=SEGMENTS, help="Location-aware normalization of segment rewards.")
+    reward_mean: float | None = option(None, panel=SEGMENTS, help="Bandit normalizer mean.")
+    reward_std: float | None = option(None, panel=SEGMENTS, help="Bandit normalizer std.")
+    sigma_floor: float | None = option(
+        None, panel=SEGMENTS, help="Floor of σ(p) (default: the normalizer's own)."
+    )
+    reward_clip: float = option(10.0, panel=SEGMENTS, help="Clip each token's dense reward to ± this.")
+    kl_coef: float = option(0.01, panel=PPO, help="β of the KL penalty (initial value when adaptive).")
     kl_target: float | None = option(
-        None, help="Adaptive KL control towards this per-token mean KL (as OpenRLHF and the paper)."
+        None,
+        panel=PPO,
+        help="Adaptive KL control towards this per-token mean KL (as OpenRLHF and the paper).",
     )
-    kl_horizon: int = 10000
-    kl_estimator: str = option("k1", help="k1 | k3.")
-    missing_eos_penalty: float | None = option(None, help="Added at the last token without EOS.")
-    overlong_penalty: float | None = option(None, help="Added when a response exceeds --max-response-len.")
-    max_response_len: int | None = option(None, help="Responses longer than this get --overlong-penalty.")
-    gamma: float = 1.0
-    lam: float = 0.95
-    policy_clip: float = 0.2
+    kl_horizon: int = option(10000, panel=PPO, help="Horizon of the adaptive KL controller.")
+    kl_estimator: str = option("k1", panel=PPO, help="k1 | k3.")
+    missing_eos_penalty: float | None = option(
+        None, panel=SEGMENTS, help="Added at the last token without EOS."
+    )
+    overlong_penalty: float | None = option(
+        None, panel=SEGMENTS, help="Added when a response exceeds --max-response-len."
+    )
+    max_response_len: int | None = option(
+        None, panel=SEGMENTS, help="Responses longer than this get --overlong-penalty."
+    )
+    gamma: float = option(1.0, panel=PPO, help="GAE discount γ.")
+    lam: float = option(0.95, panel=PPO, help="GAE λ.")
+    policy_clip: float = option(0.2, panel=PPO, help="PPO ratio clip ε.")
     policy_clip_high: float | None = option(
-        None, help="ε_high of the ratio's upper clip 1 + ε_high (default --policy-clip; DAPO's clip-higher)."
+        None,
+        panel=PPO,
+        help="ε_high of the ratio's upper clip 1 + ε_high (default --policy-clip; DAPO's clip-higher).",
     )
     dual_clip: float | None = option(
-        None, help="Dual clip C > 1: a token's policy loss where A < 0 is at most C·|A| (off by default)."
+        None,
+        panel=PPO,
+        help="Dual clip C > 1: a token's policy loss where A < 0 is at most C·|A| (off by default).",
     )
     loss_agg: str = option(
         "token-mean",
+        panel=PPO,
         help="token-mean: over all tokens of an optimizer step | seq-mean: per response, then over "
         "responses (the paper's code).",
     )
-    value_clip: float | None = option(None, help="Default 0.25 dense, 0.2 bandit.")
-    whiten_advantages: bool = True
-    advantage: str = "gae"  # gae | rloo | grpo | reinforce++: the last three need no critic
+    value_clip: float | None = option(None, panel=PPO, help="Default 0.25 dense, 0.2 bandit.")
+    whiten_advantages: bool = option(True, panel=PPO, help="Whiten advantages over the rollout batch.")
+    advantage: str = option(
+        "gae", panel=PPO, help="gae | rloo | grpo | reinforce++ (the last three need no critic)."
+    )
     n_samples_per_prompt: int = option(
-        1, help="Responses per prompt, consecutive rows of one micro-rollout: rloo/grpo's group."
+        1, panel=PPO, help="Responses per prompt, consecutive rows of one micro-rollout: rloo/grpo's group."
     )
     rollout_batch_size: int = option(
-        1024, help="Prompts per rollout over all ranks (× --n-samples-per-prompt responses, as OpenRLHF)."
+        1024,
+        panel=PPO,
+        help="Prompts per rollout over all ranks (× --n-samples-per-prompt responses, as OpenRLHF).",
     )
     micro_rollout_batch_size: int = option(
-        16, help="Responses per generate call on one rank (a multiple of --n-samples-per-prompt)."
+        16,
+        panel=MEMORY,
+        help="Responses per generate call on one rank (a multiple of --n-samples-per-prompt).",
     )
-    rollout_engine: str = option("hf", help="hf | vllm: the generation engine of the rollouts.")
-    train_batch_size: int = option(128, help="Responses per optimizer step over all ranks.")
-    micro_train_batch_size: int = 4
-    ppo_epochs: int = 1
-    num_episodes: int = option(1, help="Passes over the prompt set.")
-    max_steps: int | None = option(None, help="Stop after this many rollout/update rounds.")
-    actor_lr: float = 5e-7
-    critic_lr: float = 9e-6
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    zero_stage: int = 2
-    bf16: bool = False
-    gradient_checkpointing: bool = False
+    rollout_engine: str = option(
+        "hf", panel=GENERATION, help="hf | vllm: the generation engine of the rollouts."
+    )
+    train_batch_size: int = option(128, panel=PPO, help="Responses per optimizer step over all ranks.")
+    micro_train_batch_size: int = option(4, panel=MEMORY, help="Responses per update forward on one rank.")
+    ppo_epochs: int = option(1, panel=PPO, help="Update passes over each rollout batch.")
+    num_episodes: int = option(1, panel=PPO, help="Passes over the prompt set.")
+    max_steps: int | None = option(
+        None, panel=OPTIMISATION, help="Stop after this many rollout/update rounds."
+    )
+    actor_lr: float = option(5e-7, panel=OPTIMISATION, help="Peak learning rate of the policy.")
+    critic_lr: float = option(9e-6, panel=OPTIMISATION, help="Peak learning rate of the critic.")
+    warmup_ratio: float = option(
+        0.03, panel=OPTIMISATION, help="Share of the steps spent warming the learning rates up."
+    )
+    min_lr_ratio: float = option(
+        0.1, panel=OPTIMISATION, help="Cosine floor as a fraction of each peak learning rate."
+    )
+    weight_decay: float = option(0.0, panel=OPTIMISATION, help="AdamW weight decay.")
+    grad_clip: float = option(1.0, panel=OPTIMISATION, help="Clip the gradient norm to this.")
+    zero_stage: int = option(2, panel=MEMORY, help="DeepSpeed ZeRO stage 0-3.")
+    bf16: bool = option(False, panel=MEMORY, help="Train in bfloat16.")
+    gradient_checkpointing: bool = option(
+        False, panel=MEMORY, help="Recompute activations in the backward pass (less memory, slower)."
+    )
     packing: bool = option(
         False,
+        panel=MEMORY,
         help="Pack each update micro-batch's sequences into rows kept apart by the attention mask, "
         "one row under flash attention (same losses, fewer padding tokens).",
     )
-    save_every: int = option(0, help="Checkpoint every N steps (0: at the end only).")
-    save_total_limit: int = option(2, help="Training states kept in state/, newest first (0: all).")
-    num_logged_samples: int = option(4, help="Generations per step written to samples.jsonl.")
-    seed: int = 42
-    nproc: int = option(1, help="Local ranks to run (DeepSpeed).")
-    resume: bool = option(False, help="Continue the run in --output from its last state.")
-    trust_remote_code: bool = False
-    tensorboard: bool = False
-    wandb_project: str | None = None
+    save_every: int = option(0, panel=RUN, help="Checkpoint every N steps (0: at the end only).")
+    save_total_limit: int = option(
+        2, panel=RUN, help="Training states kept in state/, newest first (0: all)."
+    )
+    num_logged_samples: int = option(4, panel=RUN, help="Generations per step written to samples.jsonl.")
+    seed: int = option(42, panel=RUN, help="Seed of the prompt order, sampling and initialisation.")
+    nproc: int = option(1, panel=MEMORY, help="Local ranks to run (DeepSpeed).")
+    resume: bool = option(False, panel=RUN, help="Continue the run in --output from its last state.")
+    trust_remote_code: bool = option(
+        False, panel=MODEL, help="Allow model code from the hub (off by default)."
+    )
+    tensorboard: bool = option(False, panel=RUN, help="Also log to TensorBoard (output/tensorboard).")
+    wandb_project: str | None = option(None, panel=RUN, help="Also log to this W&B project.")
 
     def __post_init__(self) -> None:
         check_positive(

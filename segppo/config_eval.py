@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from segppo.config_fields import check_positive, option
+from segppo.config_fields import (
+    DATA,
+    DEMO,
+    EVALUATION,
+    GENERATION,
+    MEMORY,
+    MODEL,
+    RUN,
+    SEGMENTS,
+    check_positive,
+    option,
+)
 from segppo.kernels import GRANULARITIES
 
 
@@ -19,58 +30,83 @@ class EvalConfig:
     others are compared against; default: the first policy when there are several.
     """
 
-    policy: list[str] = option(help="Policy folder, PPO run folder or hub name; repeat to compare several.")
-    prompts: str = option(
-        help="Prompt data: PPO's layouts, MT-Bench/Arena-Hard question.jsonl (`turns`) "
-        "or AlpacaEval (`instruction`) rows."
+    policy: list[str] = option(
+        panel=MODEL, help="Policy folder, PPO run folder or hub name; repeat to compare several."
     )
-    output: str = option(help="Folder for results.json, responses/, the benchmark exports and the plot.")
+    prompts: str = option(
+        panel=DATA,
+        help="Prompt data: PPO's layouts, MT-Bench/Arena-Hard question.jsonl (`turns`) "
+        "or AlpacaEval (`instruction`) rows.",
+    )
+    output: str = option(
+        panel=RUN, help="Folder for results.json, responses/, the benchmark exports and the plot."
+    )
     reward_model: str | None = option(
-        None, help="Score with this reward model (its sequence score and PPO-normalized reward)."
+        None,
+        panel=SEGMENTS,
+        help="Score with this reward model (its sequence score and PPO-normalized reward).",
     )
     scorer: str | None = option(
-        None, help="Score with a Python callable module:function, f(prompts, responses) -> scores."
+        None,
+        panel=SEGMENTS,
+        help="Score with a Python callable module:function, f(prompts, responses) -> scores.",
     )
     baseline: str | None = option(
         None,
+        panel=EVALUATION,
         help="Policy to compute win rates against: a --name, a --policy, or another policy path "
         "(default: the first).",
     )
     name: list[str] | None = option(
-        None, help="Name of each --policy, in order (default: the folder's last component)."
+        None, panel=EVALUATION, help="Name of each --policy, in order (default: the folder's last component)."
     )
-    num_samples: int = option(1, help="Responses per prompt per policy.")
-    turns: int = option(1, help="1, or 2 for MT-Bench-style two-turn prompts.")
-    split: str = "train"
-    max_samples: int | None = option(None, help="Use at most this many prompts.")
-    prompt_key: str | None = option(None, help="Column of the prompt (overrides detection).")
+    num_samples: int = option(1, panel=GENERATION, help="Responses per prompt per policy.")
+    turns: int = option(1, panel=EVALUATION, help="1, or 2 for MT-Bench-style two-turn prompts.")
+    split: str = option("train", panel=DATA, help="Split of the prompt data.")
+    max_samples: int | None = option(None, panel=DATA, help="Use at most this many prompts.")
+    prompt_key: str | None = option(None, panel=DATA, help="Column of the prompt (overrides detection).")
     chat_template: str | None = option(
-        None, help="Jinja template (default: the RM's when it shares the policy's tokenizer)."
+        None, panel=DATA, help="Jinja template (default: the RM's when it shares the policy's tokenizer)."
     )
-    max_prompt_len: int = 1024
-    long_prompts: str = option("error", help="error | truncate: prompts over --max-prompt-len.")
-    max_new_tokens: int = option(1024, help="Generation limit per response (per turn).")
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_token: list[str] | None = option(None, help="Extra stop token (repeatable).")
-    batch_size: int = option(16, help="Prompts per generate call and responses per scoring forward.")
-    seed: int = option(42, help="Sampling seed; every policy draws the same numbers per prompt.")
+    max_prompt_len: int = option(1024, panel=DATA, help="Prompt tokens (see --long-prompts).")
+    long_prompts: str = option("error", panel=DATA, help="error | truncate: prompts over --max-prompt-len.")
+    max_new_tokens: int = option(1024, panel=GENERATION, help="Generation limit per response (per turn).")
+    temperature: float = option(1.0, panel=GENERATION, help="Sampling temperature.")
+    top_p: float = option(1.0, panel=GENERATION, help="Nucleus sampling mass.")
+    stop_token: list[str] | None = option(None, panel=GENERATION, help="Extra stop token (repeatable).")
+    batch_size: int = option(
+        16, panel=MEMORY, help="Prompts per generate call and responses per scoring forward."
+    )
+    seed: int = option(
+        42, panel=GENERATION, help="Sampling seed; every policy draws the same numbers per prompt."
+    )
     rollout_engine: str = option(
         "hf",
+        panel=GENERATION,
         help="hf | vllm: the generation engine. vllm (the vllm extra): reruns give the same responses, "
         "but not the hf engine's samples.",
     )
-    normalizer: str | None = option(None, help="normalizer.json (default: the RM's own, if any).")
-    normalize: bool = option(True, help="Location-aware normalization of segment rewards (as PPO).")
-    reward_mean: float | None = option(None, help="Bandit normalizer mean (as PPO).")
-    reward_std: float | None = option(None, help="Bandit normalizer std (as PPO).")
-    sigma_floor: float | None = option(None, help="Normalizer σ floor (default: the normalizer's).")
-    segmenter: str | None = option(None, help="Override the RM's recorded segmenter.")
-    granularity: str | None = option(None, help="For imported RMs that record none.")
-    threshold: float | None = None
-    bf16: bool = option(False, help="Load policies and RM in bfloat16.")
-    plot: bool = option(True, help="Write score_distributions.png (needs matplotlib).")
-    trust_remote_code: bool = False
+    normalizer: str | None = option(
+        None, panel=SEGMENTS, help="normalizer.json (default: the RM's own, if any)."
+    )
+    normalize: bool = option(
+        True, panel=SEGMENTS, help="Location-aware normalization of segment rewards (as PPO)."
+    )
+    reward_mean: float | None = option(None, panel=SEGMENTS, help="Bandit normalizer mean (as PPO).")
+    reward_std: float | None = option(None, panel=SEGMENTS, help="Bandit normalizer std (as PPO).")
+    sigma_floor: float | None = option(
+        None, panel=SEGMENTS, help="Normalizer σ floor (default: the normalizer's)."
+    )
+    segmenter: str | None = option(None, panel=SEGMENTS, help="Override the RM's recorded segmenter.")
+    granularity: str | None = option(None, panel=SEGMENTS, help="For imported RMs that record none.")
+    threshold: float | None = option(
+        None, panel=SEGMENTS, help="Entropy threshold, with --granularity segment."
+    )
+    bf16: bool = option(False, panel=MEMORY, help="Load policies and RM in bfloat16.")
+    plot: bool = option(True, panel=EVALUATION, help="Write score_distributions.png (needs matplotlib).")
+    trust_remote_code: bool = option(
+        False, panel=MODEL, help="Allow model code from the hub (off by default)."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.policy, str):
@@ -126,16 +162,22 @@ DEMO_TASKS = ("animals", "pairs")
 class DemoConfig:
     """`segppo demo`: the whole method end to end on the built-in synthetic task (no network, CPU)."""
 
-    output: str = option("segppo-demo", help="Folder for every artifact of the run.")
+    output: str = option("segppo-demo", panel=RUN, help="Folder for every artifact of the run.")
     budget: str = option(
-        "default", help="small (about a minute) | default (at most 5 minutes on 2 CPU cores)."
+        "default", panel=DEMO, help="small (about a minute) | default (at most 5 minutes on 2 CPU cores)."
     )
-    compare: list[str] | None = option(None, help="Granularities to compare, e.g. bandit,token,segment.")
-    seeds: int | None = option(None, help="Seeds per setting (default: 3 with --compare, else 1).")
-    task: str = option("animals", help="Gold task: animals (one-token decisions) | pairs (multi-token).")
-    seed: int = 0
-    cache_dir: str | None = option(None, help="SFT policy cache (default ~/.cache/segppo/demo).")
-    threads: int | None = option(None, help="torch CPU threads.")
+    compare: list[str] | None = option(
+        None, panel=DEMO, help="Granularities to compare, e.g. bandit,token,segment."
+    )
+    seeds: int | None = option(
+        None, panel=DEMO, help="Seeds per setting (default: 3 with --compare, else 1)."
+    )
+    task: str = option(
+        "animals", panel=DEMO, help="Gold task: animals (one-token decisions) | pairs (multi-token)."
+    )
+    seed: int = option(0, panel=RUN, help="First seed (the task data, SFT sampling and each setting's runs).")
+    cache_dir: str | None = option(None, panel=RUN, help="SFT policy cache (default ~/.cache/segppo/demo).")
+    threads: int | None = option(None, panel=MEMORY, help="torch CPU threads.")
 
     def __post_init__(self) -> None:
         if isinstance(self.compare, str):

@@ -9,10 +9,30 @@ from typing import Any
 
 import yaml
 
+# The panels of `--help`, in the order they are shown (after a panel of the required options).
+# Every config field names its panel with `option(..., panel=...)`: the one place it is declared.
+DATA = "Data"
+MODEL = "Model"
+SEGMENTS = "Segments and rewards"
+GENERATION = "Generation"
+PPO = "PPO"
+EVALUATION = "Evaluation"
+NORMALIZER_FIT = "Normalizer fit"
+DEMO = "Demo"
+OPTIMISATION = "Optimisation"
+MEMORY = "Memory and scale"
+RUN = "Run and logging"
+PANELS = (DATA, MODEL, SEGMENTS, GENERATION, PPO, EVALUATION, NORMALIZER_FIT, DEMO, OPTIMISATION, MEMORY, RUN)
 
-def option(default: Any = dataclasses.MISSING, *, help: str) -> Any:
-    """A config field with the help text of its CLI option."""
-    return dataclasses.field(default=default, metadata={"help": help})
+
+def option(
+    default: Any = dataclasses.MISSING, *, panel: str, help: str | None = None, argument: bool = False
+) -> Any:
+    """A config field as a CLI option: its `--help` panel (one of `PANELS`), its help text, and
+    whether it is given as a positional argument instead of `--name`."""
+    if panel not in PANELS:
+        raise ValueError(f"unknown help panel {panel!r}; one of {PANELS}")
+    return dataclasses.field(default=default, metadata={"help": help, "panel": panel, "argument": argument})
 
 
 # The paper's prompt budget: 1728 of 2048 tokens, the rest for the response.

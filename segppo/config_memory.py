@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from segppo.config_fields import option
+from segppo.config_fields import (
+    MEMORY,
+    option,
+)
 
 LORA_EXPORTS = ("merged", "adapter")
 
@@ -18,17 +21,25 @@ class MemoryOptions:
     """LoRA through peft, and CPU offload of the trained models' optimizer states."""
 
     lora_rank: int = option(
-        0, help="LoRA rank of the adapters (0: train every weight); a per-token head is trained whole."
+        0,
+        panel=MEMORY,
+        help="LoRA rank of the adapters (0: train every weight); a per-token head is trained whole.",
     )
-    lora_alpha: float = option(16.0, help="LoRA scale: the adapters' update is scaled by alpha/rank.")
+    lora_alpha: float = option(
+        16.0, panel=MEMORY, help="LoRA scale: the adapters' update is scaled by alpha/rank."
+    )
     lora_targets: str = option(
-        "all-linear", help="Modules to adapt: comma-separated names or suffixes, or all-linear."
+        "all-linear", panel=MEMORY, help="Modules to adapt: comma-separated names or suffixes, or all-linear."
     )
     lora_export: str = option(
-        "merged", help="merged: base + adapters, a stock transformers folder | adapter: the adapter alone."
+        "merged",
+        panel=MEMORY,
+        help="merged: base + adapters, a stock transformers folder | adapter: the adapter alone.",
     )
     offload_optimizer: bool = option(
-        False, help="Keep optimizer states and fp32 master weights in CPU memory (ZeRO stage 1-3)."
+        False,
+        panel=MEMORY,
+        help="Keep optimizer states and fp32 master weights in CPU memory (ZeRO stage 1-3).",
     )
 
     def check_memory_options(self) -> None:
@@ -49,10 +60,12 @@ class PPOMemoryOptions(MemoryOptions):
     """PPO's: also ZeRO-3 parameter offload of the frozen reference and reward model."""
 
     ref_offload: bool = option(
-        False, help="ZeRO-3: keep the frozen reference's parameters in CPU memory between uses."
+        False, panel=MEMORY, help="ZeRO-3: keep the frozen reference's parameters in CPU memory between uses."
     )
     rm_offload: bool = option(
-        False, help="ZeRO-3: keep the frozen reward model's parameters in CPU memory between uses."
+        False,
+        panel=MEMORY,
+        help="ZeRO-3: keep the frozen reward model's parameters in CPU memory between uses.",
     )
 
     def check_memory_options(self) -> None:
