@@ -1,9 +1,9 @@
 """One dataclass per command (the paper's runs as presets are in `segppo.presets`).
 
 Each field is one CLI option of its command (`segppo.cli.options.config_options` makes them):
-the option is the field name with `-` for `_`, its type and default are the field's, and its help
-is given with `option(default, help=...)`. A plain field (`strict: bool = False`) is an option
-too, without help. So a YAML `--config` file, a preset and the flags all speak the same keys, and
+the option is the field name with `-` for `_`, its type and default are the field's, and its
+`--help` panel and help are given with `option(default, panel=DATA, help=...)` (the panels are in
+`segppo.config_fields.PANELS`; a test fails for a field without one). So a YAML `--config` file, a preset and the flags all speak the same keys, and
 trainers take these objects, never parsed CLI arguments. The field machinery is in
 `segppo.config_fields`, the eval and demo configs in `segppo.config_eval`; all are re-exported here.
 """
