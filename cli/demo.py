@@ -8,6 +8,7 @@ from typing import Any
 from segppo.config import DemoConfig
 
 from .options import build_config, config_options, run_or_exit
+from .tables import print_table
 
 
 @config_options(DemoConfig)
@@ -24,10 +25,10 @@ def demo(values: dict[str, Any]) -> None:
     cfg = build_config(DemoConfig, values)
     summary = run_or_exit(lambda: run_demo(cfg))
     console = Console()
-    console.print(results_table(summary))
+    print_table(console, results_table(summary))
     if cfg.compare:
-        console.print(comparison_table(summary))
-        console.print(paired_table(summary))
+        print_table(console, comparison_table(summary))
+        print_table(console, paired_table(summary))
         if not summary["is_comparison"]:
             console.print(
                 f"[yellow]the {summary['budget']} budget is a pipeline check for CI, not a comparison"

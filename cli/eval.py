@@ -12,6 +12,7 @@ from segppo.config import EvalConfig
 from segppo.config_fields import RUN
 
 from .options import build_config, config_options, run_or_exit
+from .tables import print_table
 
 Opt = typer.Option
 
@@ -33,7 +34,7 @@ def eval_command(
         typer.echo(json.dumps(results.to_dict(), indent=2))
         return
     console = Console()
-    console.print(results.table())
+    print_table(console, results.table())
     for note in results.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"results: {results.results_file}", highlight=False)

@@ -14,6 +14,7 @@ from segppo.config_fields import NORMALIZER_FIT
 from segppo.presets import FIT_NORMALIZER_PRESETS
 
 from .options import build_config, config_options, run_or_exit
+from .tables import print_table
 
 console = Console()
 
@@ -48,7 +49,7 @@ def fit_normalizer(
     with warnings.catch_warnings():  # the table shows a std-floor warning in its own row
         warnings.simplefilter("ignore", StdFloorWarning)
         normalizer = run_or_exit(lambda: run_fit_normalizer(cfg))
-    console.print(fit_table(normalizer))
+    print_table(console, fit_table(normalizer))
     if normalizer.bins:
         console.print(Text(curve_sketch(normalizer)))
     params = ", ".join(f"{x:.6g}" for x in normalizer.params)

@@ -16,6 +16,7 @@ from segppo.presets import RM_PRESETS
 
 from .help import GroupedHelpCommand
 from .options import build_config, config_options, run_or_exit
+from .tables import print_table
 
 app = typer.Typer(help="Train, evaluate and inspect reward models.", no_args_is_help=True)
 console = Console()
@@ -54,7 +55,7 @@ def evaluate(
     table.add_column("value", justify="right")
     for key, value in stats.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    print_table(console, table)
 
 
 def _reward_style(value: float, scale: float) -> str:

@@ -79,6 +79,13 @@ def test_rm_train_eval_inspect_end_to_end(tiny_lm_dir, preferences_file, tmp_pat
     assert result.exit_code == 0, result.output
     stats = json.loads(result.stdout)
     assert stats["num_pairs"] == 80 and 0 <= stats["accuracy"] <= 1
+    # the table, in a non-terminal stream 80 columns wide: every value whole
+    args = ["rm", "eval", "--model", str(out), "--dataset", preferences_file, "--max-len", "64"]
+    result = runner.invoke(app, args, env={"COLUMNS": "80"}, catch_exceptions=False)
+    assert result.exit_code == 0 and "…" not in result.output, result.output
+    for key, value in stats.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        assert key in result.output and shown in result.output, key
 
     result = invoke(
         "rm", "inspect", "--model", str(out), "--prompt", "Name the capital.", "--response", "Paris"

@@ -266,6 +266,10 @@ def test_eval_with_a_reward_model(tiny_lm_dir, other_policy, rm_dir, data, tmp_p
     assert (tmp_path / "out" / "arena_hard" / "model_answer" / "sft_again.jsonl").is_file()
     table = results.table()
     assert table.row_count == 3
+    # whole at 80 columns (a log file's width): every cell on one line, none cut
+    from test_cli_tables import assert_whole, rendered
+
+    assert_whole(table, rendered(table))
 
 
 def test_a_policy_in_another_format_is_re_encoded_for_the_reward_model(tiny_lm_dir, rm_dir, data, tmp_path):
