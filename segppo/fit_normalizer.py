@@ -24,7 +24,14 @@ import torch
 from rich.markup import escape
 
 from segppo.config import FitNormalizerConfig
-from segppo.data import EncodedPair, LayoutOptions, collate_preferences, encode_preferences, load_splits
+from segppo.data import (
+    EncodedPair,
+    LayoutOptions,
+    collate_preferences,
+    encode_preferences,
+    load_splits,
+    pair_tokens,
+)
 from segppo.data.sources import select_split
 from segppo.distributed import DistInfo, launch, rank_group
 from segppo.io import atomic_write_text
@@ -203,7 +210,7 @@ def collect_points(
         scored = scorer.score(batch)
         collector.add_batch(scored.rm_values, scored.entropy, batch.response_mask, batch.has_eos)
         if progress is not None:
-            progress.update(1, segments=len(collector))
+            progress.update(1, tokens=sum(pair_tokens(pair) for pair in chunk), segments=len(collector))
     return collector
 
 
@@ -245,7 +252,7 @@ def _fit_on_rank(cfg: FitNormalizerConfig, info: DistInfo) -> None:
             chat_template=scorer.chat.template,
         )
     num_batches = -(-len(pairs) // cfg.batch_size)
-    with LiveProgress(num_batches, "scoring segments", enabled=info.is_main) as progress:
+    with LiveProgress(num_batches, "scoring segments", enabled=info.is_main, unit="batches") as progress:
         collector = collect_points(scorer, pairs, batch_size=cfg.batch_size, progress=progress)
     p, r = collector.arrays()
     local = {

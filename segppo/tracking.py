@@ -7,8 +7,11 @@ unconditionally.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -157,14 +160,67 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-class LiveProgress:
-    """A rich progress bar whose description shows the latest metrics (rank 0 only)."""
+# Seconds between the one-line progress records a run prints when its console is not a terminal
+# (a log file, nohup, CI, a cluster job), where a live bar would show only at the end; the
+# SEGPPO_PROGRESS_INTERVAL environment variable sets another interval (0: a record per update).
+PROGRESS_INTERVAL = 30.0
 
-    def __init__(self, total: int, description: str, *, enabled: bool = True, completed: int = 0):
+
+def progress_interval() -> float:
+    value = os.environ.get("SEGPPO_PROGRESS_INTERVAL")
+    if value is None:
+        return PROGRESS_INTERVAL
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"SEGPPO_PROGRESS_INTERVAL must be a number of seconds, got {value!r}") from None
+    if not seconds >= 0:
+        raise ValueError(f"SEGPPO_PROGRESS_INTERVAL must be >= 0 seconds, got {value!r}")
+    return seconds
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+def _metric_text(metrics: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+class LiveProgress:
+    """Progress of a long loop (rank 0 only): a rich bar whose description shows the latest metrics
+    on a terminal; elsewhere one line per `progress_interval()` seconds with the same fields (done
+    of total, the metrics, tokens/s, elapsed, ETA), from the start to a last line at the end.
+
+    `update(advance, tokens=n, **metrics)`: `tokens` counts the tokens processed since the last
+    update, for the tokens/s of the whole loop so far.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        *,
+        enabled: bool = True,
+        completed: int = 0,
+        unit: str = "steps",
+        interval: float | None = None,
+    ):
         self.enabled = enabled
         self._progress = None
         if not enabled:
             return
+        self.description, self.unit = description, unit
+        self._as_lines = not console.is_terminal
+        self._interval = progress_interval() if interval is None else interval
+        self._metrics: dict[str, Any] = {}
+        self._tokens = 0.0
+        self._start_completed = completed
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -174,20 +230,79 @@ class LiveProgress:
             TextColumn("{task.fields[metrics]}"),
             console=console,
             transient=False,
+            disable=self._as_lines,
         )
         self._task = self._progress.add_task(description, total=total, completed=completed, metrics="")
 
     def __enter__(self):
-        if self._progress is not None:
-            self._progress.start()
+        if self._progress is None:
+            return self
+        self._progress.start()
+        if self._as_lines:
+            self._record()
+            if self._interval > 0:
+                self._thread = threading.Thread(target=self._tick, name="segppo-progress", daemon=True)
+                self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.stop()
-
-    def update(self, advance: int = 1, **metrics: float) -> None:
         if self._progress is None:
             return
-        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        self._progress.update(self._task, advance=advance, metrics=text)
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self._progress.stop()
+        if self._as_lines:
+            self._record()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._record()
+
+    @property
+    def _task_state(self):
+        return self._progress.tasks[self._task]
+
+    def tokens_per_second(self) -> float | None:
+        elapsed = self._task_state.elapsed
+        return self._tokens / elapsed if self._tokens and elapsed else None
+
+    def record(self) -> str:
+        """The one-line record of where the loop is: the fields the bar shows, as text."""
+        task = self._task_state
+        total = "?" if task.total is None else f"{task.total:.0f}"
+        parts = [f"{self.description}  {task.completed:.0f}/{total} {self.unit}"]
+        with self._lock:
+            if self._metrics:
+                parts.append(_metric_text(self._metrics))
+        rate = self.tokens_per_second()
+        if rate is not None:
+            parts.append(f"tok/s {rate:.4g}")
+        parts.append(f"elapsed {_clock(task.elapsed)}  eta {_clock(self._eta())}")
+        return "  ".join(parts)
+
+    def _eta(self) -> float | None:
+        """Seconds left at this loop's average pace so far (steps of minutes leave rich's own
+        estimate, a 30-second window, without samples)."""
+        task = self._task_state
+        done = task.completed - self._start_completed
+        if task.total is None or not done or not task.elapsed:
+            return None
+        return max(task.total - task.completed, 0) * task.elapsed / done
+
+    def _record(self) -> None:
+        console.print(self.record(), markup=False, highlight=False, soft_wrap=True)
+
+    def update(self, advance: int = 1, *, tokens: int | float = 0, **metrics: Any) -> None:
+        if self._progress is None:
+            return
+        self._tokens += float(tokens)
+        with self._lock:
+            self._metrics.update(metrics)
+            shown = dict(self._metrics)
+        rate = self.tokens_per_second()
+        if rate is not None:
+            shown["tok/s"] = rate
+        self._progress.update(self._task, advance=advance, metrics=_metric_text(shown))
+        if self._as_lines and self._interval == 0:
+            self._record()

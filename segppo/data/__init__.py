@@ -26,6 +26,7 @@ from .collate import (
     collate_preferences,
     collate_prompts,
     collate_responses,
+    pair_tokens,
 )
 from .layouts import (
     PREFERENCE_LAYOUTS,
@@ -62,6 +63,7 @@ __all__ = [
     "collate_responses",
     "default_stop_token_ids",
     "generation_config_of",
+    "pair_tokens",
     "detect_preference_layout",
     "detect_prompt_layout",
     "encode_preferences",

@@ -31,6 +31,12 @@ import torch
 from .chat import EncodedPair
 
 
+def pair_tokens(pair: EncodedPair) -> int:
+    """Real tokens a pair puts through a model (its prompt before each response, both responses):
+    what progress counts for tokens/s."""
+    return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
 @dataclass
 class PromptBatch:
     """Left-padded prompts for generation."""

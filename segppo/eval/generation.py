@@ -119,7 +119,7 @@ def generate_responses(
     max_prompt_len: int | None = None,
     long_prompts: str = "error",
     device="cpu",
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[Generation]:
     """`num_samples` responses per prompt, prompt-major (`[p0s0, p0s1, ..., p1s0, ...]`).
 
@@ -127,9 +127,9 @@ def generate_responses(
     `max_prompt_len` and `long_prompts` as in PPO). With `turns=2` the first response is appended
     as an assistant message, followed by the prompt's next user turn, and the model answers again;
     that second prompt is not truncated. Row (prompt i, sample s, turn t) samples with
-    `row_seed(seed, i, s, t)`, whatever the policy and the batching. `on_batch(n)` is called after
-    each generate call with its number of responses. `model` is a causal LM (generated with
-    `HFEngine`) or any `Engine`.
+    `row_seed(seed, i, s, t)`, whatever the policy and the batching. `on_batch(n, tokens)` is called
+    after each generate call with its number of responses and of generated tokens. `model` is a
+    causal LM (generated with `HFEngine`) or any `Engine`.
     """
     engine: Engine = (
         HFEngine(model, chat.pad_token_id, device) if isinstance(model, torch.nn.Module) else model
@@ -178,5 +178,5 @@ def generate_responses(
                 g.response_ids, g.has_eos = ids[:n], bool(eos)
                 g.turns.append(chat.response_text(g.messages, g.response_ids, g.has_eos))
             if on_batch is not None:
-                on_batch(len(rows))
+                on_batch(len(rows), sum(lengths))
     return generations

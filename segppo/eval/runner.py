@@ -281,7 +281,7 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
 
     total = len(specs) * len(prompts) * cfg.num_samples * cfg.turns
     policies: dict[str, PolicyResult] = {}
-    with LiveProgress(total, "eval", enabled=progress) as bar:
+    with LiveProgress(total, "eval", enabled=progress, unit="responses") as bar:
         for spec in specs:
             bar.update(0, policy=spec.name)
             note = trained_on_note(spec, cfg)
@@ -320,7 +320,7 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
                 max_prompt_len=cfg.max_prompt_len,
                 long_prompts=cfg.long_prompts,
                 device=device,
-                on_batch=lambda n, name=spec.name: bar.update(n, policy=name),
+                on_batch=lambda n, tokens, name=spec.name: bar.update(n, tokens=tokens, policy=name),
             )
             time_generation = time.perf_counter() - t0
             close_engine(engine)

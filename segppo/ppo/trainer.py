@@ -360,7 +360,13 @@ class PPOTrainer:
                     metrics["critic_lr"] = m.critic_sched.get_last_lr()[0]
                 done = step + 1
                 tracker.log(done, metrics)
-                progress.update(1, reward=metrics["reward"], kl=metrics["kl"], len=metrics["response_length"])
+                progress.update(
+                    1,
+                    tokens=metrics["tokens"],
+                    reward=metrics["reward"],
+                    kl=metrics["kl"],
+                    len=metrics["response_length"],
+                )
                 if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
                     checkpoint.save_state(cfg, m, self.kl_ctl, done)
                     self.export(out / "checkpoints" / f"step-{done}")

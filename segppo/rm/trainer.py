@@ -33,6 +33,7 @@ from segppo.data import (
     load_splits,
     split_train_eval,
 )
+from segppo.data.collate import pair_tokens
 from segppo.data.packing import pack_preferences, packed_scores, packs_in_one_row
 from segppo.distributed import (
     DistInfo,
@@ -378,7 +379,8 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
             }
             done = step + 1
             tracker.log(done, metrics)
-            progress.update(1, loss=metrics["loss"], acc=metrics["accuracy"])
+            tokens = sum(pair_tokens(data.train[i]) for i in global_batch)
+            progress.update(1, tokens=tokens, loss=metrics["loss"], acc=metrics["accuracy"])
             if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
                 engine.eval()
                 tracker.log(done, evaluate(), split="eval")
