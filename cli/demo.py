@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from segppo.config import DemoConfig
+from segppo.run_log import LOG_NAME
 
 from .options import build_config, config_options, run_or_exit
 from .tables import print_table
@@ -23,7 +24,7 @@ def demo(values: dict[str, Any]) -> None:
     from segppo.demo.pipeline import comparison_table, paired_table, results_table, run_demo, save_curves
 
     cfg = build_config(DemoConfig, values)
-    summary = run_or_exit(lambda: run_demo(cfg))
+    summary = run_or_exit(lambda: run_demo(cfg), log=Path(cfg.output) / LOG_NAME)
     console = Console()
     print_table(console, results_table(summary))
     if cfg.compare:

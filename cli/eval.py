@@ -10,6 +10,7 @@ from rich.console import Console
 
 from segppo.config import EvalConfig
 from segppo.config_fields import RUN
+from segppo.run_log import LOG_NAME
 
 from .options import build_config, config_options, run_or_exit
 from .tables import print_table
@@ -29,7 +30,7 @@ def eval_command(
     from segppo.eval import evaluate
 
     cfg = build_config(EvalConfig, values)
-    results = run_or_exit(lambda: evaluate(cfg, progress=not as_json))
+    results = run_or_exit(lambda: evaluate(cfg, progress=not as_json), log=cfg.output_dir / LOG_NAME)
     if as_json:
         typer.echo(json.dumps(results.to_dict(), indent=2))
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -48,7 +49,8 @@ def fit_normalizer(
     cfg = build_config(FitNormalizerConfig, values)
     with warnings.catch_warnings():  # the table shows a std-floor warning in its own row
         warnings.simplefilter("ignore", StdFloorWarning)
-        normalizer = run_or_exit(lambda: run_fit_normalizer(cfg))
+        # the run's log sits beside normalizer.json: normalizer.log
+        normalizer = run_or_exit(lambda: run_fit_normalizer(cfg), log=Path(cfg.output).with_suffix(".log"))
     print_table(console, fit_table(normalizer))
     if normalizer.bins:
         console.print(Text(curve_sketch(normalizer)))

@@ -14,6 +14,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -21,6 +22,7 @@ import typer
 from segppo.config import load_config_file
 from segppo.config_fields import RUN
 from segppo.presets import preset_values
+from segppo.run_log import library_warnings_to
 
 
 def config_options(config_cls: type, presets: dict[str, dict[str, Any]] | None = None):
@@ -139,20 +141,31 @@ def _run_errors() -> tuple[type[BaseException], ...]:
     return (FloatingPointError, NoSpaceError, RankFailed)
 
 
-def run_or_exit(fn):
+def run_or_exit(fn, log: Path | None = None):
     """Run `fn()`; a user error becomes a red one-line message and exit status 2, a run that stops
-    for a stated reason one line and exit status 1."""
-    try:
-        return fn()
-    except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        _print_error(message)
-        raise typer.Exit(2) from err
-    except Exception as err:
-        if not isinstance(err, _run_errors()):
-            raise
-        _print_error(str(err))
-        raise typer.Exit(1) from err
+    for a stated reason one line and exit status 1. With `log` (the run's log file), warnings of
+    the libraries go there instead of the screen (`segppo.run_log`), and a last line says so."""
+    with library_warnings_to(log) as router:
+        try:
+            return fn()
+        except USER_ERRORS as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            _print_error(message)
+            raise typer.Exit(2) from err
+        except Exception as err:
+            if not isinstance(err, _run_errors()):
+                raise
+            _print_error(str(err))
+            raise typer.Exit(1) from err
+        finally:
+            if router is not None and router.count:
+                _print_note(f"{router.count} warning(s) of the libraries (not segppo's) are in {router.log}")
+
+
+def _print_note(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(message, style="dim", markup=False, highlight=False)
 
 
 def _print_error(message: str) -> None:

@@ -8,6 +8,7 @@ import typer
 
 from segppo.config import PPOConfig
 from segppo.presets import PPO_PRESETS
+from segppo.run_log import LOG_NAME
 
 from .help import GroupedHelpCommand
 from .options import build_config, config_options, run_or_exit
@@ -22,4 +23,4 @@ def train(values: dict[str, Any]) -> None:
     from segppo.ppo.trainer import train_ppo
 
     cfg = build_config(PPOConfig, values)
-    run_or_exit(lambda: train_ppo(cfg))
+    run_or_exit(lambda: train_ppo(cfg), log=cfg.output_dir / LOG_NAME)

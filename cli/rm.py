@@ -13,6 +13,7 @@ from rich.text import Text
 from segppo.config import RMConfig, RMEvalConfig
 from segppo.config_fields import DATA, MODEL, RUN, SEGMENTS
 from segppo.presets import RM_PRESETS
+from segppo.run_log import LOG_NAME
 
 from .help import GroupedHelpCommand
 from .options import build_config, config_options, run_or_exit
@@ -31,7 +32,7 @@ def train(values: dict[str, Any]) -> None:
     from segppo.rm.trainer import train_reward_model
 
     cfg = build_config(RMConfig, values)
-    run_or_exit(lambda: train_reward_model(cfg))
+    run_or_exit(lambda: train_reward_model(cfg), log=cfg.output_dir / LOG_NAME)
 
 
 @app.command("eval", cls=GroupedHelpCommand)

@@ -3,8 +3,9 @@
 rich squeezes a table wider than its console by wrapping and then cutting cells (`sett…`,
 `-0.2…`); written to a file, a console is 80 columns wide. `print_table` prints a table as it is
 when it fits; otherwise as several tables that each repeat its first column (the row's name) and
-take as many of the other columns as fit; and when even one more column does not fit beside the
-first, as `name: value` lines.
+take as many of the other columns as fit; when even one more column does not fit beside the
+first, as it is with its text wrapped between words (a long note), or, if a word is still too
+wide, as `name: value` lines.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ _UNBOUNDED = 100_000
 def natural_width(table: Table, console: Console) -> int:
     """Columns the table needs with no cell wrapped or cut."""
     return table.__rich_measure__(console, console.options.update_width(_UNBOUNDED)).maximum
+
+
+def wrapped_width(table: Table, console: Console) -> int:
+    """Columns the table needs with its cells wrapped between words (its longest words whole)."""
+    return table.__rich_measure__(console, console.options.update_width(_UNBOUNDED)).minimum
 
 
 def _rows(table: Table) -> list[list[RenderableType]]:
@@ -75,8 +81,8 @@ def fitted(table: Table, console: Console) -> list[RenderableType]:
     if natural_width(table, console) <= console.width or len(table.columns) < 2:
         return [table]
     groups = _column_groups(table, console)
-    if groups is None:
-        return [_lines(table)]
+    if groups is None:  # a column too wide to stand beside the first: wrap its text, or list it
+        return [table] if wrapped_width(table, console) <= console.width else [_lines(table)]
     title = _plain(table.title) if table.title else None
     return [
         _sub_table(table, [0, *group], title if n == 0 else (f"{title} (continued)" if title else None))

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException
 
 from segppo.io import atomic_write_text
+from segppo.run_log import route_from_environment
 from segppo.state import (  # re-exported (the training-state API was here)
     FREE_SPACE_MARGIN,  # noqa: F401
     LATEST,  # noqa: F401
@@ -220,6 +221,7 @@ def _spawned_worker(
     )
     if quiet_libraries:  # as the launching process was (the CLI turns their bars off); rank 0 too
         quiet_progress_bars()
+    route_from_environment()  # the libraries' warnings to the run's log, as in the launching process
     if not torch.cuda.is_available():
         # Ranks share the CPU: more threads than cores make every op wait on descheduled threads.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

@@ -72,3 +72,17 @@ def test_the_default_console_of_a_pipe_is_80_columns(monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
     console = Console(file=io.StringIO())
     assert not console.is_terminal and console.width == 80
+
+
+def test_a_long_note_beside_its_name_wraps_between_words():
+    """A name/value table whose value is a sentence (fit-normalizer's notes) wraps it, cutting nothing."""
+    table = Table(show_header=False)
+    table.add_column()
+    table.add_column()
+    note = "30 of 150 bins have fewer than 2 scores and were left out of the fit " * 2
+    table.add_row("note", note)
+    table.add_row("global score", "mean = 0.3512   std = 0.7928")
+    output = rendered(table)
+    assert "…" not in output and "│ note " in output  # still the table, not name: value lines
+    assert " ".join(output.replace("│", " ").split()).count("left out of the fit") == 2
+    assert "mean = 0.3512   std = 0.7928" in output
