@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import demo, normalizer, ppo, rm
+from . import data, demo, normalizer, ppo, rm
 from . import eval as eval_cli
 from .help import GroupedHelpCommand
 
@@ -41,6 +41,7 @@ def info() -> None:
 
 app.add_typer(rm.app, name="rm")
 app.add_typer(ppo.app, name="ppo")
+app.add_typer(data.app, name="data")
 app.command("demo", cls=GroupedHelpCommand)(demo.demo)
 app.command("fit-normalizer", cls=GroupedHelpCommand)(normalizer.fit_normalizer)
 app.command("eval", cls=GroupedHelpCommand)(eval_cli.eval_command)

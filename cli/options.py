@@ -65,7 +65,8 @@ def config_options(config_cls: type, presets: dict[str, dict[str, Any]] | None =
 def _field_parameter(f: dataclasses.Field, annotation: Any) -> inspect.Parameter:
     # The field's panel is its option's `--help` panel (`segppo.cli.help`); a plain field has none.
     info = dict(help=f.metadata.get("help"), rich_help_panel=f.metadata.get("panel"))
-    option = typer.Argument(**info) if f.metadata.get("argument") else typer.Option(**info)
+    argument = f.metadata.get("argument")
+    option = typer.Argument(metavar=argument, **info) if argument else typer.Option(**info)
     default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
     return _keyword(f.name, Annotated[annotation, option], default)
 

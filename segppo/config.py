@@ -3,9 +3,10 @@
 Each field is one CLI option of its command (`segppo.cli.options.config_options` makes them):
 the option is the field name with `-` for `_`, its type and default are the field's, and its
 `--help` panel and help are given with `option(default, panel=DATA, help=...)` (the panels are in
-`segppo.config_fields.PANELS`; a test fails for a field without one). So a YAML `--config` file, a preset and the flags all speak the same keys, and
-trainers take these objects, never parsed CLI arguments. The field machinery is in
-`segppo.config_fields`, the eval and demo configs in `segppo.config_eval`; all are re-exported here.
+`segppo.config_fields.PANELS`; a test fails for a field without one). So a YAML `--config` file,
+a preset and the flags all speak the same keys, and trainers take these objects, never parsed CLI
+arguments. The field machinery is in `segppo.config_fields`, the eval and demo configs in
+`segppo.config_eval`, `data inspect`'s in `segppo.config_data`; all are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from segppo.config_data import DATA_KINDS, DataInspectConfig  # re-exported
 from segppo.config_eval import DEMO_TASKS, DemoConfig, EvalConfig  # re-exported
 from segppo.config_fields import (  # re-exported
     DATA,
@@ -529,7 +531,9 @@ class PPOConfig(PPOMemoryOptions):
 
 
 __all__ = [
+    "DATA_KINDS",
     "DEMO_TASKS",
+    "DataInspectConfig",
     "DemoConfig",
     "EvalConfig",
     "FIT_NORMALIZER_PRESETS",

@@ -26,10 +26,10 @@ PANELS = (DATA, MODEL, SEGMENTS, GENERATION, PPO, EVALUATION, NORMALIZER_FIT, DE
 
 
 def option(
-    default: Any = dataclasses.MISSING, *, panel: str, help: str | None = None, argument: bool = False
+    default: Any = dataclasses.MISSING, *, panel: str, help: str | None = None, argument: str | None = None
 ) -> Any:
-    """A config field as a CLI option: its `--help` panel (one of `PANELS`), its help text, and
-    whether it is given as a positional argument instead of `--name`."""
+    """A config field as a CLI option: its `--help` panel (one of `PANELS`) and help text; with
+    `argument` (its name in the usage line, e.g. "PATH_OR_NAME") it is given by position, not `--name`."""
     if panel not in PANELS:
         raise ValueError(f"unknown help panel {panel!r}; one of {PANELS}")
     return dataclasses.field(default=default, metadata={"help": help, "panel": panel, "argument": argument})

@@ -142,7 +142,8 @@ def load_rows(
     return dataset
 
 
-def _own_eval_split(splits: DatasetDict, train_split: str) -> str | None:
+def own_eval_split(splits: DatasetDict, train_split: str) -> str | None:
+    """The dataset's own evaluation split beside `train_split` (see `EVAL_SPLIT_NAMES`), if any."""
     # A split family such as UltraFeedback's train_prefs/test_prefs keeps its suffix.
     suffix = train_split[len("train") :] if train_split.startswith("train") else ""
     for name in EVAL_SPLIT_NAMES:
@@ -167,7 +168,7 @@ def split_train_eval(
     """
     if isinstance(dataset, DatasetDict):
         train = select_split(dataset, train_split)
-        name = eval_split or _own_eval_split(dataset, train_split)
+        name = eval_split or own_eval_split(dataset, train_split)
         if name is not None:
             return train, select_split(dataset, name)
         dataset = train

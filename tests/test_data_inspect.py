@@ -1,0 +1,115 @@
+"""`segppo data inspect`: a dataset as the training commands read it (same rows, same ids)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from segppo.cli.main import app
+from typer.testing import CliRunner
+
+from segppo.config import DataInspectConfig, RMConfig
+from segppo.data import ChatFormat, load_rows, to_prompt_examples
+from segppo.data.inspection import inspect_data
+from segppo.models.loading import load_tokenizer
+from segppo.rm.trainer import prepare_preferences
+
+runner = CliRunner()
+
+DATA = Path(__file__).resolve().parent / "data" / "preferences_with_bad_rows.jsonl"
+SPLIT = dict(eval_fraction=0.25, seed=3, max_len=64)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_the_rows_and_the_example_are_rm_trains(tiny_lm_dir):
+    """Kept and skipped rows per part, and the shown ids, are exactly what rm train prepares."""
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    report = inspect_data(DataInspectConfig(dataset=str(DATA), **SPLIT), tokenizer)
+    rm = prepare_preferences(RMConfig(model=tiny_lm_dir, dataset=str(DATA), output="unused", **SPLIT), tokenizer)
+    assert report.kind == "preference" and report.layout == "prompt_response"
+    assert report.splits == {"train": 8}
+    train, evaluation = report.parts
+    assert (train.rows, evaluation.rows) == (6, 2)
+    for part, expected in ((train, rm.train_report), (evaluation, rm.eval_report)):
+        assert (part.report.kept, part.report.skipped, part.report.reasons) == (
+            expected.kept,
+            expected.skipped,
+            expected.reasons,
+        )
+    assert train.report.skipped >= 1  # the file holds an empty prompt and a row without 'rejected'
+    first = rm.train[0]  # the first pair rm train trains on, as ids
+    shown = report.example
+    assert shown.prompt.text == tokenizer.decode(first.prompt_ids, skip_special_tokens=False)
+    assert shown.prompt.tokens == len(first.prompt_ids)
+    chosen, rejected = shown.responses
+    assert chosen.text == tokenizer.decode(first.chosen_ids, skip_special_tokens=False)
+    assert rejected.tokens == len(first.rejected_ids)
+    assert chosen.stop == "<|im_end|>" and report.stop_tokens == ["<|im_end|>"]
+
+
+def test_lengths_are_untruncated_and_counted_against_the_limits(tiny_lm_dir):
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    cfg = DataInspectConfig(dataset=str(DATA), eval_fraction=0.25, seed=3, max_len=48)
+    report = inspect_data(cfg, tokenizer)
+    chat = ChatFormat(tokenizer)
+    kept = report.parts[0].examples
+    prompts = [len(chat.prompt_ids(e.prompt)) for e in kept]
+    by_name = {lengths.name: lengths for lengths in report.lengths}
+    assert by_name["prompt"].values == prompts and max(prompts) > cfg.max_prompt_len  # the long row
+    assert by_name["prompt"].over == sum(n > cfg.max_prompt_len for n in prompts) >= 1
+    assert by_name["prompt + response"].limit == 48 and by_name["prompt + response"].over >= 1
+    assert report.measured_rows == len(kept)
+
+
+def test_cli_output_at_80_columns(tiny_lm_dir):
+    args = ["data", "inspect", str(DATA), "--model", tiny_lm_dir, "--max-len", "64"]
+    args += ["--eval-fraction", "0.25", "--seed", "3"]
+    result = runner.invoke(app, args, env={"COLUMNS": "80"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    text = flat(out)
+    assert "splits train 8 rows" in text and "layout prompt_response" in text
+    assert "row 2: prompt is empty" in text
+    assert "held out of split 'train' (--eval-fraction 0.25, --seed 3): 2 rows" in text
+    # the example: the chat template's tokens, the cut point and the stop, newlines made visible
+    assert "<|im_start|>user↵\n" in out and "<|im_start|>assistant↵\n" in out
+    assert "── the response starts here, after token" in out and "ends with the stop <|im_end|>" in out
+    assert "limits: --max-prompt-len 54, --max-len 64" in out
+
+
+def test_without_a_tokenizer_the_layout_and_messages(tmp_path):
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["data", "inspect", str(path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "read as prompts, layout prompt (as ppo train, eval read it)" in text
+    assert "kept 1, skipped 0" in text and "system: Be brief. user: Hi?" in text
+
+
+def test_prompt_data_is_read_as_ppo_reads_it(tiny_lm_dir, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Name the capital."}\n{"prompt": 3}\n{"prompt": "Name a prime number."}\n')
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    report = inspect_data(DataInspectConfig(dataset=str(path), max_prompt_len=16), tokenizer)
+    examples, expected = to_prompt_examples(load_rows(str(path)))  # what ppo train's load_prompts converts
+    (part,) = report.parts
+    assert report.kind == "prompt" and part.report.reasons == expected.reasons and part.report.kept == 2
+    assert report.example.responses == [] and report.example.prompt.truncated  # 16 tokens: cut
+    assert report.lengths[0].over == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--row", "2"], "--row 2 is skipped (row 2: prompt is empty)"), (["--row", "99"], "numbered 0 to 5")],
+)
+def test_a_bad_row_is_one_clear_line(tiny_lm_dir, extra, message):
+    args = ["data", "inspect", str(DATA), "--model", tiny_lm_dir, "--eval-fraction", "0.25", "--seed", "3"]
+    result = runner.invoke(app, args + extra)
+    assert result.exit_code == 2 and message in flat(result.output), result.output
