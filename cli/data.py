@@ -36,7 +36,7 @@ def inspect_command(values: dict[str, Any]) -> None:
 
 def _visible(text: str) -> str:
     """Newlines shown (`↵`), so that the template's own line breaks can be seen and counted."""
-    return text.replace("\n", "↵\n")
+    return text.replace("\n", "↵\n").removesuffix("\n")
 
 
 def _facts(report) -> Table:
