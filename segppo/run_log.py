@@ -12,6 +12,7 @@ Spawned ranks inherit the log through `SEGPPO_RUN_LOG` (see `route_from_environm
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -23,6 +24,7 @@ LOG_NAME = "run.log"
 ENV = "SEGPPO_RUN_LOG"
 
 
+@functools.cache
 def _own_folders() -> tuple[Path, ...]:
     import segppo
     import segppo.cli

@@ -112,6 +112,7 @@ def test_a_field_without_a_panel_still_gets_an_option_under_other_options():
     class Config:
         model: str = option(panel="Model", help="The model.")
         strict: bool = False
+        limit: int = option(3, help="A field of another engineer's branch, without a panel yet.")
 
     @config_options(Config)
     def command(values):
@@ -121,7 +122,7 @@ def test_a_field_without_a_panel_still_gets_an_option_under_other_options():
     small.command(cls=GroupedHelpCommand)(command)
     small.command("other")(lambda: None)
     where = panels(runner.invoke(small, ["command", "--help"], env={"COLUMNS": "80"}).output)
-    assert where["--model"] == "Required" and where["--strict"] == "Other options"
+    assert where["--model"] == "Required" and where["--strict"] == where["--limit"] == "Other options"
 
 
 def test_an_unknown_panel_is_an_error_naming_the_panels():

@@ -28,6 +28,12 @@ def test_demo_small_budget_end_to_end(single_run):
     summary = json.loads((out / "results.json").read_text())
     (setting,) = summary["settings"]
     assert setting["granularity"] == "segment" and setting["num_prompts"] >= 256
+    # read in a log (a non-terminal stream, 80 columns): progress records of each stage, tables whole
+    from test_progress import records
+
+    for stage in ("rm train", "scoring segments", "ppo"):
+        assert records(result.output, stage), stage
+    assert "…" not in result.output and "SFT gold" in result.output
     for key in ("sft_gold", "ppo_gold", "gold_win_rate", "rm_accuracy"):
         assert isinstance(setting[key], float), key
     assert 0.0 <= setting["gold_win_rate"] <= 1.0 and 0.0 <= setting["rm_accuracy"] <= 1.0

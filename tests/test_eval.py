@@ -321,10 +321,15 @@ def test_cli_with_a_python_scorer(tiny_lm_dir, other_policy, data, tmp_path, mon
         assert saved["policies"][name]["score"]["mean"] == pytest.approx(np.mean(lengths))
         assert saved["policies"][name]["normalized_reward"] is None
     assert saved["policies"]["policy_b"]["win_rate"]["n"] == 5
-    # the table
-    result = runner.invoke(app, args[:-1], catch_exceptions=False)
+    # the table, and off a terminal one-line progress records of the responses generated
+    result = runner.invoke(app, args[:-1], env={"SEGPPO_PROGRESS_INTERVAL": "0"}, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "policy_b" in result.stdout and "win rate" in result.stdout and "results.json" in result.stdout
+    from test_progress import records
+
+    lines = records(result.output, "eval")
+    assert lines[-1]["done"] == lines[-1]["total"] == "10" and lines[-1]["unit"] == "responses"
+    assert float(lines[-1]["rate"]) > 0 and len(lines) > 2
 
 
 def test_two_turn_mt_bench_export(tiny_lm_dir, data, tmp_path):

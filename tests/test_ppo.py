@@ -389,9 +389,15 @@ def test_ppo_cli(tiny_lm_dir, reward_models, prompts_file, tmp_path):
         "--missing-eos-penalty",
         "-1",
     ]
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    result = CliRunner().invoke(app, args, env={"SEGPPO_PROGRESS_INTERVAL": "0"}, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "run_config.json").read_text())["missing_eos_penalty"] == -1.0
+    # off a terminal: one-line progress records, the last with the step's reward and throughput
+    from test_progress import records
+
+    last = records(result.output, "ppo")[-1]
+    assert (last["done"], last["total"], last["eta"]) == ("1", "1", "0:00:00"), result.output
+    assert "reward" in last["metrics"] and float(last["rate"]) > 0
     result = CliRunner().invoke(app, ["ppo", "train", "--preset", "nope", "--output", "x"])
     assert result.exit_code == 2
 
