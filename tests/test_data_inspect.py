@@ -29,7 +29,9 @@ def test_the_rows_and_the_example_are_rm_trains(tiny_lm_dir):
     """Kept and skipped rows per part, and the shown ids, are exactly what rm train prepares."""
     tokenizer = load_tokenizer(tiny_lm_dir)
     report = inspect_data(DataInspectConfig(dataset=str(DATA), **SPLIT), tokenizer)
-    rm = prepare_preferences(RMConfig(model=tiny_lm_dir, dataset=str(DATA), output="unused", **SPLIT), tokenizer)
+    rm = prepare_preferences(
+        RMConfig(model=tiny_lm_dir, dataset=str(DATA), output="unused", **SPLIT), tokenizer
+    )
     assert report.kind == "preference" and report.layout == "prompt_response"
     assert report.splits == {"train": 8}
     train, evaluation = report.parts
@@ -113,3 +115,21 @@ def test_a_bad_row_is_one_clear_line(tiny_lm_dir, extra, message):
     args = ["data", "inspect", str(DATA), "--model", tiny_lm_dir, "--eval-fraction", "0.25", "--seed", "3"]
     result = runner.invoke(app, args + extra)
     assert result.exit_code == 2 and message in flat(result.output), result.output
+
+
+def test_system_prompts_a_template_rejects_are_shown_folded(tiny_lm_dir, tmp_path):
+    from tiny import CHATML_TEMPLATE
+
+    rejecting = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}" + CHATML_TEMPLATE
+    )
+    path = tmp_path / "prompts.jsonl"
+    row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]}
+    path.write_text(json.dumps(row) + "\n")
+    cfg = DataInspectConfig(dataset=str(path), chat_template=rejecting)
+    report = inspect_data(cfg, load_tokenizer(tiny_lm_dir))
+    assert report.system_notes == [
+        "1 system prompts folded into the first user turn (the template has no system role)"
+    ]
+    assert "<|im_start|>user\nBe brief.\n\nHi?<|im_end|>" in report.example.prompt.text

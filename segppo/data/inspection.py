@@ -218,16 +218,10 @@ def _lengths(cfg: DataInspectConfig, kind: str, examples: list, chat: ChatFormat
 
 
 def _system_notes(examples: list, chat: ChatFormat) -> list[str]:
-    handled = [chat.system_folded_or_dropped(e.prompt) for e in examples]
-    notes = []
-    if handled.count("fold"):
-        notes.append(
-            f"{handled.count('fold')} system prompts folded into the first user turn "
-            "(the template rejects them)"
-        )
-    if handled.count("drop"):
-        notes.append(f"{handled.count('drop')} system prompts not rendered by the template")
-    return notes
+    folded = sum(chat.system_folded(e.prompt) for e in examples)
+    if not folded:
+        return []
+    return [f"{folded} system prompts folded into the first user turn (the template has no system role)"]
 
 
 def inspect_data(cfg: DataInspectConfig, tokenizer: Any = None) -> DataInspection:
