@@ -64,3 +64,15 @@ def test_without_a_run_folder_nothing_changes(tmp_path):
     before = warnings.showwarning
     with library_warnings_to(None) as router:
         assert router is None and warnings.showwarning is before
+
+
+def test_a_spawned_rank_routes_as_the_process_that_launched_it(tmp_path, monkeypatch, capsys):
+    from segppo.run_log import route_from_environment
+
+    log = tmp_path / "run.log"
+    monkeypatch.setenv(ENV, str(log))  # what `library_warnings_to` leaves for `launch`'s ranks
+    with warnings.catch_warnings():
+        route_from_environment()  # what each spawned rank runs first
+        warnings.simplefilter("always")
+        warnings.warn_explicit("a library's notice on rank 1", FutureWarning, LIBRARY_FILE, 1)
+    assert "rank 1" in log.read_text() and "rank 1" not in capsys.readouterr().err
