@@ -101,13 +101,19 @@ def inspect(
         return scorer, inspect_response(scorer, prompt, response)
 
     scorer, segments = run_or_exit(run)
+    seg_info = scorer.segmentation
+    console.print(f"[bold]{seg_info.granularity}[/] segments (threshold {seg_info.threshold}):")
+    for renderable in render_segments(segments):
+        console.print(renderable)
+
+
+def render_segments(segments) -> tuple[Text, Table]:
+    """A response's segments (`segppo.rm.evaluate.SegmentView`s) as text coloured by each segment's
+    reward, and a table of their rewards (`rm inspect`, `segppo demo --model smollm2`)."""
     scale = max((abs(s.reward) for s in segments if s.index), default=1.0)
     text = Text()
     for seg in segments:
         text.append(seg.text, style=_reward_style(seg.reward, scale) if seg.index else "dim")
-    seg_info = scorer.segmentation
-    console.print(f"[bold]{seg_info.granularity}[/] segments (threshold {seg_info.threshold}):")
-    console.print(text)
     table = Table()
     for column in ("k", "segment", "tokens", "reward", "normalized", "entropy at end"):
         table.add_column(column, justify="left" if column == "segment" else "right")
@@ -120,4 +126,4 @@ def inspect(
             f"{seg.normalized:.4f}" if seg.normalized is not None else "",
             f"{seg.entropy_at_end:.3f}" if seg.index else "",
         )
-    console.print(table)
+    return text, table

@@ -156,6 +156,8 @@ class EvalConfig:
 
 # The demo's gold tasks (`segppo.demo.task`): one-token decisions | phrases right or wrong as a whole.
 DEMO_TASKS = ("animals", "pairs")
+# The demo's policies: the synthetic task's tiny SFT model | SmolLM2-135M-Instruct (`segppo.demo.smollm2`).
+DEMO_MODELS = ("synthetic", "smollm2")
 
 
 @dataclass
@@ -163,8 +165,16 @@ class DemoConfig:
     """`segppo demo`: the whole method end to end on the built-in synthetic task (no network, CPU)."""
 
     output: str = option("segppo-demo", panel=RUN, help="Folder for every artifact of the run.")
+    model: str = option(
+        "synthetic",
+        panel=DEMO,
+        help="synthetic (the built-in task, no network) | smollm2 (SmolLM2-135M-Instruct from the package "
+        "index, sentiment gold judge; the real extra).",
+    )
     budget: str = option(
-        "default", panel=DEMO, help="small (about a minute) | default (at most 5 minutes on 2 CPU cores)."
+        "default",
+        panel=DEMO,
+        help="small (a pipeline check) | default (synthetic: at most 5 minutes on 2 CPU cores; smollm2: 15).",
     )
     compare: list[str] | None = option(
         None, panel=DEMO, help="Granularities to compare, e.g. bandit,token,segment."
@@ -176,7 +186,11 @@ class DemoConfig:
         "animals", panel=DEMO, help="Gold task: animals (one-token decisions) | pairs (multi-token)."
     )
     seed: int = option(0, panel=RUN, help="First seed (the task data, SFT sampling and each setting's runs).")
-    cache_dir: str | None = option(None, panel=RUN, help="SFT policy cache (default ~/.cache/segppo/demo).")
+    cache_dir: str | None = option(
+        None,
+        panel=RUN,
+        help="SFT policy / converted SmolLM2 cache (default ~/.cache/segppo/demo, ~/.cache/segppo/models).",
+    )
     threads: int | None = option(None, panel=MEMORY, help="torch CPU threads.")
 
     def __post_init__(self) -> None:
@@ -191,5 +205,9 @@ class DemoConfig:
             check_positive(self, "seeds")
         if self.task not in DEMO_TASKS:
             raise ValueError(f"--task takes one of {DEMO_TASKS}, got {self.task!r}")
+        if self.model not in DEMO_MODELS:
+            raise ValueError(f"--model takes one of {DEMO_MODELS}, got {self.model!r}")
+        if self.model != "synthetic" and (self.compare or self.task != "animals" or self.seeds):
+            raise ValueError("--compare, --seeds and --task are for the synthetic demo, not --model smollm2")
         if self.threads is not None:
             check_positive(self, "threads")

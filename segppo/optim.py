@@ -26,6 +26,23 @@ def cosine_schedule(optimizer, *, total_steps: int, warmup_ratio: float, min_lr_
     )
 
 
+def one_rank_zero_stage(zero_stage: int, *, offload_optimizer: bool) -> int:
+    """The ZeRO stage a trained model runs: stages 1 and 2 become 0 on a single rank.
+
+    They partition optimizer states and gradients across ranks, so on one rank they partition
+    nothing, yet DeepSpeed's stage-1/2 optimizer still keeps a float32 master copy of the weights, a
+    gradient partition and reduce buckets: about 2 × 4 B per parameter more than stage 0 (measured
+    in benchmarks/RESULTS.md, "PPO host memory"). The update is the same AdamW either way. An
+    offloaded optimizer needs ZeRO, and stage 3 (partitioned loading) is kept as asked.
+    """
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if zero_stage in (1, 2) and world_size == 1 and not offload_optimizer:
+        return 0
+    return zero_stage
+
+
 def training_engine(
     model: torch.nn.Module,
     *,
@@ -49,7 +66,7 @@ def training_engine(
     ds_config = deepspeed_config(
         micro_batch_size=micro_batch_size,
         grad_accum=grad_accum,
-        zero_stage=config.zero_stage,
+        zero_stage=one_rank_zero_stage(config.zero_stage, offload_optimizer=config.offload_optimizer),
         bf16=config.bf16,
         grad_clip=config.grad_clip,
         offload_optimizer=config.offload_optimizer,

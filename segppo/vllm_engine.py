@@ -199,6 +199,7 @@ class VLLMEngine:
         self.llm.collective_rpc(
             "reload_weights", kwargs=dict(weights_iterator=weights, is_checkpoint_format=True)
         )
+        self.llm.collective_rpc(_reprocess_tied_output_layer)
         # cached KV blocks of earlier prompts were computed with the old weights
         self.llm.reset_prefix_cache()
 
@@ -226,6 +227,19 @@ def engine_context(model: str, max_model_len: int | None, trust_remote_code: boo
     if max_model_len is None or (context is not None and max_model_len >= context.tokens):
         return context
     return Context(max_model_len, "max_model_len", f"the vLLM engine on {model}")
+
+
+def _reprocess_tied_output_layer(worker) -> None:
+    """Redo the output layer's post-load processing after a reload (runs on each vLLM worker).
+
+    A tied LM head shares the embedding's weight, so a reload loads nothing into it and vLLM leaves
+    its processed form as it was; on CPU that is a prepacked copy of the old weight (vLLM's
+    `dispatch_cpu_unquantized_gemm`), so the logits kept coming from the old embeddings."""
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is not None and embed is not None and getattr(head, "weight", None) is embed.weight:
+        head.quant_method.process_weights_after_loading(head)
 
 
 def _keeping_default_group(shutdown: Callable[[], None]) -> None:

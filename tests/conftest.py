@@ -54,3 +54,33 @@ def preferences_file(tmp_path_factory):
     from tiny import write_preferences
 
     return write_preferences(tmp_path_factory.mktemp("data") / "prefs.jsonl")
+
+
+# The real-model tier (`-m real`): SmolLM2-135M-Instruct, converted once into the user's cache
+# (segppo.demo.smollm2), and one small preference data set of its own samples, shared by every test.
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    from segppo.demo.smollm2 import DownloadError, smollm2_folder
+
+    try:
+        return smollm2_folder(log=lambda message: None)
+    except DownloadError as err:
+        pytest.skip(f"the real model cannot be downloaded here: {err}")
+
+
+@pytest.fixture(scope="session")
+def real_data(real_model_dir, tmp_path_factory):
+    from segppo.demo.real_data import make_real_data
+
+    return make_real_data(
+        tmp_path_factory.mktemp("real"),
+        real_model_dir,
+        pairs=12,
+        eval_pairs=4,
+        ppo_prompts=8,
+        heldout_prompts=4,
+        max_new_tokens=24,
+        batch_size=32,
+    )

@@ -133,8 +133,10 @@ def label_pairs(
     *,
     temperature: float,
     seed: int,
+    gold: Callable[[str, str], float] = gold_reward,
 ) -> list[dict]:
-    """Preference rows: for each pair, the winner drawn from P(a > b) = sigmoid((g_a - g_b) / T).
+    """Preference rows: for each pair, the winner drawn from P(a > b) = sigmoid((g_a - g_b) / T),
+    with `g = gold(prompt, response)` (the task's gold reward by default).
 
     Pairs with identical responses, or an empty one, say nothing about preference and are dropped.
     """
@@ -143,7 +145,7 @@ def label_pairs(
     for prompt, a, b in zip(prompts, first, second, strict=True):
         if a == b or not a.strip() or not b.strip():
             continue
-        g_a, g_b = gold_reward(prompt, a), gold_reward(prompt, b)
+        g_a, g_b = gold(prompt, a), gold(prompt, b)
         z = (g_a - g_b) / temperature
         p_a = 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
         if rng.random() < p_a:
