@@ -184,26 +184,26 @@ def prepare(work: Path) -> tuple[str, str, str]:
     from segppo.rm.trainer import train_reward_model
 
     folder = smollm2_folder()
-    rm = work / "rm"
+    rm, prompts = work / "rm", work / "data" / "prompts_train.jsonl"
+    if (rm / "model").is_dir() and prompts.is_file():  # a --work folder of an earlier run
+        return str(folder), str(rm), str(prompts)
     data = make_real_data(
         work, folder, pairs=8, eval_pairs=2, ppo_prompts=16, heldout_prompts=4, max_new_tokens=24
     )
-    if not (rm / "model").is_dir():
-        train_reward_model(
-            RMConfig(
-                model=str(folder),
-                dataset=str(data.preferences),
-                output=str(rm),
-                max_steps=2,
-                batch_size=4,
-                micro_batch_size=4,
-                max_len=96,
-                max_prompt_len=64,
-                zero_stage=0,
-                warmup_ratio=0.0,
-                lr=1e-5,
-            )
-        )
+    rm_config = RMConfig(
+        model=str(folder),
+        dataset=str(data.preferences),
+        output=str(rm),
+        max_steps=2,
+        batch_size=4,
+        micro_batch_size=4,
+        max_len=96,
+        max_prompt_len=64,
+        zero_stage=0,
+        warmup_ratio=0.0,
+        lr=1e-5,
+    )
+    train_reward_model(rm_config)
     return str(folder), str(rm), str(data.prompts_train)
 
 
@@ -262,7 +262,10 @@ def main(argv=None) -> dict:
                    "--zero-stage", str(args.zero_stage), "--steps", str(args.steps),
                    "--rollout", str(args.rollout), "--new-tokens", str(args.new_tokens),
                    "--threads", str(args.threads)]  # fmt: skip
-        subprocess.run(command, check=True)
+        # a fresh process of its own: none of this one's rank variables (its one-rank group holds the port)
+        rank_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+        env = {k: v for k, v in os.environ.items() if k not in rank_vars}
+        subprocess.run(command, check=True, env=env)
         result = json.loads(out.read_text())
     result["load_average"] = os.getloadavg()
     print(table(result))
