@@ -306,7 +306,9 @@ def test_demo_example_is_a_response_split_into_rewarded_segments(segment_rm):
     response = "The zoo was wonderful. The lions slept all day, sadly."
     messages = [{"role": "user", "content": "Write a short review of a zoo."}]
     segments = example_segments(segment_rm / "model", messages, response)
-    assert "".join(s["text"] for s in segments).strip() == response
+    # the segments, then the EOS the preference data appends (outside every dense segment, index 0)
+    assert "".join(s["text"] for s in segments if s["index"]).strip() == response
+    assert segments[-1]["index"] == 0 and segments[-1]["text"] == "<|im_end|>"
     assert len([s for s in segments if s["index"]]) >= 2
     assert all(isinstance(s["reward"], float) for s in segments)
     console = Console(width=100, record=True)
