@@ -11,6 +11,7 @@ tests/test_real_model_vllm.py (it runs in the vLLM venv).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,19 @@ PPO_ARGS = [
 runner = CliRunner()
 
 
+def drop_training_states(folder: Path) -> None:
+    """Remove the resume states under `folder` (DeepSpeed states with optimizer moments: ~1.6 GB per
+    trained model here), which pytest would otherwise keep for its last three runs."""
+    for state in [p for p in Path(folder).rglob("state") if p.is_dir()]:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_states_left(tmp_path):
+    yield
+    drop_training_states(tmp_path)
+
+
 def invoke(*args: str) -> str:
     result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -92,6 +106,7 @@ def segment_rm(real_model_dir, real_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm_segment") / "run"
     invoke("rm", "train", "--model", real_model_dir, "--dataset", real_data.preferences, "--output", out,
            "--granularity", "segment", "--lora-rank", "8", "--lr", "1e-3", *RM_ARGS)  # fmt: skip
+    drop_training_states(out)
     return out
 
 

