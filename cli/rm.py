@@ -14,6 +14,7 @@ from segppo.config import RMConfig, RMEvalConfig
 from segppo.config_fields import DATA, MODEL, RUN, SEGMENTS
 from segppo.presets import RM_PRESETS
 from segppo.run_log import LOG_NAME
+from segppo.segment_stats import SegmentStats
 
 from .help import GroupedHelpCommand
 from .options import build_config, config_options, run_or_exit
@@ -66,6 +67,26 @@ def _reward_style(value: float, scale: float) -> str:
     return f"on rgb({channel},40,40)" if value < 0 else f"on rgb(40,{channel},40)"
 
 
+def training_segments_lines(metadata) -> list[str]:
+    """What segppo.json records of how the RM's training responses segmented, and how τ was chosen."""
+    lines = []
+    choice = metadata.threshold_choice or {}
+    if choice.get("rule") == "auto":
+        lines.append(
+            f"threshold chosen by auto: the {choice['quantile']:.3f} quantile of the segmenter's entropy for "
+            f"{choice['segment_length']:g} tokens per segment on {choice['responses']:,} training responses"
+        )
+    elif choice.get("rule") == "given":
+        lines.append("threshold given (--entropy-threshold)")
+    if metadata.segment_stats:
+        stats = SegmentStats.from_record(metadata.segment_stats)
+        lines.append(f"training data: {stats.summary()}")
+        warning = stats.warning(metadata.granularity)
+        if warning:
+            lines.append(f"[yellow]warning:[/] {warning}")
+    return lines
+
+
 @app.command("inspect", cls=GroupedHelpCommand)
 def inspect(
     model: Annotated[
@@ -102,9 +123,12 @@ def inspect(
 
     scorer, segments = run_or_exit(run)
     seg_info = scorer.segmentation
-    console.print(f"[bold]{seg_info.granularity}[/] segments (threshold {seg_info.threshold}):")
+    shown = f" (threshold {seg_info.threshold:.4g})" if seg_info.granularity == "segment" else ""
+    console.print(f"[bold]{seg_info.granularity}[/] segments{shown}:")
     for renderable in render_segments(segments):
         console.print(renderable)
+    for line in training_segments_lines(scorer.metadata):
+        console.print(line)
 
 
 def render_segments(segments) -> tuple[Text, Table]:

@@ -34,11 +34,28 @@ from segppo.config_fields import (  # re-exported
     resolve_prompt_limit,
 )
 from segppo.config_memory import MemoryOptions, PPOMemoryOptions  # re-exported
-from segppo.kernels import GRANULARITIES
+from segppo.kernels import GRANULARITIES, resolve_granularity
 from segppo.presets import FIT_NORMALIZER_PRESETS, PPO_PRESETS, RM_PRESETS, preset_values  # re-exported
+from segppo.segment_stats import DEFAULT_SEGMENT_LENGTH
 
 # The choices of PPO options, named here so that the configs (and so eval and the CLI) never import
 # the PPO package; `segppo.ppo.advantages` and `segppo.ppo.losses` re-export them.
+AUTO_THRESHOLD = "auto"
+
+
+def parse_threshold(value) -> float | str:
+    """`--entropy-threshold`: a number >= 0, or `auto` (chosen from the data by `rm train`)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO_THRESHOLD:
+        return AUTO_THRESHOLD
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--entropy-threshold must be a number >= 0 or auto, got {value!r}") from None
+    if not threshold >= 0 or threshold == float("inf"):
+        raise ValueError(f"--entropy-threshold must be a number >= 0 or auto, got {value!r}")
+    return threshold
+
+
 ESTIMATORS = ("gae", "rloo", "grpo", "reinforce++")
 GROUP_ESTIMATORS = ("rloo", "grpo")  # need n_samples_per_prompt >= 2
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean")
@@ -52,8 +69,22 @@ class RMConfig(MemoryOptions):
     dataset: str = option(panel=DATA, help="Preference data: hub name, .json/.jsonl/.parquet file or folder.")
     output: str = option(panel=RUN, help="Run folder (model/, state/, metrics.jsonl).")
     granularity: str = option("segment", panel=SEGMENTS, help="segment | token | bandit.")
-    entropy_threshold: float = option(
-        2.0, panel=SEGMENTS, help="Segment ends where the segmenter's entropy exceeds this."
+    entropy_threshold: str = option(
+        "auto",
+        panel=SEGMENTS,
+        help="Segment ends where the segmenter's entropy exceeds this; auto: the entropy quantile that gives "
+        "--segment-length tokens per segment on a sample of the training responses.",
+    )
+    segment_length: float = option(
+        DEFAULT_SEGMENT_LENGTH,
+        panel=SEGMENTS,
+        help="With --entropy-threshold auto: the mean tokens per segment the threshold is chosen for.",
+    )
+    segment_sample: int = option(
+        256,
+        panel=SEGMENTS,
+        help="Training pairs whose responses the segment statistics (and an auto threshold) are measured "
+        "on, in one segmenter pass before training.",
     )
     segmenter: str | None = option(None, panel=SEGMENTS, help="Entropy model (default: --model).")
     split: str = option("train", panel=DATA, help="Training split.")
@@ -122,8 +153,10 @@ class RMConfig(MemoryOptions):
         check_positive(self, "batch_size", "micro_batch_size", "max_len", "max_prompt_len", "epochs", "nproc")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.entropy_threshold < 0:
-            raise ValueError(f"--entropy-threshold must be >= 0, got {self.entropy_threshold}")
+        self.entropy_threshold = parse_threshold(self.entropy_threshold)
+        if not self.segment_length > 0:
+            raise ValueError(f"--segment-length must be positive, got {self.segment_length}")
+        check_positive(self, "segment_sample")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -135,6 +168,13 @@ class RMConfig(MemoryOptions):
     @property
     def output_dir(self) -> Path:
         return Path(self.output)
+
+    @property
+    def resolved_granularity(self) -> str:
+        """The granularity after the paper's sentinel thresholds (0: token, 1000: bandit)."""
+        if self.entropy_threshold == AUTO_THRESHOLD:
+            return self.granularity
+        return resolve_granularity(self.granularity, self.entropy_threshold)
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step, so that the global batch ignores the rank count."""

@@ -45,7 +45,8 @@ def test_checkpoint_loads_with_plain_transformers(trained_rm):
     model = AutoModelForTokenClassification.from_pretrained(folder)
     assert model.config.num_labels == 1
     meta = SegppoMetadata.load(folder / "segppo.json")
-    assert meta.kind == "reward_model" and meta.granularity == "segment" and meta.threshold == 2.0
+    assert meta.kind == "reward_model" and meta.granularity == "segment"
+    assert meta.threshold_choice["rule"] == "auto" and meta.threshold == meta.threshold_choice["threshold"]
     assert meta.segmenter == trained_rm.model
     assert meta.data["train_pairs"] == 320 and meta.data["eval_pairs"] == 80
     final = read_metrics(trained_rm.output_dir, split="eval")[-1]

@@ -41,7 +41,7 @@ from .layouts import (
     to_preference_examples,
     to_prompt_examples,
 )
-from .sources import load_rows, load_splits, select_split, split_train_eval
+from .sources import eval_split_name, load_rows, load_splits, select_split, split_train_eval
 from .text import segment_texts
 
 __all__ = [
@@ -75,6 +75,7 @@ __all__ = [
     "segment_texts",
     "select_split",
     "split_train_eval",
+    "eval_split_name",
     "to_preference_examples",
     "to_prompt_examples",
 ]

@@ -153,6 +153,19 @@ def own_eval_split(splits: DatasetDict, train_split: str) -> str | None:
     return None
 
 
+def eval_split_name(
+    dataset: Dataset | DatasetDict, eval_split: str | None = None, train_split: str = "train"
+) -> str | None:
+    """The split `split_train_eval` evaluates on: `eval_split`, else the dataset's own test or
+    validation split (a folder's `test.jsonl` is the split "test"); None when eval rows are held out
+    of the training split."""
+    if isinstance(dataset, DatasetDict):
+        return eval_split or own_eval_split(dataset, train_split)
+    if eval_split is not None:
+        raise ValueError(f"eval_split={eval_split!r} needs a dataset with splits, got a single Dataset")
+    return None
+
+
 def split_train_eval(
     dataset: Dataset | DatasetDict,
     eval_split: str | None = None,
@@ -166,14 +179,12 @@ def split_train_eval(
     part. Otherwise a seeded `eval_fraction` of the rows (at least one) is held out; both parts
     keep the original row order.
     """
+    name = eval_split_name(dataset, eval_split, train_split)
     if isinstance(dataset, DatasetDict):
         train = select_split(dataset, train_split)
-        name = eval_split or own_eval_split(dataset, train_split)
         if name is not None:
             return train, select_split(dataset, name)
         dataset = train
-    elif eval_split is not None:
-        raise ValueError(f"eval_split={eval_split!r} needs a dataset with splits, got a single Dataset")
 
     if not 0 < eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")

@@ -43,11 +43,16 @@ class SegppoMetadata:
     `extra` and written back, so an older segppo does not drop what a newer one recorded.
     `chat_template`, `stop_token_ids` and `end_of_turn_id` are the chat format a reward model was
     trained with (`ChatFormat.metadata_fields()`); `ChatFormat.from_metadata` reads them back.
+    `threshold_choice` says how a segment RM's threshold was chosen (`{"rule": "given"}`, or `auto`
+    with its target length and quantile) and `segment_stats` how its training responses segment
+    (`segppo.segment_stats.SegmentStats`, with the sample it was measured on).
     """
 
     kind: str
     granularity: str | None = None
     threshold: float | None = None
+    threshold_choice: dict[str, Any] | None = None
+    segment_stats: dict[str, Any] | None = None
     segmenter: str | None = None
     normalizer: dict[str, Any] | None = None
     score_mean: float | None = None
@@ -98,7 +103,7 @@ class SegppoMetadata:
         )
         _check_number("score_mean", self.score_mean)
         _check_number("score_std", self.score_std, minimum=0.0, strict=True)
-        for name in ("data", "normalizer"):
+        for name in ("data", "normalizer", "threshold_choice", "segment_stats"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, dict), name, "must be an object or null", value)
         _check(isinstance(self.extra, dict), "extra", "must be a dict", self.extra)

@@ -15,6 +15,7 @@ Output folder:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from segppo.data import (
     SkipReport,
     collate_preferences,
     encode_preferences,
+    eval_split_name,
     load_splits,
     split_train_eval,
 )
@@ -63,6 +65,7 @@ from segppo.optim import training_engine
 from segppo.preflight import check_rm_train
 from segppo.rm.loss import bradley_terry_loss
 from segppo.rm.scoring import Segmentation, score_responses
+from segppo.rm.segment_survey import SegmentSurvey, survey_segments
 from segppo.tracking import LiveProgress, Tracker, console, truncate_metrics, write_config
 
 StepCallback = Callable[[int, dict], None]
@@ -74,6 +77,7 @@ class PreferenceData:
     eval: list[EncodedPair]
     train_report: SkipReport
     eval_report: SkipReport
+    eval_split: str | None  # the split evaluated on; None: rows held out of the training split
 
 
 def prepare_preferences(cfg: RMConfig, tokenizer) -> PreferenceData:
@@ -82,8 +86,10 @@ def prepare_preferences(cfg: RMConfig, tokenizer) -> PreferenceData:
         prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key, strict=cfg.strict
     )
     # The dataset's own eval split when it has one (or --eval-split names one), else a held-out fraction.
+    splits = load_splits(cfg.dataset)
+    eval_split = eval_split_name(splits, cfg.eval_split, cfg.split)
     train_rows, eval_rows = split_train_eval(
-        load_splits(cfg.dataset),
+        splits,
         eval_split=cfg.eval_split,
         eval_fraction=cfg.eval_fraction,
         seed=cfg.seed,
@@ -100,7 +106,7 @@ def prepare_preferences(cfg: RMConfig, tokenizer) -> PreferenceData:
     )
     train, train_report = encode_preferences(train_rows, **encode)
     evaluation, eval_report = encode_preferences(eval_rows, **encode)
-    return PreferenceData(train, evaluation, train_report, eval_report)
+    return PreferenceData(train, evaluation, train_report, eval_report, eval_split)
 
 
 def batches(items: Sequence, size: int):
@@ -231,7 +237,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
 
     set_seed(cfg.seed)
     out = cfg.output_dir
-    segmentation = Segmentation.resolve(cfg.granularity, cfg.entropy_threshold)
+    needs_segmenter = cfg.resolved_granularity == "segment"
 
     # Data: identical on every rank; each rank then takes its own slice of every global batch.
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -266,7 +272,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         merge = cfg.lora_export == "merged"  # an adapter that cannot be merged fails now, not at the end
         model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, merge=merge)
     segmenter = None
-    if segmentation.needs_entropy:
+    if needs_segmenter:
         segmenter_name = cfg.segmenter or cfg.model
         segmenter = load_policy(
             segmenter_name,
@@ -281,6 +287,8 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
                 f"tokenizer has {len(tokenizer)} tokens; they must share a tokenizer"
             )
         segmenter = frozen_on_device(segmenter, info, zero_stage=cfg.zero_stage, bf16=cfg.bf16)
+    survey = _segment_survey(cfg, segmenter, data.train, tokenizer.pad_token_id, info)
+    segmentation = survey.segmentation
 
     engine, scheduler = training_engine(
         model,
@@ -307,7 +315,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         config=cfg,
     )
     if info.is_main:
-        write_config(cfg, out, "run_config.json")
+        write_config({**dataclasses.asdict(cfg), SURVEY_KEY: survey.record()}, out, "run_config.json")
 
     evaluate = lambda: evaluate_pairs(  # noqa: E731
         engine,
@@ -322,15 +330,17 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
     metadata = SegppoMetadata(
         kind="reward_model",
         granularity=segmentation.granularity,
-        threshold=cfg.entropy_threshold,
+        threshold=survey.threshold,  # None for token and bandit RMs: they have no threshold
+        threshold_choice=survey.threshold_choice,
+        segment_stats=survey.record()["segment_stats"],
         segmenter=(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
         **ChatFormat(tokenizer, cfg.chat_template).metadata_fields(),  # template, stop ids, end of turn
         base_model=cfg.model,
         data={
             "dataset": cfg.dataset,
             "split": cfg.split,
-            "eval_split": cfg.eval_split,
-            "eval_fraction": cfg.eval_fraction,
+            "eval_split": data.eval_split,
+            "eval_fraction": cfg.eval_fraction if data.eval_split is None else None,
             "seed": cfg.seed,
             "train_pairs": len(data.train),
             "eval_pairs": len(data.eval),
@@ -418,6 +428,51 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
             f"[bold green]done[/]: eval accuracy {final['accuracy']:.3f}, loss {final['loss']:.4f} "
             f"on {final['num_pairs']} pairs → {out / 'model'}"
         )
+
+
+# The key of run_config.json that records the segmentation the run measured (and, with `auto`, chose).
+SURVEY_KEY = "segmentation"
+
+
+def _segment_survey(
+    cfg: RMConfig, segmenter, train: list[EncodedPair], pad_token_id: int, info: DistInfo
+) -> SegmentSurvey:
+    """The run's segmentation and segment statistics: measured once, before the first step, and
+    read back from run_config.json on `--resume` (an `auto` threshold is never chosen twice)."""
+    recorded = cfg.output_dir / "run_config.json"
+    if cfg.resume and recorded.is_file():
+        record = json.loads(recorded.read_text()).get(SURVEY_KEY)
+        if record is not None:
+            return SegmentSurvey.from_record(record)
+    survey = survey_segments(
+        segmenter,
+        train,
+        granularity=cfg.granularity,
+        threshold=cfg.entropy_threshold,
+        segment_length=cfg.segment_length,
+        sample=cfg.segment_sample,
+        seed=cfg.seed,
+        micro_batch_size=cfg.micro_batch_size,
+        pad_token_id=pad_token_id,
+        info=info,
+    )
+    if info.is_main:
+        choice = survey.threshold_choice or {}
+        how = ""
+        if choice.get("rule") == "auto":
+            how = (
+                f" (auto: the {choice['quantile']:.3f} quantile of the segmenter's entropy for "
+                f"{choice['segment_length']:g} tokens per segment)"
+            )
+        threshold = f", threshold {survey.threshold:.4g}{how}" if survey.threshold is not None else ""
+        console.print(
+            f"[bold]segments[/] ({survey.segmentation.granularity}{threshold}) on {survey.pairs} "
+            f"training pairs: {survey.stats.summary()}"
+        )
+        warning = survey.stats.warning(survey.segmentation.granularity)
+        if warning:
+            console.print(f"[yellow]warning:[/] {warning}")
+    return survey
 
 
 def _export(
