@@ -109,7 +109,11 @@ class RMConfig(MemoryOptions):
         help="Prompt tokens, truncated from the left first (default: 27/32 of --max-len, 1728 of 2048).",
     )
     epochs: int = option(1, panel=OPTIMISATION, help="Passes over the training pairs.")
-    max_steps: int | None = option(None, panel=OPTIMISATION, help="Stop after this many optimizer steps.")
+    max_steps: int | None = option(
+        None,
+        panel=OPTIMISATION,
+        help="Optimizer steps to run; overrides --epochs (stops early, or continues into more epochs).",
+    )
     lr: float = option(1e-6, panel=OPTIMISATION, help="Peak learning rate.")
     warmup_ratio: float = option(
         0.03, panel=OPTIMISATION, help="Share of the steps spent warming the learning rate up."
@@ -436,7 +440,10 @@ class PPOConfig(PPOMemoryOptions):
     ppo_epochs: int = option(1, panel=PPO, help="Update passes over each rollout batch.")
     num_episodes: int = option(1, panel=PPO, help="Passes over the prompt set.")
     max_steps: int | None = option(
-        None, panel=OPTIMISATION, help="Stop after this many rollout/update rounds."
+        None,
+        panel=OPTIMISATION,
+        help="Rollout/update rounds to run; overrides --num-episodes (stops early, or continues into "
+        "more episodes).",
     )
     actor_lr: float = option(5e-7, panel=OPTIMISATION, help="Peak learning rate of the policy.")
     critic_lr: float = option(9e-6, panel=OPTIMISATION, help="Peak learning rate of the critic.")

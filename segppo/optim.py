@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 
 def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -19,10 +18,40 @@ def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float) -> torch.op
 
 
 def cosine_schedule(optimizer, *, total_steps: int, warmup_ratio: float, min_lr_ratio: float):
-    """Linear warmup over `warmup_ratio` of the steps, then cosine decay to `min_lr_ratio · lr`."""
-    warmup = math.ceil(warmup_ratio * total_steps)
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1), min_lr_rate=min_lr_ratio
+    """Linear warmup over `warmup_ratio` of the steps, then cosine decay to `min_lr_ratio · lr`.
+
+    Step k (0-based) of W = ceil(warmup_ratio · total) warmup steps uses `lr · (k+1)/(W+1)`, so no
+    step runs at lr 0 (transformers' schedule gives step 0 the factor 0/W: the first optimizer step of
+    every run with a warmup changed nothing). Step W uses the peak lr, and the cosine reaches its
+    floor on the last step. Steps are optimizer steps; DeepSpeed steps the schedule after each.
+    """
+    total = max(total_steps, 1)
+    warmup = min(math.ceil(warmup_ratio * total), total - 1) if total > 1 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min((step - warmup) / max(total - 1 - warmup, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def planned_steps(per_pass: int, passes: int, max_steps: int | None, unit: str) -> tuple[int, str | None]:
+    """Optimizer steps of a run, and a one-line note when `max_steps` goes past the data.
+
+    `max_steps` is the number of steps, as Hugging Face Trainer's `max_steps` (which TRL's trainers
+    inherit): it overrides the passes (`--epochs`, `--num-episodes`), stopping early or continuing
+    into further passes over the data, which keep their seeded shuffle. Without it: every pass.
+    """
+    planned = per_pass * passes
+    if max_steps is None or max_steps <= planned:
+        return (planned if max_steps is None else max_steps), None
+    needed = -(-max_steps // per_pass)
+    plural = "s" if passes > 1 else ""
+    return max_steps, (
+        f"--max-steps {max_steps} goes past {passes} {unit}{plural} of {per_pass} steps: training "
+        f"continues into {unit} {passes + 1}" + (f" (of {needed})" if needed > passes + 1 else "")
     )
 
 

@@ -46,6 +46,7 @@ from segppo.distributed import (
 )
 from segppo.generation import SamplingConfig, seed_for, stop_token_ids
 from segppo.models import load_tokenizer
+from segppo.optim import planned_steps
 from segppo.ppo import checkpoint
 from segppo.ppo.advantages import whitens
 from segppo.ppo.losses import (
@@ -109,9 +110,11 @@ class PPOTrainer:
                 f"{cfg.prompts}: {len(self.prompts)} prompts, fewer than one --rollout-batch-size "
                 f"({cfg.rollout_batch_size})"
             )
-        self.total_steps = self.steps_per_episode * cfg.num_episodes
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.total_steps, note = planned_steps(
+            self.steps_per_episode, cfg.num_episodes, cfg.max_steps, "episode"
+        )
+        if note and info.is_main:
+            console.print(note)
         self.shaping = reward_shaping(cfg, self.reward)
         dense = self.shaping.segmentation.granularity != "bandit"
         self.value_clip = cfg.value_clip if cfg.value_clip is not None else (0.25 if dense else 0.2)
@@ -248,11 +251,17 @@ class PPOTrainer:
             "tokens",
         )
         sums = torch.zeros(len(names), dtype=torch.float64, device=info.device)
+        lrs = {}
         m.actor.train()
         if m.critic is not None:
             m.critic.train()
         for number, (rows, total) in enumerate(zip(updates, denominators, strict=True)):
             scale = self.grad_accum * info.world_size / max(total, 1.0)
+            # The lr this update's optimizer step uses (the schedule steps after it); the step logs
+            # its last update's.
+            lrs = {"actor_lr": m.actor_sched.get_last_lr()[0]}
+            if m.critic_sched is not None:
+                lrs["critic_lr"] = m.critic_sched.get_last_lr()[0]
             micro = [
                 rows[k : k + cfg.micro_train_batch_size]
                 for k in range(0, len(rows), cfg.micro_train_batch_size)
@@ -277,7 +286,7 @@ class PPOTrainer:
                 sums += torch.stack([stats[n] for n in names]).double()
         s = dict(zip(names, all_reduce_sum(sums).tolist(), strict=True))
         total_tokens = max(s.pop("tokens"), 1.0)
-        return {k: v / total_tokens for k, v in s.items()}
+        return {**{k: v / total_tokens for k, v in s.items()}, **lrs}
 
     def _losses(self, pool: RolloutPool, rows: list[int], scale: float):
         batch, old = pool.micro_batch(rows)
@@ -355,9 +364,6 @@ class PPOTrainer:
                 elapsed = time.perf_counter() - step_start
                 metrics["time_step"] = elapsed
                 metrics["tokens_per_s"] = metrics["tokens"] / elapsed
-                metrics["actor_lr"] = m.actor_sched.get_last_lr()[0]
-                if m.critic_sched is not None:
-                    metrics["critic_lr"] = m.critic_sched.get_last_lr()[0]
                 done = step + 1
                 tracker.log(done, metrics)
                 progress.update(

@@ -61,7 +61,7 @@ from segppo.models import (
     save_reward_model,
 )
 from segppo.models.zero3 import keep_partitioned_loading
-from segppo.optim import training_engine
+from segppo.optim import planned_steps, training_engine
 from segppo.preflight import check_rm_train
 from segppo.rm.loss import bradley_terry_loss
 from segppo.rm.scoring import Segmentation, score_responses
@@ -250,9 +250,9 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
             f"{cfg.dataset}: {len(data.train)} usable training pairs, fewer than one --batch-size "
             f"({cfg.batch_size})"
         )
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps, note = planned_steps(steps_per_epoch, cfg.epochs, cfg.max_steps, "epoch")
+    if note and info.is_main:
+        console.print(note)
     grad_accum = cfg.grad_accum(info.world_size)
 
     # Models: the trained RM, and a frozen segmenter (by default a copy of the initial model); under
@@ -357,6 +357,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
             per_rank = cfg.batch_size // info.world_size
             mine = global_batch[info.rank * per_rank : (info.rank + 1) * per_rank]
             sums = torch.zeros(3, device=info.device)  # loss·n, correct, n
+            lr = scheduler.get_last_lr()[0]  # what this step's optimizer update uses (stepped after it)
             for micro in batches(mine, cfg.micro_batch_size):
                 pairs = [data.train[i] for i in micro]
                 chosen, rejected, margin = score_pairs(
@@ -384,7 +385,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
             metrics = {
                 "loss": loss_value,
                 "accuracy": (sums[1] / sums[2]).item(),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "epoch": epoch,
             }
             done = step + 1
