@@ -250,13 +250,15 @@ class FitNormalizerConfig:
     max_prompt_len: int | None = option(None, panel=DATA, help="Prompt tokens (default: 27/32 of --max-len).")
     batch_size: int = option(8, panel=MEMORY, help="Pairs per forward on one rank.")
     min_bin_count: int = option(
-        10, panel=NORMALIZER_FIT, help="Bins with fewer scores are left out of the fit."
+        10,
+        panel=NORMALIZER_FIT,
+        help="weighted: the fewest scores in a bin | paper: bins with fewer are left out of the fit.",
     )
     fit_mode: str = option(
         "weighted",
         panel=NORMALIZER_FIT,
-        help="weighted: bins weighted by their counts, centred on the data | paper: the paper's unweighted "
-        "Huber fit of the bins.",
+        help="weighted: bins of equal counts along ln p (p = 1 apart), weighted by their counts, centred on "
+        "the data | paper: the paper's unweighted Huber fit of 3-decimal bins of p.",
     )
     min_r2: float = option(
         0.2,

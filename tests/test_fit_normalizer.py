@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from segppo.cli.main import app
-from segppo.kernels import segment_rewards
 from typer.testing import CliRunner
 
 from segppo.config import FitNormalizerConfig, RMConfig
 from segppo.data import collate_preferences, encode_preferences, load_rows
 from segppo.fit_normalizer import collect_points, fit_normalizer_from_rm
+from segppo.kernels import segment_rewards
 from segppo.models import SegppoMetadata, load_policy
-from segppo.normalizer import Normalizer, bin_points, segment_points
+from segppo.normalizer import Normalizer, equal_count_bins, segment_points
 from segppo.rm.scoring import load_scorer
 from segppo.rm.trainer import train_reward_model
 
@@ -173,7 +173,7 @@ def test_collected_points_match_a_direct_computation(segment_rm, tmp_path):
     assert len(p) > 2 * len(pairs)  # more than one segment per response
 
     assert normalizer.num_samples == len(p) and normalizer.num_responses == 6
-    expected = bin_points(p, r)
+    expected = equal_count_bins(p, r, min_count=1)  # the default fit mode's bins
     assert [b["p"] for b in normalizer.bins] == [b["p"] for b in expected]
     assert [b["count"] for b in normalizer.bins] == [b["count"] for b in expected]
     for got, want in zip(normalizer.bins, expected, strict=True):

@@ -11,17 +11,19 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from segppo.kernels import segment_rewards
 
 import segppo.io
+from segppo.kernels import segment_rewards
 from segppo.normalizer import (
     NORMALIZER_FILE,
+    DroppedPointsWarning,
     Normalizer,
     PointCollector,
     PoorFitWarning,
     StdFloorWarning,
     bin_points,
     curve_sketch,
+    equal_count_bins,
     fit_normalizer,
     fit_table,
     import_param_json,
@@ -31,6 +33,7 @@ from segppo.normalizer import (
     std_floor_violations,
     weighted_line,
 )
+from segppo.normalizer.fit import MAX_EQUAL_COUNT_BINS
 
 TRUE_PARAMS = (-0.3, -0.1, 0.5, 1.2)  # a, b, c, d: σ = 1.2 - 0.1 ln p stays well above the floor
 # The paper's token-level fit drops below σ_floor = 0.01 for responses over ~245 tokens; a line
@@ -108,7 +111,7 @@ def test_min_bin_count_drops_and_reports_bins():
     counts = {1.0: 40, 0.5: 30, 0.25: 3, 0.125: 25, 0.0625: 2}
     p = np.concatenate([np.full(n, q) for q, n in counts.items()])
     r = rng.normal(size=p.size) + np.log(p)
-    normalizer = fit_normalizer(p, r, min_bin_count=10)
+    normalizer = fit_normalizer(p, r, min_bin_count=10, fit_mode="paper")  # 3-decimal bins
 
     dropped = sorted(b["p"] for b in normalizer.bins if not b["used"])
     assert dropped == [0.062, 0.25]  # 0.0625 rounds (half to even) to 0.062
@@ -116,7 +119,7 @@ def test_min_bin_count_drops_and_reports_bins():
     assert normalizer.min_bin_count == 10
     assert any("2 of 5 bins" in note and "0.25" in note for note in normalizer.notes)
     kept = np.isin(p, [1.0, 0.5, 0.125])
-    refit = fit_normalizer(p[kept], r[kept], min_bin_count=10)
+    refit = fit_normalizer(p[kept], r[kept], min_bin_count=10, fit_mode="paper")
     np.testing.assert_allclose(normalizer.params, refit.params, rtol=1e-6, atol=1e-9)
     # the global statistics still cover every score
     assert normalizer.score_mean == pytest.approx(r.mean())
@@ -131,6 +134,92 @@ def short_responses(seed: int = 0, n: int = 3000):
     last = np.concatenate([np.arange(1, k + 1) == k for k in K])
     r = rng.normal(-0.3 * np.log(p) + 0.5 + 1.0 * last, 1.0 - 0.1 * np.log(p))
     return p, r
+
+
+def wide_responses(seed: int = 0, n: int = 90, slope: float = -0.3, last_offset: float = 0.0):
+    """Responses of K = 4..39 segments, as an RM's text segmented near token level (issue 20): about
+    2,000 points whose p = k/K are nearly all distinct at 3 decimals. The last segment (p = 1)
+    scores `last_offset` off the line."""
+    rng = np.random.default_rng(seed)
+    K = rng.integers(4, 40, size=n)
+    p = np.concatenate([np.arange(1, k + 1) / k for k in K])
+    last = p == 1.0
+    r = rng.normal(slope * np.log(p) + 0.8 + last_offset * last, 0.5 - 0.05 * np.log(p))
+    return p, r
+
+
+def test_bins_hold_enough_points_at_every_length():
+    """The issue's fit: 442 of 458 bins of 3-decimal p held fewer than 10 scores and were dropped."""
+    p, r = wide_responses()
+    with pytest.warns(DroppedPointsWarning, match="most"):
+        paper = fit_normalizer(p, r, fit_mode="paper")  # the paper's binning, kept for its presets
+    assert paper.num_bins_dropped == 442 and paper.points_used / paper.num_samples < 0.2
+    assert any("of the points" in note for note in paper.notes)
+    normalizer = fit_normalizer(p, r)
+    assert normalizer.num_bins_dropped == 0 and normalizer.points_used == p.size
+    assert all(b["count"] >= 10 for b in normalizer.bins)
+    assert [b["p"] for b in normalizer.bins][-1] == 1.0 and normalizer.bins[-1]["count"] == 90
+    a, b, c, d = normalizer.params
+    # The mean line is (about: bins sit at their mean ln p) least squares through every point.
+    assert (a, c) == pytest.approx(tuple(np.polyfit(np.log(p), r, 1)), rel=1e-2)
+    assert a == pytest.approx(-0.3, abs=0.1) and c == pytest.approx(0.8, abs=0.1)
+    assert b == pytest.approx(-0.05, abs=0.05) and d == pytest.approx(0.5, abs=0.05)
+
+
+def test_poor_fit_falls_back_to_the_mean_and_std_of_all_points():
+    """The issue's fallback 'global mean' was the mean of the scores in the kept bins only."""
+    p, r = wide_responses(slope=0.0, last_offset=-0.6)
+    with pytest.warns(PoorFitWarning):
+        normalizer = fit_normalizer(p, r, min_r2=1.0)  # no line is good enough: the constants
+    assert normalizer.params == pytest.approx((0.0, 0.0, r.mean(), r.std()), rel=1e-9)
+    assert any(f"global mean {r.mean():.4g}" in note for note in normalizer.notes)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [wide_responses(), wide_responses(slope=0.0, last_offset=-0.6), wide_responses(seed=3, n=400)],
+    ids=["wide", "flat-low-end", "wide-400"],
+)
+def test_mean_normalized_reward_per_response_is_about_zero(data):
+    """The issue's fit gave +2.38 per response (the flat data with a low last segment give +2.11 with
+    the bins and fallback of before); PPO's rewards are centred only near 0. The sum over a response's
+    ~22 segments is exactly 0 with a constant σ; a sloped σ weighs residuals unevenly."""
+    p, r = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PoorFitWarning)
+        normalizer = fit_normalizer(p, r)
+    assert abs(normalizer.mean_response_sum) < 0.25
+    assert normalizer.mean_response_sum == pytest.approx(
+        normalizer.apply(r, p).sum() / normalizer.num_responses
+    )
+
+
+def test_equal_count_bins_keep_equal_p_together_and_ignore_the_order():
+    p, r = synthetic_points(TRUE_PARAMS, max_segments=20, repeats=30, seed=8)
+    bins = equal_count_bins(p, r, min_count=10)
+    ranges = [(b["p_min"], b["p_max"]) for b in bins]
+    assert all(high < low for (_, high), (low, _) in zip(ranges, ranges[1:], strict=False))  # disjoint
+    assert sum(b["count"] for b in bins) == p.size and min(b["count"] for b in bins) >= 10
+    assert len(bins) <= MAX_EQUAL_COUNT_BINS + 1  # and the p = 1 bin
+    order = np.random.default_rng(0).permutation(p.size)
+    shuffled = fit_normalizer(p[order], r[order])
+    assert shuffled.params == pytest.approx(fit_normalizer(p, r).params, rel=1e-12)
+    few = equal_count_bins(np.array([0.5, 0.25, 1.0, 1.0]), np.zeros(4), min_count=10)
+    assert [(b["count"], b["used"]) for b in few] == [(2, False), (2, True)]
+
+
+def test_last_segment_report():
+    """`short_responses` score their last segment 1.0 above the line of the others, with σ(1) = 1."""
+    p, r = short_responses()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PoorFitWarning)
+        last = fit_normalizer(p, r).last_segment
+    assert last["count"] == 3000 and last["mean"] == pytest.approx(r[p == 1].mean())
+    assert last["others_line_at_1"] == pytest.approx(0.5, abs=0.1)
+    assert last["offset"] == pytest.approx(1.0, abs=0.15)
+    assert last["mean_normalized"] > 0.3 > last["others_mean_normalized"]
+    plain = fit_normalizer(*synthetic_points(TRUE_PARAMS, max_segments=60, repeats=50, seed=4))
+    assert abs(plain.last_segment["offset"]) < 0.1
 
 
 def test_paper_mode_is_the_unweighted_huber_fit_of_before():
@@ -524,6 +613,8 @@ def test_fit_table_shows_the_numbers():
         assert f"{number:.4f}" in text
     assert f"{normalizer.num_bins_used} used, 0 dropped" in text
     assert f"{normalizer.num_samples:,} segment scores" in text
+    assert f"{normalizer.num_samples:,} of {normalizer.num_samples:,} (100%)" in text  # points used
+    assert f"{normalizer.last_segment['offset']:+.2f} σ off the others' line" in text
     assert "rm-x" in text and "prefs" in text
 
 

@@ -10,7 +10,8 @@ The modules, in the order a fit uses them:
 - `core`: `Normalizer` (the parameters with the record of where they came from, `mean`/`std`/
   `apply` on tensors) and the std-floor check (`std_floor_violations`);
 - `fit`: `segment_points` / `PointCollector` collect `(p, r)` for every segment of scored
-  responses, `fit_normalizer` bins them by p and fits the mean and std lines against ln p;
+  responses, `fit_normalizer` bins them by p (`equal_count_bins`, or the paper's `bin_points`) and
+  fits the mean and std lines against ln p;
 - `files`: `normalizer.json` (`Normalizer.save`/`load`) and the paper's `param.json`
   (`import_param_json`, `param_json_keys`);
 - `render`: `fit_table`, `curve_sketch`, `save_plot`: what the CLI shows.
@@ -33,9 +34,11 @@ from .fit import (
     DEFAULT_MIN_BIN_COUNT,
     DEFAULT_MIN_R2,
     FIT_MODES,
+    DroppedPointsWarning,
     PointCollector,
     PoorFitWarning,
     bin_points,
+    equal_count_bins,
     fit_normalizer,
     huber_line,
     segment_points,
@@ -49,6 +52,7 @@ __all__ = [
     "DEFAULT_MIN_R2",
     "FIT_MODES",
     "DEFAULT_SIGMA_FLOOR",
+    "DroppedPointsWarning",
     "FLOOR_CHECK_MIN_P",
     "FloorViolation",
     "NORMALIZER_FILE",
@@ -58,6 +62,7 @@ __all__ = [
     "StdFloorWarning",
     "bin_points",
     "curve_sketch",
+    "equal_count_bins",
     "fit_normalizer",
     "fit_table",
     "huber_line",

@@ -36,7 +36,9 @@ class Normalizer:
     `num_samples` is the number of `(p, r)` points (scored segments) the fit saw and
     `num_responses` the number of responses (each has exactly one segment at p = 1).
     `fit_mode`, `max_segments` and `mean_response_sum`: see `segppo.normalizer.fit.fit_normalizer`.
-    `bins`: `{p, log_p, count, mean, std, used}` per p bin of the fit. `notes`: what the fit
+    `bins`: `{p, log_p, count, mean, std, used}` per p bin of the fit; `points_used` the points in
+    the bins used; `last_segment` the p = 1 segments against the others
+    (`segppo.normalizer.fit.last_segment_report`). `notes`: what the fit
     wants the user to know (dropped bins, a degenerate fit). `extra`: keys of a loaded file that
     this version does not know, written back by `save`.
     """
@@ -58,6 +60,8 @@ class Normalizer:
     r2_mean: float | None = None
     r2_std: float | None = None
     min_bin_count: int | None = None
+    points_used: int | None = None  # points in the bins the fit used (of num_samples)
+    last_segment: dict[str, Any] | None = None  # the p = 1 segments against the others (fit.py)
     bins: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     floor_warning: str | None = None
@@ -125,7 +129,7 @@ class Normalizer:
         extra = {k: v for k, v in values.items() if k not in names}
         for name in ("threshold", "score_mean", "score_std", "r2_mean", "r2_std", "mean_response_sum"):
             _check_field(where, name, known.get(name), is_number(known.get(name)), "a number or null")
-        for name in ("num_samples", "num_responses", "max_segments", "min_bin_count"):
+        for name in ("num_samples", "num_responses", "max_segments", "min_bin_count", "points_used"):
             value = known.get(name)
             _check_field(
                 where,
@@ -138,6 +142,8 @@ class Normalizer:
             _check_field(where, name, known.get(name), isinstance(known.get(name), str), "a string or null")
         for name in ("bins", "notes"):
             _check_field(where, name, known.get(name), isinstance(known.get(name), list), "a list")
+        value = known.get("last_segment")
+        _check_field(where, "last_segment", value, isinstance(value, dict), "an object or null")
         try:
             return cls(**known, extra=extra)
         except ValueError as e:

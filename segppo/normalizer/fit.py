@@ -1,9 +1,16 @@
-"""Fitting the normalizer: collect `(p, r)` per segment, bin by p, Huber-fit the lines (DESIGN.md §3.3).
+"""Fitting the normalizer: collect `(p, r)` per segment, bin by p, fit the lines (DESIGN.md §3.3).
 
 - `segment_points` / `PointCollector`: `(p, r)` for every segment of scored responses;
-- `bin_points`: group the points by p rounded to 3 decimals;
+- `equal_count_bins`: the p = 1 points (one per response) as one bin, the others in bins of equal
+  counts along ln p, so every bin holds enough points whatever the responses' lengths (segppo's);
+- `bin_points`: group the points by p rounded to 3 decimals (the paper's);
 - `fit_normalizer`: the mean and std lines against ln p, as a `Normalizer`: count-weighted least
-  squares (segppo's default, centred on the data) or the paper's unweighted Huber fit of the bins.
+  squares on equal-count bins (segppo's default, centred on the data) or the paper's unweighted
+  Huber fit of its 3-decimal bins.
+
+Why not the paper's bins everywhere: with responses of many segments nearly every p = k/K is its own
+3-decimal bin. On SmolLM2 text (issue 20) 442 of 458 bins held fewer than 10 scores and were dropped,
+so the fit used 17% of the points.
 """
 
 from __future__ import annotations
@@ -24,16 +31,24 @@ BIN_DECIMALS = 3
 # Bins with fewer scores than this are left out of the fit: the std of a handful of samples is
 # noisy and (with ddof=0) biased low, which would drag the std line down at small p.
 DEFAULT_MIN_BIN_COUNT = 10
+# Equal-count bins (fit_mode="weighted"): at most this many below p = 1. A line has two parameters;
+# 50 bins show its shape, and with many points each bin's std is measured on many scores.
+MAX_EQUAL_COUNT_BINS = 50
 FIT_MODES = ("weighted", "paper")
 DEFAULT_FIT_MODE = "weighted"
 # Below this weighted R², a fitted line is replaced by a constant (fit_mode="weighted"). Low, since
-# the bins' own sampling noise keeps R² well below 1 for a right line (about 0.5 for the true std
-# line of the 60-segment data in tests/test_normalizer.py); a line through pure noise has R² near 0.
+# the bins' own sampling noise keeps R² below 1 for a right line; a line through noise has R² near 0.
 DEFAULT_MIN_R2 = 0.2
+# A fit that uses less than this share of the points says so (a note and a DroppedPointsWarning).
+MIN_USED_SHARE = 0.5
 
 
 class PoorFitWarning(UserWarning):
     """A fitted line explains too little of the bins' variation; a global constant is used instead."""
+
+
+class DroppedPointsWarning(UserWarning):
+    """Most points are in bins too small to fit (the paper's 3-decimal bins on long responses)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +184,63 @@ def bin_points(p, r, *, decimals: int = BIN_DECIMALS) -> list[dict[str, Any]]:
     ]
 
 
+def equal_count_bins(
+    p, r, *, min_count: int = DEFAULT_MIN_BIN_COUNT, max_bins: int = MAX_EQUAL_COUNT_BINS
+) -> list[dict[str, Any]]:
+    """The points at p = 1 as one bin, the others in bins of about equal counts along ln p.
+
+    Below p = 1, consecutive values of p are gathered into a bin until it holds at least
+    `max(min_count, n / max_bins)` of the n points; points of equal p always share a bin (splitting
+    them would split them by something else, e.g. their score). A remainder under `min_count` joins
+    the bin before it, so every bin holds at least `min_count`; fewer than `min_count` points below
+    p = 1 form one bin marked `used: False`. Bins have the keys of `bin_points`, `p` being
+    `exp(log_p)` (1 for the p = 1 bin), and `p_min`/`p_max`, the range of their members.
+
+    p = 1 has its own bin because it is a place of its own: every response has exactly one segment
+    there, the one before its end, which an RM may score unlike the others.
+    """
+    p, r = _as_float64(p), _as_float64(r)
+    if p.size and not (np.all(p > 0) and np.all(p <= 1)):
+        raise ValueError("every p must lie in (0, 1]")
+    last = p == 1.0
+    order = np.lexsort((r, p))  # sums in one order, so that any order of the points gives equal bits
+    p, r, last = p[order], r[order], last[order]
+    rest_p, rest_r = p[~last], r[~last]
+    values, which, counts = np.unique(rest_p, return_inverse=True, return_counts=True)
+    target = max(min_count, -(-rest_p.size // max_bins))
+    bin_of_value, filled, current = np.zeros(values.size, dtype=np.int64), 0, 0
+    for i, count in enumerate(counts):
+        bin_of_value[i] = current
+        filled += count
+        if filled >= target:
+            current, filled = current + 1, 0
+    if 0 < filled < min_count and current > 0:  # a short remainder joins the bin before it
+        bin_of_value[bin_of_value == current] = current - 1
+    groups = []
+    if rest_p.size:
+        member_bin = bin_of_value[which]
+        enough = rest_p.size >= min_count
+        groups += [(rest_p[member_bin == j], rest_r[member_bin == j], enough) for j in np.unique(member_bin)]
+    if last.any():
+        groups.append((p[last], r[last], True))
+    bins = []
+    for members_p, members_r, used in groups:
+        log_p = float(np.log(members_p).mean())
+        bins.append(
+            {
+                "p": 1.0 if members_p[0] == 1.0 else float(np.exp(log_p)),
+                "log_p": log_p,
+                "count": int(members_p.size),
+                "mean": float(members_r.mean()),
+                "std": float(members_r.std()),
+                "used": bool(used),
+                "p_min": float(members_p.min()),
+                "p_max": float(members_p.max()),
+            }
+        )
+    return bins
+
+
 def huber_line(x, y, *, epsilon: float = HUBER_EPSILON) -> tuple[float, float, float]:
     """Fit `y ≈ slope·x + intercept` with a Huber loss; returns `(slope, intercept, R²)`.
 
@@ -219,19 +291,23 @@ def fit_normalizer(
 ) -> Normalizer:
     """Fit `[a, b, c, d]` to segment scores `r` at positions `p` (DESIGN.md §3.3).
 
-    Points are binned by p rounded to 3 decimals (`bin_points`); bins with fewer than
-    `min_bin_count` scores are kept in `bins` with `used: False` and left out of the fit. The
-    bins' means are fitted against their ln p for `(a, c)`, the bins' population stds (ddof=0)
+    The bins' means are fitted against their ln p for `(a, c)`, the bins' population stds (ddof=0)
     for `(b, d)`, separately, with R² of each fit on the bins used. `fit_mode`:
 
-    - `"weighted"` (segppo's default): least squares with each bin weighted by its count, i.e.
-      every score counts once. The normalized rewards then average about 0 over the fit data. A
-      line whose weighted R² is below `min_r2` explains too little to trust: it is replaced by the
-      constant global value (mean of the scores; std of the scores around the mean line), with a
-      note and a `PoorFitWarning`.
-    - `"paper"`: the paper's fit, an unweighted Huber regression on the bins: a bin of 10 scores
-      counts as much as the p = 1 bin, which holds one score of every response, so with short
-      responses the lines can miss the most populated bins.
+    - `"weighted"` (segppo's default): equal-count bins (`equal_count_bins`, each of at least
+      `min_bin_count` points, so every point is used), fitted by least squares with each bin
+      weighted by its count, i.e. every score counts once. The normalized rewards then average
+      about 0 over the fit data. A line whose weighted R² is below `min_r2` explains too little to
+      trust: it is replaced by the constant of all the points (their mean; their std around the
+      mean line), with a note and a `PoorFitWarning`.
+    - `"paper"`: the paper's fit: bins of p rounded to 3 decimals (`bin_points`), those with fewer
+      than `min_bin_count` scores left out, and an unweighted Huber regression on the rest: a bin of
+      10 scores counts as much as the p = 1 bin, which holds one score of every response, so with
+      short responses the lines can miss the most populated bins.
+
+    Bins left out are kept in `bins` with `used: False`; `points_used` counts the points of the
+    bins used, and a fit that uses less than half of them says so (a note, `DroppedPointsWarning`).
+    `last_segment` compares the p = 1 bin with the others (`last_segment_report`).
 
     `mean_response_sum` records the mean over responses of the summed normalized rewards of
     their segments on the fit data (each response has one segment at p = 1).
@@ -251,11 +327,15 @@ def fit_normalizer(
         raise ValueError(f"p and r must have equal shapes, got {p.shape} and {r.shape}")
     if not np.all(np.isfinite(r)):
         raise ValueError("the scores r contain NaN or inf")
-    bins = bin_points(p, r)
-    for b in bins:
-        b["used"] = b["count"] >= min_bin_count
+    if fit_mode == "paper":
+        bins = bin_points(p, r)
+        for b in bins:
+            b["used"] = b["count"] >= min_bin_count
+    else:
+        bins = equal_count_bins(p, r, min_count=min_bin_count)
     used = [b for b in bins if b["used"]]
     dropped = [b for b in bins if not b["used"]]
+    points_used = sum(b["count"] for b in used)
     score_mean, score_std = float(r.mean()), float(r.std())  # population std, like the bins'
 
     notes = []
@@ -264,6 +344,14 @@ def fit_normalizer(
             f"{len(dropped)} of {len(bins)} bins have fewer than {min_bin_count} scores and were "
             f"left out of the fit (p = {_list_preview([b['p'] for b in dropped])})"
         )
+    if points_used < MIN_USED_SHARE * p.size:
+        message = (
+            f"the fit used {points_used:,} of the points ({points_used / p.size:.0%} of {p.size:,}): "
+            "most are in bins too small to fit"
+            + (" (the paper's 3-decimal bins; the default fit mode bins every point)" if dropped else "")
+        )
+        notes.append(message)
+        warnings.warn(message, DroppedPointsWarning, stacklevel=2)
     if len(used) < 2:
         params = (0.0, 0.0, score_mean, score_std)
         r2_mean = r2_std = None
@@ -279,7 +367,7 @@ def fit_normalizer(
         params = (a, b_, c, d)
         source = "fit"
     else:
-        params, r2_mean, r2_std = _weighted_fit(used, min_r2, notes)
+        params, r2_mean, r2_std = _weighted_fit(used, p, r, min_r2, notes)
         source = "fit"
 
     normalizer = Normalizer(
@@ -299,18 +387,48 @@ def fit_normalizer(
         r2_mean=r2_mean,
         r2_std=r2_std,
         min_bin_count=min_bin_count,
+        points_used=points_used,
         bins=bins,
         notes=notes,
     )
     if normalizer.num_responses:
         normalizer.mean_response_sum = float(normalizer.apply(r, p).sum() / normalizer.num_responses)
+    normalizer.last_segment = last_segment_report(p, r, normalizer)
     return check_floor(normalizer)
 
 
-def _weighted_fit(used: list[dict[str, Any]], min_r2: float, notes: list[str]):
+def last_segment_report(p, r, normalizer: Normalizer) -> dict[str, Any] | None:
+    """How the segments before EOS (p = 1, one per response) score against the others.
+
+    `offset` is the p = 1 scores' mean minus the value at p = 1 of a count-weighted line fitted to
+    the other segments alone, in units of the fitted σ(1): how far the last segment sits off the
+    trend of the rest. `mean_normalized` is the mean normalized reward of the p = 1 segments under
+    the fit, `others_mean_normalized` that of the other segments. None without both kinds of points.
+    """
+    last = p == 1.0
+    if not last.any() or last.all():
+        return None
+    others = equal_count_bins(p[~last], r[~last], min_count=1)
+    x = np.array([b["log_p"] for b in others])
+    counts = np.array([b["count"] for b in others])
+    slope, intercept, _ = weighted_line(x, [b["mean"] for b in others], counts)
+    normalized = normalizer.apply(r, p)
+    sigma_1 = float(normalizer.std(1.0))
+    return {
+        "count": int(last.sum()),
+        "mean": float(r[last].mean()),
+        "std": float(r[last].std()),
+        "others_line_at_1": float(intercept),
+        "offset": float((r[last].mean() - intercept) / sigma_1),
+        "mean_normalized": float(normalized[last].mean()),
+        "others_mean_normalized": float(normalized[~last].mean()),
+    }
+
+
+def _weighted_fit(used: list[dict[str, Any]], p: np.ndarray, r: np.ndarray, min_r2: float, notes: list[str]):
     """`fit_mode="weighted"`: count-weighted lines, each replaced by a constant when its R² is poor.
 
-    The constants come from the used bins' scores: their mean, and their std around the mean line.
+    The constants are those of all the points: their mean, and their std around the mean line.
     """
     x, counts = np.array([b["log_p"] for b in used]), np.array([b["count"] for b in used])
     means, stds = np.array([b["mean"] for b in used]), np.array([b["std"] for b in used])
@@ -318,11 +436,10 @@ def _weighted_fit(used: list[dict[str, Any]], min_r2: float, notes: list[str]):
     b_, d, r2_std = weighted_line(x, stds, counts)
     poor = []
     if r2_mean < min_r2:
-        a, c = 0.0, float(np.average(means, weights=counts))
+        a, c = 0.0, float(r.mean())
         poor.append(f"mean line (R² = {r2_mean:.3f}): using the global mean {c:.4g}")
     if r2_std < min_r2:
-        # Each bin's scores spread around the line by their own std and their mean's offset.
-        b_, d = 0.0, float(np.sqrt(np.average(stds**2 + (means - (a * x + c)) ** 2, weights=counts)))
+        b_, d = 0.0, float(np.sqrt(np.mean((r - (a * np.log(p) + c)) ** 2)))
         poor.append(f"std line (R² = {r2_std:.3f}): using the global std {d:.4g} around the mean line")
     if poor:
         message = f"R² below min_r2={min_r2:g} for the " + "; for the ".join(poor)

@@ -34,9 +34,23 @@ def fit_table(normalizer: Normalizer) -> Table:
     if n.num_samples is not None:
         responses = f" from {n.num_responses:,} responses" if n.num_responses is not None else ""
         table.add_row("samples", f"{n.num_samples:,} segment scores{responses}")
+        if n.points_used is not None:
+            share = n.points_used / n.num_samples
+            style = "[yellow]" if share < 0.5 else ""
+            table.add_row(
+                "points used", f"{style}{n.points_used:,} of {n.num_samples:,} ({share:.0%}){style and '[/]'}"
+            )
     if n.mean_response_sum is not None:
         table.add_row(
             "normalized reward per response", f"{_fmt(n.mean_response_sum)} (on the fit data; ≈ 0 is centred)"
+        )
+    if n.last_segment:
+        last = n.last_segment
+        table.add_row(
+            "last segment (p = 1)",
+            f"mean {_fmt(last['mean'])}, {last['offset']:+.2f} σ off the others' line; "
+            f"normalized mean {_fmt(last['mean_normalized'])} "
+            f"(others {_fmt(last['others_mean_normalized'])})",
         )
     if n.score_mean is not None:
         table.add_row("global score", f"mean = {_fmt(n.score_mean)}   std = {_fmt(n.score_std)}")
