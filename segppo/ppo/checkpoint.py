@@ -57,8 +57,9 @@ def export_policy(
         meta = SegppoMetadata(
             kind="policy",
             granularity=seg.granularity,
-            threshold=seg.threshold,
-            segmenter=cfg.reference or cfg.policy,
+            # Only segment rewards have a threshold and take entropy from a segmenter (the reference).
+            threshold=seg.threshold if seg.needs_entropy else None,
+            segmenter=(cfg.reference or cfg.policy) if seg.needs_entropy else None,
             **chat.metadata_fields(),  # template, stop ids, end of turn: what eval and PPO read back
             base_model=cfg.policy,
             normalizer={"params": list(shaping.normalizer), "sigma_floor": shaping.sigma_floor}
