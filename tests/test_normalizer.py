@@ -218,8 +218,11 @@ def test_last_segment_report():
     assert last["others_line_at_1"] == pytest.approx(0.5, abs=0.1)
     assert last["offset"] == pytest.approx(1.0, abs=0.15)
     assert last["mean_normalized"] > 0.3 > last["others_mean_normalized"]
+    notes = fit_normalizer(p, r).notes
+    assert any("last segment (p = 1) scores +1.0" in note and "lower total" in note for note in notes)
     plain = fit_normalizer(*synthetic_points(TRUE_PARAMS, max_segments=60, repeats=50, seed=4))
     assert abs(plain.last_segment["offset"]) < 0.1
+    assert not any("last segment" in note for note in plain.notes)
 
 
 def test_paper_mode_is_the_unweighted_huber_fit_of_before():

@@ -39,6 +39,10 @@ DEFAULT_FIT_MODE = "weighted"
 # Below this weighted R², a fitted line is replaced by a constant (fit_mode="weighted"). Low, since
 # the bins' own sampling noise keeps R² below 1 for a right line; a line through noise has R² near 0.
 DEFAULT_MIN_R2 = 0.2
+# A last segment (p = 1) this many σ(1) off the line of the others gets a note: one line fitted to both
+# tilts, and the normalized total of a response then drifts with its number of segments (0.6 σ off on
+# responses of 1-12 segments: -0.46 at K = 1, +0.50 at K = 12; see last_segment_report).
+LAST_SEGMENT_NOTE_OFFSET = 0.5
 # A fit that uses less than this share of the points says so (a note and a DroppedPointsWarning).
 MIN_USED_SHARE = 0.5
 
@@ -394,6 +398,13 @@ def fit_normalizer(
     if normalizer.num_responses:
         normalizer.mean_response_sum = float(normalizer.apply(r, p).sum() / normalizer.num_responses)
     normalizer.last_segment = last_segment_report(p, r, normalizer)
+    offset = (normalizer.last_segment or {}).get("offset", 0.0)
+    if abs(offset) >= LAST_SEGMENT_NOTE_OFFSET:
+        normalizer.notes.append(
+            f"the last segment (p = 1) scores {offset:+.2f} σ off the line of the other segments: one line "
+            f"for both gives responses of more segments a {'higher' if offset < 0 else 'lower'} total "
+            "normalized reward"
+        )
     return check_floor(normalizer)
 
 
