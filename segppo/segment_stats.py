@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-# The default target of `--entropy-threshold auto`, in tokens per segment: a short phrase of 3-4
-# English words (BPE tokenizers give about 1.3 tokens per word). Measured evidence (issue 20): on the
-# demo's designed phrases its τ gives 4.2 tokens per segment; on SmolLM2-135M-Instruct's own answers
-# a mean of 4 tokens cuts at clause and phrase starts, where the paper's τ = 2 gives 1.5 (word pieces).
-DEFAULT_SEGMENT_LENGTH = 4.0
+# The default target of `--entropy-threshold auto`, in tokens per segment: a short phrase. Measured
+# (issue 20): the demo's hand-set τ = 1 gives 2.0 (word-level) tokens per segment, a slot or value
+# word with what follows it (its phrases average 3.5 tokens), and two English words are about 2.7 BPE
+# tokens; on SmolLM2-135M-Instruct's answers 3 tokens per segment (τ ≈ 2.9) cuts at phrase starts
+# ("sun was shining | outside when I visited"), 4 at clauses, while the paper's τ = 2 gives 1.85 and
+# splits words ("Mar|quee"). The paper's own families (Llama-3, Phi-3) cannot be measured here.
+DEFAULT_SEGMENT_LENGTH = 3.0
 # Below this mean, segments are shorter than an English word (about 1.3 BPE tokens), so most are
 # single tokens or word pieces: token-level RLHF in all but name.
 TOKEN_LEVEL_MEAN_LENGTH = 1.5

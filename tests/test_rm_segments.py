@@ -12,6 +12,7 @@ from tiny import tiny_rm_config as rm_config
 from segppo.config import RMConfig
 from segppo.models import SegppoMetadata
 from segppo.rm.trainer import train_reward_model
+from segppo.segment_stats import DEFAULT_SEGMENT_LENGTH
 from segppo.tracking import read_metrics
 
 
@@ -21,19 +22,20 @@ def _metadata(cfg) -> SegppoMetadata:
 
 def test_auto_is_the_default_and_gives_the_target_length(tiny_lm_dir, preferences_file, tmp_path):
     assert RMConfig(model="m", dataset="d", output="o").entropy_threshold == "auto"
-    cfg = rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", segment_length=3.0, max_steps=1)
+    cfg = rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=1)
+    target = DEFAULT_SEGMENT_LENGTH
     train_reward_model(cfg)
     meta = _metadata(cfg)
     choice, stats = meta.threshold_choice, meta.segment_stats
-    assert choice["rule"] == "auto" and choice["segment_length"] == 3.0 and 0 < choice["quantile"] < 1
+    assert choice["rule"] == "auto" and choice["segment_length"] == target and 0 < choice["quantile"] < 1
     assert meta.threshold == choice["threshold"]
     assert stats["sample_pairs"] == 256 and stats["responses"] == 512 == choice["responses"]
     # On the sample τ was chosen on: the target, up to one segment of rounding.
-    assert stats["tokens"] / (stats["segments"] + 1) <= 3.0 <= stats["tokens"] / (stats["segments"] - 1)
+    assert stats["tokens"] / (stats["segments"] + 1) <= target <= stats["tokens"] / (stats["segments"] - 1)
     assert stats["p10_length"] <= stats["median_length"] <= stats["p90_length"]
     # On the held-out pairs, which τ was not chosen on: close to the target too.
     final = read_metrics(cfg.output_dir, split="eval")[-1]
-    assert final["segment_length"] == pytest.approx(3.0, rel=0.25)
+    assert final["segment_length"] == pytest.approx(target, rel=0.25)
     record = json.loads((cfg.output_dir / "run_config.json").read_text())
     assert record["entropy_threshold"] == "auto" and record["segmentation"]["threshold"] == meta.threshold
 
