@@ -458,18 +458,16 @@ def _segment_survey(
         info=info,
     )
     if info.is_main:
-        choice = survey.threshold_choice or {}
-        how = ""
-        if choice.get("rule") == "auto":
-            how = (
-                f" (auto: the {choice['quantile']:.3f} quantile of the segmenter's entropy for "
-                f"{choice['segment_length']:g} tokens per segment)"
-            )
-        threshold = f", threshold {survey.threshold:.4g}{how}" if survey.threshold is not None else ""
         console.print(
-            f"[bold]segments[/] ({survey.segmentation.granularity}{threshold}) on {survey.pairs} "
-            f"training pairs: {survey.stats.summary()}"
+            f"[bold]segments[/] ({survey.segmentation.granularity}) on {survey.pairs} training pairs: "
+            f"{survey.stats.summary()}"
         )
+        choice = survey.threshold_choice or {}
+        if choice.get("rule") == "auto":
+            console.print(
+                f"[bold]threshold[/] {survey.threshold:.4g}: auto, the {choice['quantile']:.3f} quantile of "
+                f"the segmenter's entropy for {choice['segment_length']:g} tokens per segment"
+            )
         warning = survey.stats.warning(survey.segmentation.granularity)
         if warning:
             console.print(f"[yellow]warning:[/] {warning}")
