@@ -12,11 +12,13 @@ import pytest
 import torch
 from tiny import tiny_ppo_config, tiny_rm_config, write_preferences
 
+from segppo.config import RMEvalConfig
 from segppo.data import ChatFormat, collate_preferences
 from segppo.kernels import segment_rewards
 from segppo.models import load_policy, load_tokenizer
 from segppo.models.metadata import segppo_version
 from segppo.ppo.trainer import train_ppo
+from segppo.rm.evaluate import evaluate_reward_model
 from segppo.rm.segment_survey import sample_indices
 from segppo.rm.trainer import prepare_preferences, train_reward_model
 from segppo.segment_stats import (
@@ -166,6 +168,8 @@ def test_bandit_rm_records_no_threshold(tiny_lm_dir, tmp_path):
     )
     assert recorded["data"]["eval_split"] is None and recorded["data"]["eval_fraction"] == 0.2
     assert recorded["data"]["train_pairs"] == 48 and recorded["data"]["eval_pairs"] == 12
+    evaluated = evaluate_reward_model(RMEvalConfig(model=str(cfg.output_dir), dataset=data, max_len=64))
+    assert evaluated["granularity"] == "bandit" and evaluated["threshold"] is None
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> dict:
         rows=rows_note,
         skipped_rows=report.skipped,
         granularity=scorer.segmentation.granularity,
-        threshold=scorer.segmentation.threshold,
+        threshold=scorer.segmentation.threshold if scorer.segmentation.needs_entropy else None,
     )
     return stats
 
