@@ -68,14 +68,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# True once this process made its own one-rank group: the rank variables it then set in the
-# environment do not mean that an outer launcher is in charge.
-_OWN_GROUP = False
-
-
 def under_launcher() -> bool:
     """True when an outer launcher (or `launch`) already set up this process's rank."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and not _OWN_GROUP
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
 def _quiet_deepspeed() -> None:
@@ -106,13 +101,13 @@ def init_distributed() -> DistInfo:
     """Join (or create) the process group and pick this rank's device."""
     import deepspeed
 
-    global _OWN_GROUP
     _quiet_deepspeed()
-    if not under_launcher() and not dist.is_initialized():
-        _OWN_GROUP = True
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-        )
+    own_group = not under_launcher() and not dist.is_initialized()
+    if own_group:
+        # Only what DeepSpeed's engine reads: RANK/WORLD_SIZE/MASTER_* here would leak into any
+        # process started later (a subprocess, a spawned run) and make it join this group's
+        # rendezvous as if launched by it (it failed with EADDRINUSE on this process's port).
+        os.environ.setdefault("LOCAL_RANK", "0")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -121,8 +116,14 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     if device.type == "cpu":
         _skip_shm_comm_build()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if own_group:
+        # One rank needs no rendezvous: an in-process store instead of a TCP port, which another
+        # process on a busy machine can take between probing it free and binding it (EADDRINUSE).
+        # DeepSpeed adopts a group that is already up.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    # An outer launcher's rank variables, or the group above: nothing for DeepSpeed to discover.
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False)
     if dist.get_rank() != 0:
         quiet_progress_bars()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)

@@ -434,3 +434,31 @@ def test_a_bad_prompt_row_is_counted_or_with_strict_an_error(tiny_lm_dir, tmp_pa
     assert len(load_prompts(cfg, chat)) == 2
     report = " ".join(capsys.readouterr().err.split())
     assert "kept 2 of 4 rows, skipped 2; first reasons: row 2: " in report and "row 3: " in report
+
+
+ONE_RANK_RUN_THEN_A_CHILD_RUN = """
+import os, subprocess, sys
+import segppo.distributed as d
+child = "import segppo.distributed as d; i = d.init_distributed(); print(i.rank, i.world_size)"
+parent = d.init_distributed()
+out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=100)
+print(parent.rank, parent.world_size, out.stdout.strip() or out.stderr.strip().splitlines()[-1])
+print(sorted(k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ))
+"""
+
+
+def test_a_one_rank_run_leaves_nothing_for_a_later_process_to_join(tmp_path):
+    # A one-process run (a notebook, a script, gpu_check's parent) used to export RANK, WORLD_SIZE
+    # and MASTER_PORT for its own group: a process it started later took them for a launcher's and
+    # tried to host the store on the parent's port (EADDRINUSE). A one-rank group needs no port.
+    out = subprocess.run(
+        [sys.executable, "-c", ONE_RANK_RUN_THEN_A_CHILD_RUN],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert out.returncode == 0, out.stderr[-1500:]
+    ranks, exported = out.stdout.strip().splitlines()[-2:]
+    assert ranks == "0 1 0 1"
+    assert exported == "[]"
