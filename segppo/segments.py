@@ -110,14 +110,34 @@ def last_hidden(model, head, input_ids, attention_mask, position_ids, keep: int)
     return hidden
 
 
+# Where the fused head pays. It never holds the [N, V] logits, at the price of time: its backward
+# computes each chunk's logits again (four products against the plain path's three) and the chunk
+# loop costs more. On an accelerator memory is what limits the batch, so a plain linear head is
+# always fused there. On CPU the logits are host memory, small next to the weights and Adam states
+# of the model that makes them, and the plain path was 1.2-1.4x faster for the head
+# (benchmarks/RESULTS.md, issues 13 and 22); it is fused only once a call's float32 logits would
+# reach this size.
+CPU_FUSED_HEAD_MIN_LOGITS_BYTES = 512 * 2**20
+
+
+def fuses_head(n_tokens: int, vocab_size: int, device: torch.device) -> bool:
+    """Whether `head_entropy_logprobs` takes a plain linear head's fused path for `n_tokens` rows."""
+    if device.type != "cpu":
+        return True
+    return n_tokens * vocab_size * 4 >= CPU_FUSED_HEAD_MIN_LOGITS_BYTES
+
+
 def head_entropy_logprobs(
     model, input_ids, attention_mask, position_ids, keep: int, targets=None, *, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Entropy and log-probs of `targets` `[B, keep]` (float32) of the next-token distributions at
     the last `keep` columns. A plain linear head (`plain_linear_head`) goes through the fused
-    `linear_entropy_logprobs` (the `[B, keep, V]` logits never exist), any other through the logits
-    and `entropy_logprobs`. Differentiable either way."""
+    `linear_entropy_logprobs` (the `[B, keep, V]` logits never exist) where `fuses_head` says so;
+    any other head, and a small call on CPU, through the logits and `entropy_logprobs`.
+    Differentiable either way, and equal to float32 rounding."""
     head = plain_linear_head(model)
+    if head is not None and not fuses_head(input_ids.shape[0] * keep, head.out_features, head.weight.device):
+        head = None
     if head is None:
         logits = last_logits(model, input_ids, attention_mask, position_ids, keep)
         return entropy_logprobs(logits, targets, temperature=temperature)

@@ -222,6 +222,28 @@ def values_and_param_grads(fn, model, batch):
     return [torch.where(mask, logprobs, 0.0), torch.where(mask, entropy, 0.0), *grads]
 
 
+@pytest.fixture
+def head_calls(monkeypatch):
+    """Counts the fused head's calls made through `segppo.segments`."""
+    from segppo import segments
+
+    calls = []
+    fused = segments.linear_entropy_logprobs
+    monkeypatch.setattr(segments, "linear_entropy_logprobs", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    return calls
+
+
+@pytest.fixture(params=["fused", "plain"])
+def head_path(request, monkeypatch):
+    """Each head path of `head_entropy_logprobs`: on CPU the tiny vocabulary takes the plain one by
+    default (`fuses_head`), and a zero size threshold forces the fused one."""
+    from segppo import segments
+
+    if request.param == "fused":
+        monkeypatch.setattr(segments, "CPU_FUSED_HEAD_MIN_LOGITS_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "arch,overrides",
     [
@@ -234,7 +256,7 @@ def values_and_param_grads(fn, model, batch):
         ("phi3", {}),
     ],
 )
-def test_segments_use_the_fused_head_and_match_the_logits_path(arch, overrides):
+def test_segments_head_paths_match_the_logits_path(arch, overrides, head_path, head_calls):
     from segppo import segments
 
     model, batch = tiny_model(arch, **overrides), tiny_batch(384)
@@ -244,13 +266,15 @@ def test_segments_use_the_fused_head_and_match_the_logits_path(arch, overrides):
         assert head.weight is model.get_input_embeddings().weight
     args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
 
-    def fused(m, b):
+    def under_test(m, b):
         return segments.logprobs_and_entropy(m, *args, temperature=0.7)
 
     def unfused(m, b):
         return unfused_logprobs_and_entropy(m, b, 0.7)
 
-    got, want = values_and_param_grads(fused, model, batch), values_and_param_grads(unfused, model, batch)
+    got = values_and_param_grads(under_test, model, batch)
+    assert len(head_calls) == (1 if head_path == "fused" else 0)
+    want = values_and_param_grads(unfused, model, batch)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     # The segmenter's entropy (T = 1, no grad) is the one of the same columns.
@@ -264,11 +288,24 @@ def test_fused_head_never_builds_the_logits(monkeypatch):
     """On the fused path the head's matmul never runs on the hidden states."""
     from segppo import segments
 
+    monkeypatch.setattr(segments, "CPU_FUSED_HEAD_MIN_LOGITS_BYTES", 0)
     model, batch = tiny_model("qwen2"), tiny_batch(384)
     calls = []
     monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: calls.append(self) or x @ self.weight.T)
     segments.logprobs_and_entropy(model, batch.input_ids, batch.attention_mask, batch.position_ids, 5)
     assert model.get_output_embeddings() not in calls
+
+
+def test_where_the_head_is_fused():
+    """Always on an accelerator (memory limits the batch there); on CPU from the size threshold on."""
+    from segppo import segments
+
+    limit = segments.CPU_FUSED_HEAD_MIN_LOGITS_BYTES
+    cpu = torch.device("cpu")
+    assert segments.fuses_head(1, 384, torch.device("cuda", 0))
+    assert not segments.fuses_head(132, 49152, cpu)  # a PPO micro-batch of SmolLM2: 25 MiB of logits
+    assert not segments.fuses_head(limit // (4 * 49152), 49152, cpu)
+    assert segments.fuses_head(limit // (4 * 49152) + 1, 49152, cpu)
 
 
 def softcapped_gemma2():
@@ -299,9 +336,10 @@ class ScaledHead(torch.nn.Linear):
 
 
 @pytest.mark.parametrize("which", ["gemma2 softcapping", "non-Linear head", "llama with logits_scaling"])
-def test_other_heads_keep_the_logits_path(which):
+def test_other_heads_keep_the_logits_path(which, monkeypatch, head_calls):
     from segppo import segments
 
+    monkeypatch.setattr(segments, "CPU_FUSED_HEAD_MIN_LOGITS_BYTES", 0)  # fused wherever it may be
     batch = tiny_batch(384)
     if which == "gemma2 softcapping":
         model = softcapped_gemma2()
@@ -315,6 +353,7 @@ def test_other_heads_keep_the_logits_path(which):
     assert segments.plain_linear_head(model) is None
     args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
     got = segments.logprobs_and_entropy(model, *args, temperature=0.7)
+    assert not head_calls
     want = unfused_logprobs_and_entropy(model, batch, 0.7)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
@@ -326,11 +365,13 @@ def test_other_heads_keep_the_logits_path(which):
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama-tied"])
-def test_lora_actor_and_its_disabled_adapters_use_the_fused_head(arch):
+def test_lora_actor_and_its_disabled_adapters_use_the_fused_head(arch, monkeypatch, head_calls):
     """A LoRA-wrapped policy (peft leaves the LM head plain, tied or not) and the reference it gives
     with the adapters switched off both take the fused head and match the logits path."""
     pytest.importorskip("peft")
     from segppo import segments
+
+    monkeypatch.setattr(segments, "CPU_FUSED_HEAD_MIN_LOGITS_BYTES", 0)
     from segppo.models.lora import adapters_disabled, apply_lora
 
     model = apply_lora(tiny_model(arch), 4, 8.0)
@@ -348,4 +389,5 @@ def test_lora_actor_and_its_disabled_adapters_use_the_fused_head(arch):
         reference = segments.logprobs_and_entropy(model, *args, temperature=0.7)
         for g, w in zip(reference, unfused_logprobs_and_entropy(model, batch, 0.7), strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert len(head_calls) == 2
     assert not torch.allclose(actor[0], reference[0], atol=1e-3)
