@@ -130,6 +130,51 @@ def responses_batch(prompt_ids, generated: torch.Tensor, sampling: SamplingConfi
 
 
 @dataclass
+class SampledScores:
+    """What sampling already computed for each response token, `[B, T]` float32 on the batch's
+    layout: the log-prob of the drawn token and the entropy of the distribution it was drawn from,
+    both of softmax(logits / temperature) over the whole vocabulary (top-p does not truncate them),
+    0 at padding. The same quantities `segppo.ppo.rollout.sampled_logprobs_and_entropy` recomputes
+    with a forward pass over the finished sequences."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
+class DrawnTokenScores(LogitsProcessor):
+    """Records, at each generation step, the log-prob and entropy of softmax(logits / temperature)
+    and (at the next step, once it is known) the log-prob of the token drawn.
+
+    Hugging Face applies a caller's processors before its temperature and top-p warpers, so this
+    one sees the model's own logits. It changes nothing; one step's logits are kept at a time.
+    """
+
+    def __init__(self, temperature: float):
+        self.inv_temp = 1.0 / temperature
+        self.logprobs: list[torch.Tensor] = []  # [B] per step, of the token drawn at that step
+        self.entropy: list[torch.Tensor] = []  # [B] per step
+        self._last_logp: torch.Tensor | None = None  # [B, V] the last step's log-softmax
+
+    def _take_drawn(self, tokens: torch.Tensor) -> None:
+        if self._last_logp is not None:
+            self.logprobs.append(self._last_logp.gather(1, tokens[:, None]).squeeze(1))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last_logp is not None:
+            self._take_drawn(input_ids[:, -1])
+        logp = torch.log_softmax(scores.float() * self.inv_temp, dim=-1)
+        self.entropy.append(-(logp.exp() * logp).sum(-1))
+        self._last_logp = logp
+        return scores
+
+    def finish(self, generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, N]` log-probs and entropy of the `N` generated tokens (`generated` `[B, N]`)."""
+        self._take_drawn(generated[:, len(self.logprobs)])
+        self._last_logp = None
+        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)
+
+
+@dataclass
 class HFEngine:
     """Hugging Face `generate` on a (possibly DeepSpeed-wrapped) causal LM."""
 
@@ -141,6 +186,23 @@ class HFEngine:
     def generate(
         self, prompts: Prompts, sampling: SamplingConfig, seeds: Sequence[int] | None = None
     ) -> ResponseBatch:
+        return self._generate(prompts, sampling, seeds)[0]
+
+    @torch.no_grad()
+    def generate_scored(self, prompts: Prompts, sampling: SamplingConfig) -> tuple[ResponseBatch, SampledScores]:
+        """`generate` (global-RNG draws) and the `SampledScores` of every response token."""
+        recorder = DrawnTokenScores(sampling.temperature)
+        batch, generated = self._generate(prompts, sampling, None, recorder)
+        logprobs, entropy = recorder.finish(generated)
+        T, mask = batch.response_mask.shape[1], batch.response_mask
+        scores = SampledScores(
+            torch.where(mask, logprobs[:, :T].to(mask.device), 0.0),
+            torch.where(mask, entropy[:, :T].to(mask.device), 0.0),
+        )
+        return batch, scores
+
+    def _generate(self, prompts, sampling, seeds, recorder: DrawnTokenScores | None = None):
+        """(the ResponseBatch, the `[B, N]` tokens generate drew)."""
         prompt_ids = _prompt_ids(prompts)
         module = getattr(self.model, "module", self.model)
         name = module.config.name_or_path or type(module).__name__
@@ -167,6 +229,8 @@ class HFEngine:
                 logits_processor=LogitsProcessorList([processor]),
             )
         processors = draw.pop("logits_processor", None)
+        if recorder is not None:
+            processors = LogitsProcessorList([recorder, *(processors or [])])
         config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=list(sampling.stop_token_ids),
@@ -181,7 +245,8 @@ class HFEngine:
                 logits_processor=processors,
                 synced_gpus=sampling.synced_gpus,
             )
-        return responses_batch(prompt_ids, out[:, width:], sampling, self.pad_token_id).to(self.device)
+        generated = out[:, width:]
+        return responses_batch(prompt_ids, generated, sampling, self.pad_token_id).to(self.device), generated
 
 
 @contextmanager

@@ -96,3 +96,31 @@ def test_eval_generates_through_any_engine(tiny_lm_dir, tmp_path):
     through = generate_responses(engine, tokenizer, chat, prompts, sampling, num_samples=2, batch_size=3)
     assert Counting.calls == 2
     assert [g.response_ids for g in through] == [g.response_ids for g in direct]
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.8)])
+def test_sampled_scores_are_what_a_forward_pass_gives(tiny_lm_dir, temperature, top_p):
+    """`generate_scored` draws what `generate` draws, and its log-probs and entropy (which PPO takes
+    instead of a forward pass of the actor in float32) equal that pass's on the finished responses,
+    rows that stopped early included; top-p does not truncate them."""
+    from segppo.ppo.rollout import sampled_logprobs_and_entropy
+
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    chat = ChatFormat(tokenizer)
+    model = load_policy(tiny_lm_dir).eval()
+    engine = HFEngine(model, chat.pad_token_id, "cpu")
+    texts = ("a b", "c", "d e f g", "h i", "j", "k l m")
+    prompts = [chat.encode_prompt(PromptExample([{"role": "user", "content": t}])) for t in texts]
+    # Many stop tokens, so that some rows stop early and others run to the limit.
+    stops = (*chat.stop_token_ids, *range(100, 140))
+    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, top_p=top_p, stop_token_ids=stops)
+    torch.manual_seed(0)
+    batch, scores = engine.generate_scored(prompts, sampling)
+    torch.manual_seed(0)
+    assert torch.equal(engine.generate(prompts, sampling).input_ids, batch.input_ids)
+    lengths = batch.response_mask.sum(-1)
+    assert batch.has_eos.any() and (lengths < lengths.max()).any()
+    logprobs, entropy = sampled_logprobs_and_entropy(model, batch, temperature)
+    mask = batch.response_mask
+    torch.testing.assert_close(scores.logprobs, torch.where(mask, logprobs, 0.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores.entropy, torch.where(mask, entropy, 0.0), rtol=1e-5, atol=1e-5)

@@ -237,6 +237,41 @@ def test_first_rollout_kl_is_zero(phi3_run, tmp_path, bf16):
     assert read_metrics(cfg.output_dir)[0]["kl"] == seen[1]["kl"]
 
 
+def test_float32_rollouts_score_the_actor_while_sampling(phi3_run, tmp_path, monkeypatch):
+    """In float32 the HF engine's own log-probs and entropy replace the actor's scoring pass, and the
+    run equals one that recomputes them (bf16 and vLLM recompute: `scores_from_sampling`)."""
+    import segppo.ppo.rollout as rollout
+    import segppo.ppo.trainer as trainer
+    from safetensors.torch import load_file
+
+    policy, rm, prompts = phi3_run
+    decides = trainer.scores_from_sampling
+    calls = []
+    recompute = rollout.sampled_logprobs_and_entropy
+    monkeypatch.setattr(
+        rollout, "sampled_logprobs_and_entropy", lambda *a, **k: calls.append(1) or recompute(*a, **k)
+    )
+    args = dict(temperature=0.7, top_p=0.9, max_steps=2, actor_lr=1e-3, critic_lr=1e-3)
+    sampled = ppo(policy, rm, prompts, tmp_path / "sampled", **args)
+    assert not calls
+    monkeypatch.setattr(trainer, "scores_from_sampling", lambda cfg: False)
+    recomputed = ppo(policy, rm, prompts, tmp_path / "recomputed", **args)
+    assert calls  # 4 micro-rollouts of 2 steps
+    for got, want in zip(read_metrics(sampled), read_metrics(recomputed), strict=True):
+        for key in ("reward", "kl", "entropy", "policy_loss", "value_loss", "approx_kl", "response_length"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    a = load_file(sampled / "policy" / "model.safetensors")
+    b = load_file(recomputed / "policy" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    from segppo.config import PPOConfig
+
+    base = dict(policy="p", reward_model="r", prompts="x", output="o")
+    assert decides(PPOConfig(**base))
+    assert not decides(PPOConfig(**base, bf16=True))
+    assert not decides(PPOConfig(**base, rollout_engine="vllm"))
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_bf16_trains_with_float32_master_weights(tiny_lm_dir, zero_stage):
     from segppo.config import PPOConfig

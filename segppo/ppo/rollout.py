@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from segppo.data import ChatFormat, ResponseBatch, collate_responses
+from segppo.generation import SampledScores
 from segppo.kernels import SegmentRewards, segment_rewards, sequence_scores
 from segppo.models.reward_model import reward_values
 from segppo.ppo.advantages import advantages_and_returns, group_ids_for
@@ -87,17 +88,29 @@ def sampled_logprobs_and_entropy(
 
 @torch.no_grad()
 def score(
-    batch: ResponseBatch, *, actor, critic, reference, rm_values_fn, temperature: float = 1.0
+    batch: ResponseBatch,
+    *,
+    actor,
+    critic,
+    reference,
+    rm_values_fn,
+    temperature: float = 1.0,
+    sampled: SampledScores | None = None,
 ) -> Experience:
     """The model passes over a generated batch: log-probs, reference log-probs and entropy, values.
 
     `rm_values_fn(batch) -> [B, T]` gives the reward model's per-token values on the response
     (for a bandit RM with another tokenizer, its score placed at the last token). Log-probs (hence
     ratios and KL) are at the sampling `temperature`, the distribution the tokens were drawn from;
-    the segmentation entropy is at temperature 1, as the RM's segmenter computed it.
+    the segmentation entropy is at temperature 1, as the RM's segmenter computed it. `sampled`:
+    the actor's log-probs and entropy as sampling computed them (`HFEngine.generate_scored`), which
+    then need no forward pass of the actor here.
     """
     args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
-    logprobs, policy_entropy = sampled_logprobs_and_entropy(actor, batch, temperature)
+    if sampled is None:
+        logprobs, policy_entropy = sampled_logprobs_and_entropy(actor, batch, temperature)
+    else:
+        logprobs, policy_entropy = sampled.logprobs, sampled.entropy
     # The reference's KL log-probs and segmentation entropy: one pass when sampling at temperature 1.
     ref_logprobs, ref_entropy = logprobs_and_entropy(reference, *args, temperature=temperature)
     if temperature != 1.0:

@@ -87,6 +87,19 @@ def train_ppo(cfg: PPOConfig, *, step_callback: StepCallback | None = None) -> P
     return cfg.output_dir / "policy"
 
 
+def scores_from_sampling(cfg: PPOConfig) -> bool:
+    """Whether the rollout's log-probs and policy entropy come from sampling itself rather than a
+    forward pass of the actor over the finished responses (one of an update's four scoring passes).
+
+    The HF engine samples the training actor, so its per-step logits are the actor's; in float32
+    the KV-cached steps and a full forward agree to float32 rounding, and the pass is redundant.
+    In bf16 they differ by more than rounding noise (another kernel per shape, bf16 accumulations),
+    and a vLLM engine is another implementation of the model: both recompute, so that the ratio of
+    the first update starts at 1 up to float32 rounding.
+    """
+    return cfg.rollout_engine == "hf" and not cfg.bf16
+
+
 def _train(cfg: PPOConfig, step_callback: StepCallback | None) -> None:
     with rank_group() as info:
         PPOTrainer(cfg, info).fit(step_callback)
@@ -138,6 +151,7 @@ class PPOTrainer:
             prompt_messages=self._prompt_messages,
         )
         self.engine = build_rollout_engine(cfg, info, self.models.actor, self.tokenizer.pad_token_id)
+        self.scores_from_sampling = scores_from_sampling(cfg)
 
     def _prompt_messages(self, batch) -> list[list[dict]]:
         return [self._prompt_of_ids[tuple(batch.prompt_ids(row))] for row in range(batch.input_ids.shape[0])]
@@ -163,8 +177,9 @@ class PPOTrainer:
                     reference=reference,
                     rm_values_fn=m.rm_values_fn,
                     temperature=cfg.temperature,
+                    sampled=sampled,
                 )
-                for b in batches
+                for b, sampled in batches
             ]
             with timed(timing, "rewards"):  # segmentation through GAE
                 experiences = [rewards(e, self.shaping, self.kl_ctl.coef) for e in experiences]
@@ -205,7 +220,7 @@ class PPOTrainer:
 
     def generate(self, step: int):
         """This rank's share of the step's prompts, `n_samples_per_prompt` responses each, in
-        micro-rollout batches."""
+        micro-rollout batches: `(batch, SampledScores or None)` each (`scores_from_sampling`)."""
         cfg, info = self.cfg, self.info
         episode, index = divmod(step, self.steps_per_episode)
         order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(cfg.seed + episode))
@@ -222,7 +237,10 @@ class PPOTrainer:
             for p in prompts:
                 self._prompt_of_ids[tuple(p.prompt_ids)] = p.messages
             torch.manual_seed(seed_for(cfg.seed, step, j))
-            batches.append(self.engine.generate(prompts, self.sampling))
+            if self.scores_from_sampling:
+                batches.append(self.engine.generate_scored(prompts, self.sampling))
+            else:
+                batches.append((self.engine.generate(prompts, self.sampling), None))
         return batches
 
     def update(self, pool: RolloutPool, step: int) -> dict[str, float]:
