@@ -127,28 +127,53 @@ def fuses_head(n_tokens: int, vocab_size: int, device: torch.device) -> bool:
     return n_tokens * vocab_size * 4 >= CPU_FUSED_HEAD_MIN_LOGITS_BYTES
 
 
-def head_entropy_logprobs(
-    model, input_ids, attention_mask, position_ids, keep: int, targets=None, *, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Entropy and log-probs of `targets` `[B, keep]` (float32) of the next-token distributions at
-    the last `keep` columns. A plain linear head (`plain_linear_head`) goes through the fused
-    `linear_entropy_logprobs` (the `[B, keep, V]` logits never exist) where `fuses_head` says so;
-    any other head, and a small call on CPU, through the logits and `entropy_logprobs`.
-    Differentiable either way, and equal to float32 rounding."""
+@dataclass
+class HeadInput:
+    """What one forward pass hands the entropy/log-prob head: the logits `[B, keep, V]`, or on the
+    fused path the hidden states `[B·keep, H]` and the head itself. Several heads' worth of outputs
+    (another temperature) can be read from one pass."""
+
+    features: torch.Tensor
+    head: torch.nn.Linear | None  # None: `features` are the logits
+    rows: int  # B
+    keep: int
+
+    def entropy_logprobs(
+        self, targets=None, *, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.head is None:
+            return entropy_logprobs(self.features, targets, temperature=temperature)
+        flat_targets = targets.reshape(-1) if targets is not None else None
+        entropy, logprobs = linear_entropy_logprobs(
+            self.features, self.head.weight, flat_targets, temperature=temperature, bias=self.head.bias
+        )
+        shape = (self.rows, self.keep)
+        return entropy.view(shape), logprobs.view(shape) if logprobs is not None else None
+
+
+def head_input(model, input_ids, attention_mask, position_ids, keep: int) -> HeadInput:
+    """The forward pass for the last `keep` columns. A plain linear head (`plain_linear_head`) goes
+    the fused way (`linear_entropy_logprobs`: the `[B, keep, V]` logits never exist) where
+    `fuses_head` says so; any other head, and a small call on CPU, through the logits."""
     head = plain_linear_head(model)
     if head is not None and not fuses_head(input_ids.shape[0] * keep, head.out_features, head.weight.device):
         head = None
     if head is None:
         logits = last_logits(model, input_ids, attention_mask, position_ids, keep)
-        return entropy_logprobs(logits, targets, temperature=temperature)
+        return HeadInput(logits, None, input_ids.shape[0], keep)
     hidden = last_hidden(model, head, input_ids, attention_mask, position_ids, keep)
     B, H = hidden.shape[0], hidden.shape[-1]
-    flat_targets = targets.reshape(-1) if targets is not None else None
-    hidden = hidden.reshape(B * keep, H).to(head.weight.dtype)
-    entropy, logprobs = linear_entropy_logprobs(
-        hidden, head.weight, flat_targets, temperature=temperature, bias=head.bias
-    )
-    return entropy.view(B, keep), logprobs.view(B, keep) if logprobs is not None else None
+    return HeadInput(hidden.reshape(B * keep, H).to(head.weight.dtype), head, B, keep)
+
+
+def head_entropy_logprobs(
+    model, input_ids, attention_mask, position_ids, keep: int, targets=None, *, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Entropy and log-probs of `targets` `[B, keep]` (float32) of the next-token distributions at
+    the last `keep` columns (`head_input`'s path). Differentiable, and equal to float32 rounding
+    whichever path."""
+    inputs = head_input(model, input_ids, attention_mask, position_ids, keep)
+    return inputs.entropy_logprobs(targets, temperature=temperature)
 
 
 @torch.no_grad()
@@ -188,3 +213,20 @@ def response_logprobs_and_entropy(
         model, input_ids, attention_mask, position_ids, response_len + 1, targets, temperature=temperature
     )
     return logprobs, entropy
+
+
+@torch.no_grad()
+def reference_logprobs_and_entropy(
+    reference, input_ids, attention_mask, position_ids, prompt_len: int, *, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's log-probs at `temperature` (`logprobs_and_entropy`'s) and its segmentation
+    entropy at temperature 1 (`segmenter_entropy`'s), `[B, T]` each, from one forward pass."""
+    if prompt_len < 1:
+        raise ValueError("a response needs at least one prompt token before it")
+    keep = input_ids.shape[1] - prompt_len + 1
+    targets = torch.nn.functional.pad(input_ids[:, prompt_len:], (0, 1), value=0)
+    inputs = head_input(reference, input_ids, attention_mask, position_ids, keep)
+    entropy, logprobs = inputs.entropy_logprobs(targets, temperature=temperature)
+    if temperature != 1.0:
+        entropy, _ = inputs.entropy_logprobs(temperature=1.0)
+    return logprobs[:, :-1], entropy[:, 1:]

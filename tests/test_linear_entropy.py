@@ -391,3 +391,21 @@ def test_lora_actor_and_its_disabled_adapters_use_the_fused_head(arch, monkeypat
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert len(head_calls) == 2
     assert not torch.allclose(actor[0], reference[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_reference_scores_take_one_forward_pass(temperature, head_path, monkeypatch):
+    """The reference's log-probs at the sampling temperature and its segmentation entropy at 1 are
+    `logprobs_and_entropy`'s and `segmenter_entropy`'s, from one forward pass."""
+    from segppo import segments
+
+    model, batch = tiny_model("llama"), tiny_batch(384)
+    args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
+    passes = []
+    forward = segments.last_logits
+    monkeypatch.setattr(segments, "last_logits", lambda *a, **k: passes.append(1) or forward(*a, **k))
+    logprobs, entropy = segments.reference_logprobs_and_entropy(model, *args, temperature=temperature)
+    assert len(passes) == 1
+    want_logprobs, _ = segments.logprobs_and_entropy(model, *args, temperature=temperature)
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy, segments.segmenter_entropy(model, *args), rtol=1e-6, atol=1e-6)

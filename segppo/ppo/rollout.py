@@ -20,12 +20,7 @@ from segppo.models.reward_model import reward_values
 from segppo.ppo.advantages import advantages_and_returns, group_ids_for
 from segppo.ppo.losses import kl_penalty, token_rewards, whiten
 from segppo.rm.scoring import encode_for_reward_model
-from segppo.segments import (
-    Segmentation,
-    logprobs_and_entropy,
-    response_logprobs_and_entropy,
-    segmenter_entropy,
-)
+from segppo.segments import Segmentation, reference_logprobs_and_entropy, response_logprobs_and_entropy
 
 
 @dataclass
@@ -111,10 +106,8 @@ def score(
         logprobs, policy_entropy = sampled_logprobs_and_entropy(actor, batch, temperature)
     else:
         logprobs, policy_entropy = sampled.logprobs, sampled.entropy
-    # The reference's KL log-probs and segmentation entropy: one pass when sampling at temperature 1.
-    ref_logprobs, ref_entropy = logprobs_and_entropy(reference, *args, temperature=temperature)
-    if temperature != 1.0:
-        ref_entropy = segmenter_entropy(reference, *args)
+    # The reference's KL log-probs (at the sampling temperature) and segmentation entropy (at 1).
+    ref_logprobs, ref_entropy = reference_logprobs_and_entropy(reference, *args, temperature=temperature)
     if critic is None:  # a critic-free estimator: no values (advantages come from returns-to-go)
         values = torch.zeros(batch.response_mask.shape, device=batch.response_mask.device)
     else:
