@@ -189,7 +189,9 @@ class HFEngine:
         return self._generate(prompts, sampling, seeds)[0]
 
     @torch.no_grad()
-    def generate_scored(self, prompts: Prompts, sampling: SamplingConfig) -> tuple[ResponseBatch, SampledScores]:
+    def generate_scored(
+        self, prompts: Prompts, sampling: SamplingConfig
+    ) -> tuple[ResponseBatch, SampledScores]:
         """`generate` (global-RNG draws) and the `SampledScores` of every response token."""
         recorder = DrawnTokenScores(sampling.temperature)
         batch, generated = self._generate(prompts, sampling, None, recorder)

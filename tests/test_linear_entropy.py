@@ -229,7 +229,9 @@ def head_calls(monkeypatch):
 
     calls = []
     fused = segments.linear_entropy_logprobs
-    monkeypatch.setattr(segments, "linear_entropy_logprobs", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    monkeypatch.setattr(
+        segments, "linear_entropy_logprobs", lambda *a, **k: calls.append(1) or fused(*a, **k)
+    )
     return calls
 
 

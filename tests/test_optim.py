@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 
 import torch
-from segppo.optim import adamw, fused_adamw_supported
 from tiny import tiny_config
 from transformers import AutoModelForCausalLM
+
+from segppo.optim import adamw, fused_adamw_supported
 
 
 def test_adamw_is_fused_on_cpu_and_updates_as_the_loop_does():
@@ -19,7 +20,10 @@ def test_adamw_is_fused_on_cpu_and_updates_as_the_loop_does():
     # The same groups (decay on matrices, none on norms and biases) with the per-tensor loop.
     looped = torch.optim.AdamW(
         [
-            {"params": [dict(looped_model.named_parameters())[n] for n in names], "weight_decay": g["weight_decay"]}
+            {
+                "params": [dict(looped_model.named_parameters())[n] for n in names],
+                "weight_decay": g["weight_decay"],
+            }
             for g, names in zip(fused.param_groups, _group_names(model, fused), strict=True)
         ],
         lr=1e-2,
@@ -68,10 +72,17 @@ def test_one_rank_engine_steps_as_plain_torch_does():
     model = AutoModelForCausalLM.from_config(tiny_config("llama")).float()
     plain_model = copy.deepcopy(model)
     config = types.SimpleNamespace(
-        weight_decay=0.1, warmup_ratio=0.0, min_lr_ratio=0.1, zero_stage=2, bf16=False, grad_clip=0.5,
+        weight_decay=0.1,
+        warmup_ratio=0.0,
+        min_lr_ratio=0.1,
+        zero_stage=2,
+        bf16=False,
+        grad_clip=0.5,
         offload_optimizer=False,
     )
-    engine, _ = training_engine(model, lr=1e-2, total_steps=4, micro_batch_size=2, grad_accum=1, config=config)
+    engine, _ = training_engine(
+        model, lr=1e-2, total_steps=4, micro_batch_size=2, grad_accum=1, config=config
+    )
     assert engine.zero_optimization_stage() == 0 and not engine.enable_backward_allreduce
     optimizer = adamw(plain_model, lr=1e-2, weight_decay=0.1)
     schedule = cosine_schedule(optimizer, total_steps=4, warmup_ratio=0.0, min_lr_ratio=0.1)

@@ -240,9 +240,10 @@ def test_first_rollout_kl_is_zero(phi3_run, tmp_path, bf16):
 def test_float32_rollouts_score_the_actor_while_sampling(phi3_run, tmp_path, monkeypatch):
     """In float32 the HF engine's own log-probs and entropy replace the actor's scoring pass, and the
     run equals one that recomputes them (bf16 and vLLM recompute: `scores_from_sampling`)."""
+    from safetensors.torch import load_file
+
     import segppo.ppo.rollout as rollout
     import segppo.ppo.trainer as trainer
-    from safetensors.torch import load_file
 
     policy, rm, prompts = phi3_run
     decides = trainer.scores_from_sampling
