@@ -182,8 +182,11 @@ def floor_updates(spec: dict, updates: int) -> dict:
     critic = AutoModelForTokenClassification.from_pretrained(spec["rm_bandit"], dtype=dtype)
     reward = AutoModelForTokenClassification.from_pretrained(spec["rm_bandit"], dtype=dtype)
     reward.eval().requires_grad_(False)
-    actor_opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=spec["lr"])
-    critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=spec["lr"])
+    # torch's fused AdamW: the cheapest form of the step (one pass over each parameter).
+    actor_opt = torch.optim.AdamW(policy.parameters(), lr=spec["lr"], fused=True)
+    critic_opt = torch.optim.AdamW(
+        [p for p in critic.parameters() if p.requires_grad], lr=spec["lr"], fused=True
+    )
     pad, n, T = spec["pad_token_id"], spec["prompts_per_update"], spec["new_tokens"]
     generation = GenerationConfig(
         max_new_tokens=T,
