@@ -131,4 +131,3 @@ def training_engine(
         # it: its gradient-accumulation bookkeeping runs inside that call.)
         engine.enable_backward_allreduce = False
     return engine, scheduler
-
