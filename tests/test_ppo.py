@@ -166,7 +166,10 @@ def test_two_ranks_match_one_rank(tiny_lm_dir, reward_models, prompts_file, tmp_
     wa = load_file(one.output_dir / "policy" / "model.safetensors")
     wb = load_file(two.output_dir / "policy" / "model.safetensors")
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+        # Adam divides by sqrt(v): a gradient element near 0, summed in another order on 2 ranks,
+        # moves its weight by up to ~5e-5 (one of 12288 LM-head elements on the plain head path);
+        # a rank-dependent error would move many weights by ~lr = 1e-2.
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-4)
 
 
 class Interrupt(Exception):
