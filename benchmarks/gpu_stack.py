@@ -116,6 +116,10 @@ def section_ppo(device: str, quick: bool) -> list[Row]:
         return fused(hidden, weight, *args, **kwargs)
 
     segppo.segments.linear_entropy_logprobs = recording_fused_head
+    if not on_cuda:
+        # On CPU the fused head only runs from 512 MiB of logits (`segments.fuses_head`); this
+        # section exists to run it end to end, so it lowers that bar to every call.
+        segppo.segments.CPU_FUSED_HEAD_MIN_LOGITS_BYTES = 0
     with tempfile.TemporaryDirectory(prefix="gpu_stack_ppo_") as tmp:
         root = Path(tmp)
         policy = save_tiny_lm(root / "policy")

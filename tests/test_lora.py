@@ -342,9 +342,10 @@ def test_ppo_with_lora_uses_the_base_as_reference_and_exports_the_actor_merged(
     cfg = tiny_ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "run", **LORA)
     train_ppo(cfg)
     rows = read_metrics(cfg.output_dir, split="train")
-    # The actor starts as its base (B = 0), so the first rollout's KL to the reference is exactly 0;
-    # after an update it is not: the reference stayed the base with the adapters off.
-    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] != 0.0
+    # The actor starts as its base (B = 0), so the first rollout's KL to the reference is 0 up to
+    # float32 rounding (the actor's log-probs come from sampling's cached passes, the reference's
+    # from one full forward); after an update it is not: the reference stayed the base, adapters off.
+    assert abs(rows[0]["kl"]) < 1e-6 and abs(rows[1]["kl"]) > 1e-5
     merged = AutoModelForCausalLM.from_pretrained(cfg.output_dir / "policy").eval()
     actor = _trained_lora(AutoModelForCausalLM, tiny_lm_dir, _state_file(cfg.output_dir, "actor", 2))
     torch.testing.assert_close(_logits(merged), _logits(actor), rtol=1e-5, atol=1e-5)
@@ -398,7 +399,7 @@ def test_ppo_with_lora_under_zero3_equals_zero2(tiny_lm_dir, ppo_inputs, tmp_pat
         read_metrics(plain.output_dir, split="train"),
         read_metrics(partitioned.output_dir, split="train"),
     )
-    assert got[0]["kl"] == 0.0 and got[1]["kl"] != 0.0
+    assert abs(got[0]["kl"]) < 1e-6 and abs(got[1]["kl"]) > 1e-5
     for w, g in zip(want, got, strict=True):
         for key in ("reward", "kl", "policy_loss", "value_loss"):
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (w["step"], key)
