@@ -122,9 +122,23 @@ def test_rm_warnings_near_chance_and_still_climbing():
         _row("token", 0, 0.1, last_epoch_gain=float("nan")),
     ]
     warnings = rm_warnings(rows)
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert "bandit" in warnings[0] and "near chance" in warnings[0]
     assert "segment" in warnings[1] and "levelled off" in warnings[1]
+    assert "not matched" in warnings[2]  # the near-chance RM is 0.25 below the others
+
+
+def test_rm_warnings_say_when_the_granularities_rms_are_not_matched():
+    # issue 24: RM accuracies matched within 0.05 (mean over seeds), or reported as not matched
+    matched = [_row("bandit", 0, 0.1, accuracy=0.72), _row("token", 0, 0.1, accuracy=0.76)]
+    assert rm_warnings(matched) == []
+    rows = [
+        _row("bandit", 0, 0.1, accuracy=0.70), _row("bandit", 1, 0.1, accuracy=0.74),
+        _row("token", 0, 0.1, accuracy=0.80), _row("segment", 0, 0.1, accuracy=0.75),
+    ]  # fmt: skip
+    (warning,) = rm_warnings(rows)
+    assert "not matched" in warning and "bandit 0.720" in warning and "token 0.800" in warning
+    assert "0.080" in warning
 
 
 def test_pearson():

@@ -30,6 +30,10 @@ class DemoBudget:
     max_len: int = 96
     max_prompt_len: int = 40
     rm_lr: float = 3e-3
+    # The model the reward models start from: None for the SFT policy itself, else the settings of a
+    # model trained like the SFT policy (same task, tokenizer and data, cached the same way) that
+    # only the RMs start from; the SFT policy stays the policy, the reference and the segmenter.
+    rm_backbone: SFTSettings | None = None
     rm_batch_size: int = 32
     rm_epochs: int = 1
     normalizer_pairs: int = 512

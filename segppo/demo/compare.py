@@ -14,6 +14,9 @@ from pathlib import Path
 NEAR_CHANCE_ACCURACY = 0.6
 # An RM whose held-out accuracy rose more than this over its last epoch had not levelled off.
 STILL_CLIMBING = 0.01
+# Granularities' RMs whose mean held-out accuracies differ by more than this are not matched: a
+# difference in PPO's gain may then come from how well each RM learned, not from its granularity.
+MATCHED_WITHIN = 0.05
 
 
 def paired_differences(rows: list[dict]) -> list[dict]:
@@ -31,7 +34,8 @@ def paired_differences(rows: list[dict]) -> list[dict]:
 
 
 def rm_warnings(rows: list[dict]) -> list[str]:
-    """RMs near chance (then PPO differences are noise) and RMs still climbing when training ended."""
+    """RMs near chance (then PPO differences are noise), RMs still climbing when training ended, and
+    granularities whose RMs are not matched in accuracy (mean over seeds)."""
     warnings = []
     for r in rows:
         name = f"{r['granularity']} RM (seed {r['seed']})"
@@ -45,6 +49,17 @@ def rm_warnings(rows: list[dict]) -> list[str]:
                 f"{name}: held-out accuracy rose {r['rm_last_epoch_gain']:+.3f} over its last epoch; "
                 "it had not levelled off"
             )
+    by_granularity: dict[str, list[float]] = {}
+    for r in rows:
+        by_granularity.setdefault(r["granularity"], []).append(r["rm_accuracy"])
+    means = {g: statistics.fmean(a) for g, a in by_granularity.items()}
+    spread = max(means.values(), default=0.0) - min(means.values(), default=0.0)
+    if spread > MATCHED_WITHIN:
+        listed = ", ".join(f"{g} {a:.3f}" for g, a in means.items())
+        warnings.append(
+            f"the RMs are not matched in held-out accuracy ({listed}: a spread of {spread:.3f} > "
+            f"{MATCHED_WITHIN}); differences in PPO's gain mix granularity with RM quality"
+        )
     return warnings
 
 
@@ -99,7 +114,8 @@ def results_table(summary: dict):
 
 def comparison_table(summary: dict):
     """Per granularity, mean ± s.e. over seeds: the RM (held-out accuracy, its rise over the last
-    epoch, local credit) and what PPO on it did (gold gain over SFT, win rate, response length)."""
+    epoch, local credit, and on `pairs` the AUC of right against swapped items) and what PPO on it
+    did (gold gain over SFT, win rate, response length)."""
     from rich.table import Table
 
     title = "per reward granularity, mean ± s.e. over seeds"
@@ -112,6 +128,7 @@ def comparison_table(summary: dict):
         "RM accuracy",
         "last-epoch rise",
         "local credit",
+        "pair AUC",
         "gain over SFT",
         "gold win rate",
         "length SFT → PPO",
@@ -137,6 +154,7 @@ def comparison_table(summary: dict):
             cell(rows, "rm_accuracy"),
             cell(rows, "rm_last_epoch_gain", "+.3f"),
             cell(rows, "local_credit", "+.3f"),
+            cell(rows, "pair_auc"),
             cell(rows, "gain", "+.3f"),
             cell(rows, "gold_win_rate"),
             f"{statistics.fmean(r['sft_length'] for r in rows):.1f} → "

@@ -5,6 +5,10 @@ checked phrase by phrase: sum the per-token rewards PPO would receive (normalize
 tokens as PPO spreads them, no KL) over each phrase's tokens, and correlate those sums with the
 phrases' gold contributions, pooled over responses. A bandit RM puts its whole score on the last
 token, so its local credit is that of a reward that knows nothing of where things happened.
+
+On the `pairs` task the same sums also say whether the RM tells a right pair from a swapped one
+(`pair_auc`): every word of a swapped item is in the prompt, so only a model that matches each
+color to its animal across the prompt can rank the right items above the swapped ones.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from segppo.data import PromptExample, collate_responses
 from segppo.kernels import segment_rewards
 from segppo.rm.scoring import load_scorer, resolve_normalizer
 
-from .task import phrase_rewards, split_phrases, words
+from .task import Phrase, phrase_rewards, split_phrases, words
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -41,15 +45,16 @@ def phrase_reward_sums(
     *,
     distribute: str = "interpolate",
     batch_size: int = 128,
-) -> list[tuple[float, float]]:
-    """(dense reward summed over the phrase, gold contribution) for every phrase of every response.
+) -> list[tuple[float, Phrase]]:
+    """(dense reward summed over the phrase, the phrase with its gold contribution) for every phrase
+    of every response.
 
     The demo's tokenizer is word-level, so response token i is word i; a trailing EOS belongs to
     the last phrase (a bandit RM's score sits there)."""
     scorer = load_scorer(str(rm_dir), device="cpu")
     seg = scorer.segmentation
     choice = resolve_normalizer(scorer.metadata, seg.granularity)
-    points: list[tuple[float, float]] = []
+    points: list[tuple[float, Phrase]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(
             zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True)
@@ -85,16 +90,29 @@ def phrase_reward_sums(
             lengths[-1] += len(values) - sum(lengths)  # the EOS token
             at = 0
             for phrase, n in zip(phrases, lengths, strict=True):
-                points.append((sum(values[at : at + n]), phrase.reward))
+                points.append((sum(values[at : at + n]), phrase))
                 at += n
     return points
 
 
+def auc(higher: Sequence[float], lower: Sequence[float]) -> float:
+    """P(a value of `higher` > a value of `lower`), ties counting half; nan when either is empty."""
+    if not higher or not lower:
+        return float("nan")
+    wins = sum((h > lo) + 0.5 * (h == lo) for h in higher for lo in lower)
+    return wins / (len(higher) * len(lower))
+
+
 def local_credit(rm_dir: str | Path, prompts: Sequence[str], responses: Sequence[str], **kwargs) -> dict:
-    """Correlation of per-phrase dense reward sums with per-phrase gold contributions."""
+    """Correlation of per-phrase dense reward sums with per-phrase gold contributions, and on the
+    `pairs` task the AUC of right items' sums against swapped items' (nan on other tasks)."""
     points = phrase_reward_sums(rm_dir, prompts, responses, **kwargs)
     return {
-        "correlation": pearson([p[0] for p in points], [p[1] for p in points]),
+        "correlation": pearson([s for s, _ in points], [p.reward for _, p in points]),
+        "pair_auc": auc(
+            [s for s, p in points if p.kind == "pair" and p.reason == "correct"],
+            [s for s, p in points if p.reason == "swapped pair"],
+        ),
         "phrases": len(points),
         "responses": len(prompts),
     }

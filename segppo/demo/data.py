@@ -19,6 +19,7 @@ sigmoid((g_a - g_b) / label_temperature).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -225,6 +226,7 @@ class DemoData:
     prompts_heldout: Path
     preferences: Path  # a folder with train.jsonl and test.jsonl
     report: dict = field(default_factory=dict)
+    rm_backbone: Path | None = None  # the folder the RMs start from when it is not `policy`
 
 
 def prepare(
@@ -252,6 +254,11 @@ def prepare(
     policy = sft_policy(cache_dir, budget.sft, log=log)
     timings["sft"] = time.perf_counter() - start
     training = json.loads((policy / TRAINING_FILE).read_text())
+    rm_backbone = None
+    if budget.rm_backbone is not None:  # trained on the same task as the policy, whatever it names
+        settings = dataclasses.replace(budget.rm_backbone, task=budget.sft.task)
+        rm_backbone = sft_policy(cache_dir, settings, log=log)
+        timings["rm_backbone"] = time.perf_counter() - start - timings["sft"]
 
     start = time.perf_counter()
     heldout = sample_prompts(budget.heldout_prompts, seed, "heldout", task=budget.sft.task)
@@ -281,6 +288,9 @@ def prepare(
         "budget": asdict(budget),
         "seed": seed,
         "sft_training": training,
+        "rm_backbone_training": (
+            json.loads((rm_backbone / TRAINING_FILE).read_text()) if rm_backbone is not None else None
+        ),
         "preferences": {
             "train_pairs": len(pairs),
             "test_pairs": len(eval_pairs),
@@ -311,4 +321,4 @@ def prepare(
         log(f"SFT gold on {len(heldout)} held-out prompts: {sft_stats}")
     report["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     atomic_write_json(data_dir / "task_report.json", report)
-    return DemoData(policy, prompts_train, prompts_heldout, preferences, report)
+    return DemoData(policy, prompts_train, prompts_heldout, preferences, report, rm_backbone)

@@ -91,6 +91,7 @@ class SettingResult:
     rm_accuracy_curve: list[dict] = field(default_factory=list)  # held-out accuracy during rm train
     rm_last_epoch_gain: float = float("nan")  # held-out accuracy gained over the RM's last epoch
     local_credit: float = float("nan")  # corr(dense reward summed per phrase, its gold contribution)
+    pair_auc: float = float("nan")  # pairs task: P(a right item's phrase reward > a swapped item's)
     seconds: dict[str, float] = field(default_factory=dict)
     curve: list[dict] = field(default_factory=list)  # per PPO step: RM reward and gold reward
 
@@ -106,11 +107,12 @@ def rm_config(
     epochs = epochs or budget.rm_epochs
     steps_per_epoch = budget.preference_pairs // budget.rm_batch_size
     return RMConfig(
-        model=str(data.policy),
+        model=str(data.rm_backbone or data.policy),
         dataset=str(data.preferences),
         output=str(out / "rm"),
         granularity=granularity,
         entropy_threshold=budget.entropy_threshold,
+        segmenter=str(data.policy),  # the reference's entropy, whatever the RM starts from
         lr=budget.rm_lr,
         batch_size=budget.rm_batch_size,
         micro_batch_size=budget.rm_batch_size,
@@ -273,6 +275,7 @@ def run_setting(
         rm_accuracy_curve=curve,
         rm_last_epoch_gain=last_epoch_gain,
         local_credit=credit["correlation"],
+        pair_auc=credit["pair_auc"],
         seconds=seconds,
         curve=gold_curve(out / "ppo"),
     )
