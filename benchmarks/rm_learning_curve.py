@@ -39,6 +39,14 @@ def main(argv: list[str] | None = None) -> None:
         help="Start the RMs from a model of this size trained like the SFT policy (e.g. 128x4) "
         "instead of the budget's backbone.",
     )
+    parser.add_argument("--rm-backbone-pretrain-steps", type=int, default=None, help="Its clean-data steps.")
+    parser.add_argument("--rm-backbone-sft-steps", type=int, default=None, help="Its SFT steps (0: none).")
+    parser.add_argument(
+        "--rm-backbone-shuffle",
+        type=float,
+        default=None,
+        help="Chance that its clean demonstrations list the prompt's items in a random order (default 0.3).",
+    )
     parser.add_argument("--cache-dir", default=None, help="SFT policy cache (default ~/.cache/segppo/demo).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     args = parser.parse_args(argv)
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         seeds=args.seeds,
         first_seed=args.seed,
         eval_pairs=args.eval_pairs,
-        rm_backbone=parse_backbone(args.rm_backbone),
+        rm_backbone=parse_backbone(args),
     )
     summary = run_learning_curve(args.output, settings, cache_dir=args.cache_dir, threads=args.threads)
     plot = save_curve_plot(summary, Path(args.output) / "curve.png")
@@ -63,15 +71,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"curve in {Path(args.output) / 'curve.json'}, plot in {plot}")
 
 
-def parse_backbone(text: str | None) -> SFTSettings | None:
-    """`HIDDENxLAYERS` → the SFT policy's settings at that size (MLP 3× hidden, 4 heads)."""
-    if text is None:
+def parse_backbone(args: argparse.Namespace) -> SFTSettings | None:
+    """`--rm-backbone HIDDENxLAYERS` (and its training options) → the SFT recipe's settings at that
+    size (MLP 3× hidden, 4 heads)."""
+    if args.rm_backbone is None:
         return None
     try:
-        hidden, layers = (int(x) for x in text.lower().split("x"))
+        hidden, layers = (int(x) for x in args.rm_backbone.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"--rm-backbone takes HIDDENxLAYERS, e.g. 128x4, got {text!r}") from None
-    return SFTSettings(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers)
+        raise SystemExit(f"--rm-backbone takes HIDDENxLAYERS, e.g. 128x4, got {args.rm_backbone!r}") from None
+    training = {
+        "pretrain_steps": args.rm_backbone_pretrain_steps,
+        "sft_steps": args.rm_backbone_sft_steps,
+        "pretrain_p_shuffle": args.rm_backbone_shuffle,
+    }
+    return SFTSettings(
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_layers=layers,
+        **{k: v for k, v in training.items() if v is not None},
+    )
 
 
 if __name__ == "__main__":

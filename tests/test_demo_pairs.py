@@ -145,3 +145,45 @@ def test_pearson():
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(pearson([1, 1, 1], [1, 2, 3])) and math.isnan(pearson([1], [1]))
+
+
+def test_a_new_sft_setting_left_unset_keeps_the_cache_key():
+    # The key before `pretrain_p_shuffle` existed: every field but it, so cached policies stay valid.
+    import dataclasses
+    import hashlib
+    import json
+
+    from segppo.demo.task import TASK_VERSION, vocabulary
+    from segppo.demo.tokenizer import CHAT_TEMPLATE
+
+    settings = SFTSettings(task="pairs")
+    sample = sft_corpus(16, 0, task="pairs")
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "pretrain_p_shuffle"}
+    text = json.dumps(
+        {
+            "task_version": TASK_VERSION,
+            "vocabulary": vocabulary(),
+            "template": CHAT_TEMPLATE,
+            "sample": [sample.prompts, sample.responses],
+            **fields,
+        },
+        sort_keys=True,
+    )
+    assert settings.key() == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert SFTSettings(task="pairs", pretrain_p_shuffle=1.0).key() != settings.key()
+
+
+def test_demonstrator_p_shuffle_sets_how_often_items_leave_the_prompts_order():
+    def out_of_order(p_shuffle):
+        rng = random.Random(0)
+        demonstrator = Demonstrator(p_correct=1.0, p_omit=0, p_repeat=0, p_malformed=0, p_shuffle=p_shuffle)
+        count = 0
+        for prompt in sample_prompts(300, 0, task="pairs"):
+            animals = [a for _, a in parse_prompt(prompt).pairs]
+            listed = [p.animal for p in phrase_rewards(prompt, demonstrator(prompt, rng)) if p.kind == "pair"]
+            count += listed != [a for a in animals if a in listed]
+        return count / 300
+
+    assert out_of_order(0.0) == 0.0
+    assert 0.1 < out_of_order(0.3) < 0.3  # a shuffle can keep the order (1/2 or 1/6 of the time)
+    assert out_of_order(1.0) > 0.5

@@ -50,6 +50,10 @@ class SFTSettings:
     num_heads: int = 4
     pretrain_steps: int = 600
     pretrain_p_correct: float = 1.0
+    # The pretraining demonstrator's chance of writing a prompt's phrases in a random order (None:
+    # its default, 0.3). In the demonstrations the prompt's order mostly tells which animal comes
+    # next, so a model need not look a color's animal up in the prompt; at 1.0 it must.
+    pretrain_p_shuffle: float | None = None
     sft_steps: int = 600
     p_correct: float = 0.5
     batch_size: int = 64
@@ -68,13 +72,15 @@ class SFTSettings:
         (its vocabulary, chat template and a few demonstrations), so that editing the task's code
         without bumping TASK_VERSION still trains a new policy."""
         sample = sft_corpus(16, 0, task=self.task)
+        # Fields left at None are left out, so that adding one keeps the existing cache entries.
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         text = json.dumps(
             {
                 "task_version": TASK_VERSION,  # not "task": that is a field, the task's name
                 "vocabulary": vocabulary(),
                 "template": CHAT_TEMPLATE,
                 "sample": [sample.prompts, sample.responses],
-                **dataclasses.asdict(self),
+                **settings,
             },
             sort_keys=True,
         )
@@ -162,15 +168,16 @@ def train_sft(settings: SFTSettings, *, log=None, callback=None) -> tuple[LlamaF
     start = time.perf_counter()
     tokenizer = build_tokenizer()
     phases = []  # (steps, ids, prompt lengths) of each phase
-    for i, (steps, p_correct) in enumerate(
-        [(settings.pretrain_steps, settings.pretrain_p_correct), (settings.sft_steps, settings.p_correct)]
+    shuffle = {} if settings.pretrain_p_shuffle is None else {"p_shuffle": settings.pretrain_p_shuffle}
+    for i, (steps, demonstrator) in enumerate(
+        [
+            (settings.pretrain_steps, Demonstrator(settings.pretrain_p_correct, **shuffle)),
+            (settings.sft_steps, Demonstrator(settings.p_correct)),
+        ]
     ):
         if steps:
             corpus = sft_corpus(
-                steps * settings.batch_size,
-                settings.seed * 2 + i,
-                Demonstrator(p_correct),
-                task=settings.task,
+                steps * settings.batch_size, settings.seed * 2 + i, demonstrator, task=settings.task
             )
             phases.append((steps, *encode_corpus(tokenizer, corpus.prompts, corpus.responses)))
 

@@ -303,6 +303,7 @@ class Demonstrator:
     p_repeat: float = 0.1
     p_malformed: float = 0.06  # per phrase
     p_closing: float = 0.5
+    p_shuffle: float = 0.3  # a describe or pairs prompt's phrases are written in a random order
     list_count_noise: float = 0.4  # a list has N-1 or N+1 items instead of N
     min_words: int = 8
     max_words: int = 30
@@ -335,7 +336,7 @@ class Demonstrator:
 
     def _describe(self, task: TaskPrompt, rng: random.Random) -> list[list[str]]:
         slots = list(task.slots)
-        if rng.random() < 0.3:
+        if rng.random() < self.p_shuffle:
             rng.shuffle(slots)
         phrases = []
         for slot, value in slots:
@@ -368,7 +369,7 @@ class Demonstrator:
 
     def _pairs(self, task: TaskPrompt, rng: random.Random) -> list[list[str]]:
         pairs = list(task.pairs)
-        if rng.random() < 0.3:
+        if rng.random() < self.p_shuffle:
             rng.shuffle(pairs)
         colors = [c for c, _ in task.pairs]
         phrases = []
