@@ -33,6 +33,7 @@ from segppo.data import (
     encode_prompts,
     segment_texts,
 )
+from segppo.data.chat import TEMPLATES_KEEP_CONTROL_TEXT
 from segppo.models import SegppoMetadata, load_tokenizer
 
 CORPUS = [
@@ -312,7 +313,13 @@ def test_template_ignoring_system_gets_it_folded_into_the_first_user_turn(caplog
 
 # --- 3. control-token text in content -----------------------------------------------------------
 
+# Below transformers 5.20 such a message is an error instead (the test after these two).
+needs_templates_keeping_control_text = pytest.mark.skipif(
+    not TEMPLATES_KEEP_CONTROL_TEXT, reason="keeping control-token text as text needs transformers>=5.20"
+)
 
+
+@needs_templates_keeping_control_text
 @pytest.mark.parametrize(
     "make, literal, terminator",
     [(llama3, "<|eot_id|>", "<|eot_id|>"), (mistral, "</s>", "</s>"), (phi3, "<|end|>", "<|end|>")],
@@ -364,6 +371,7 @@ def test_foreign_reward_model_reads_literal_special_token_text_exactly():
     assert foreign_rm_inputs(rm, policy, [prompt], batch) == [(prompt_ids, rm_ids, True)]
 
 
+@needs_templates_keeping_control_text
 def test_control_token_text_stays_text_when_the_template_breaks_the_prefix_property():
     from tiny import tiny_tokenizer
 
