@@ -93,3 +93,16 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch):
 def test_demo_options_for_the_synthetic_task_are_refused_with_smollm2():
     result = CliRunner().invoke(app, ["demo", "--model", "smollm2", "--compare", "bandit,segment"])
     assert result.exit_code == 2 and "for the synthetic demo" in result.output
+
+
+def test_the_real_demo_rm_chooses_its_threshold_for_phrases(tmp_path):
+    # It used the paper's Llama tau = 2.0, which cuts SmolLM2's text into ~1.9-token pieces; it takes
+    # `rm train`'s default now: auto, the quantile for DEFAULT_SEGMENT_LENGTH tokens per segment.
+    from segppo.config import AUTO_THRESHOLD
+    from segppo.demo.real_data import RealData
+    from segppo.demo.real_pipeline import RealBudget, rm_config
+    from segppo.segment_stats import DEFAULT_SEGMENT_LENGTH
+
+    data = RealData(tmp_path / "policy", tmp_path / "train", tmp_path / "heldout", tmp_path / "prefs")
+    cfg = rm_config(RealBudget(), data, tmp_path, seed=0)
+    assert cfg.entropy_threshold == AUTO_THRESHOLD and cfg.segment_length == DEFAULT_SEGMENT_LENGTH

@@ -149,6 +149,9 @@ def test_segment_rm_with_lora_inspect_and_normalizer(segment_rm, real_model_dir,
     assert len(read_metrics(segment_rm, split="train")) == 2
     meta = json.loads((segment_rm / "model" / "segppo.json").read_text())
     assert meta["granularity"] == "segment"
+    # defaults (--entropy-threshold auto, 3 tokens per segment): phrases on this model's text, not the
+    # 1.2-1.9-token pieces the paper's Llama tau = 2.0 gives it
+    assert meta["threshold_choice"]["rule"] == "auto" and meta["segment_stats"]["mean_length"] >= 2.5
     # the merged export is a stock token-classification model, its LoRA deltas merged into the base
     rm = AutoModelForTokenClassification.from_pretrained(segment_rm / "model")
     assert rm.config.num_labels == 1
@@ -163,10 +166,13 @@ def test_segment_rm_with_lora_inspect_and_normalizer(segment_rm, real_model_dir,
 
     normalizer = segment_rm / "model" / "normalizer.json"
     invoke("fit-normalizer", "--reward-model", segment_rm, "--dataset", real_data.preferences,
-           "--output", normalizer, "--samples", "8", "--max-len", MAX_LEN, "--max-prompt-len",
-           MAX_PROMPT_LEN, "--min-bin-count", "1", "--into-rm")  # fmt: skip
+           "--output", normalizer, "--samples", "12", "--max-len", MAX_LEN, "--max-prompt-len",
+           MAX_PROMPT_LEN, "--into-rm")  # fmt: skip
     fitted = json.loads(normalizer.read_text())
     assert len(fitted["params"]) == 4 and all(isinstance(x, float) for x in fitted["params"])
+    # the default bins hold this small sample's points and the fit is centred per response
+    assert fitted["points_used"] >= fitted["num_samples"] / 2
+    assert abs(fitted["mean_response_sum"]) <= 0.5
     assert json.loads((segment_rm / "model" / "segppo.json").read_text())["normalizer"] is not None
 
 

@@ -49,7 +49,9 @@ class RealBudget:
     max_new_tokens: int = 32
     max_prompt_len: int = 64  # the template's default system turn (~20 tokens) and the prompt
     generate_batch_size: int = 32
-    entropy_threshold: float = 2.0
+    # The RM's τ is `rm train`'s default, auto: the entropy quantile that gives 3 tokens per segment
+    # on this model's samples (τ = 2.0, the paper's Llama value, cut SmolLM2's text into ~1.9-token
+    # pieces).
     rm_lr: float = 1e-4
     rm_batch_size: int = 16
     rm_epochs: int = 1
@@ -96,7 +98,6 @@ def rm_config(budget: RealBudget, data: RealData, out: Path, seed: int) -> RMCon
         dataset=str(data.preferences),
         output=str(out / "rm"),
         granularity="segment",
-        entropy_threshold=budget.entropy_threshold,
         lr=budget.rm_lr,
         batch_size=budget.rm_batch_size,
         micro_batch_size=budget.rm_batch_size,
