@@ -36,6 +36,12 @@ from segppo.data import (
 from segppo.data.chat import TEMPLATES_KEEP_CONTROL_TEXT
 from segppo.models import SegppoMetadata, load_tokenizer
 
+# Tests whose data holds control-token text as content: below transformers 5.20 such a message is
+# an error naming that version (test_control_token_text_is_refused_where_transformers_cannot_keep_it_text).
+needs_templates_keeping_control_text = pytest.mark.skipif(
+    not TEMPLATES_KEEP_CONTROL_TEXT, reason="keeping control-token text as text needs transformers>=5.20"
+)
+
 CORPUS = [
     "11 is prime. It has no divisors.",
     "The capital of France is Paris. I think it is Lyon.",
@@ -231,6 +237,7 @@ def test_segppo_json_records_the_chat_format_and_it_is_read_back(tmp_path):
         SegppoMetadata(kind="reward_model", granularity="bandit", stop_token_ids=[]).validate()
 
 
+@needs_templates_keeping_control_text
 def test_rm_training_records_stop_ids_and_inspect_keeps_sentencepiece_spaces(tmp_path):
     from segppo.rm.evaluate import inspect_response
     from segppo.rm.scoring import load_scorer
@@ -313,10 +320,6 @@ def test_template_ignoring_system_gets_it_folded_into_the_first_user_turn(caplog
 
 # --- 3. control-token text in content -----------------------------------------------------------
 
-# Below transformers 5.20 such a message is an error instead (the test after these two).
-needs_templates_keeping_control_text = pytest.mark.skipif(
-    not TEMPLATES_KEEP_CONTROL_TEXT, reason="keeping control-token text as text needs transformers>=5.20"
-)
 
 
 @needs_templates_keeping_control_text
@@ -340,6 +343,7 @@ def test_control_token_text_in_content_stays_text(make, literal, terminator):
     assert pair.chosen_has_eos and pair.chosen_ids == chat.response_ids([user("Hi.")], response)[0]
 
 
+@needs_templates_keeping_control_text
 @pytest.mark.parametrize("make", [phi3, mistral, llama3])
 def test_response_text_is_exact_around_literal_special_token_text(make):
     # Phi-3's `</s>` is an added token that is not special and strips the space after it: matched in
@@ -352,6 +356,7 @@ def test_response_text_is_exact_around_literal_special_token_text(make):
         assert chat.response_text(prompt, ids, has_eos) == response
 
 
+@needs_templates_keeping_control_text
 def test_foreign_reward_model_reads_literal_special_token_text_exactly():
     from segppo.ppo.rollout import foreign_rm_inputs
     from segppo.rm.scoring import encode_for_reward_model

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +136,24 @@ def test_lock_pins_every_declared_dependency(lock, extras):
         declared |= _requirement_names(project["optional-dependencies"][extra])
     missing = declared - set(_pins(ROOT / lock))
     assert not missing, f"{lock} lacks {sorted(missing)}: refresh it with .ci/lock"
+
+
+def test_every_floor_is_the_version_the_floor_lock_ran():
+    # a floor is honest when the suite ran on it: constraints-floor.txt is that set (README
+    # "Development"); lowering a floor without running the suite on the new one fails here
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors = {}
+    for requirement in project["dependencies"] + project["optional-dependencies"]["lora"]:
+        found = re.match(r"([A-Za-z0-9_.-]+)>=([^,;\s]+)", requirement)
+        assert found, f"pyproject.toml: {requirement!r} has no floor"
+        floors[re.sub(r"[-_.]+", "-", found[1]).lower()] = found[2]
+    pins = _pins(ROOT / "constraints-floor.txt")
+    wrong = {
+        name: (floor, pins.get(name))
+        for name, floor in floors.items()
+        if name not in pins or Version(pins[name]) != Version(floor)
+    }
+    assert not wrong, f"floor != constraints-floor.txt pin (floor, pin): {wrong}"
 
 
 def test_console_script_help():
