@@ -25,6 +25,7 @@ import os
 
 import pytest
 import torch
+
 from segppo.kernels import entropy_logprobs
 
 CUDA = torch.cuda.is_available()

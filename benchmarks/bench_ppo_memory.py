@@ -11,6 +11,10 @@ each by writing 5 to /proc/self/clear_refs):
   phase  per PPO step, the peak RSS reached inside generation, scoring and training above the RSS
          at its start, and the RSS left after it (optimizer states appear at the first update).
 
+Each row also splits the RSS after it into anonymous pages (RssAnon: what the process allocated)
+and file-backed ones (RssFile: memory-mapped checkpoints and libraries, which count once read and
+which the kernel may drop and read again).
+
 The parts are then set against what they must cost: P parameters × 4 B for each float32 model,
 × 4 B for gradients, × 8 B for AdamW's two moments.
 
@@ -42,6 +46,12 @@ def _status(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _split() -> dict[str, float]:
+    """The RSS by kind: anonymous (the process's own allocations) and file-backed (memory-mapped
+    safetensors and libraries, which the kernel may drop and read again)."""
+    return {"anon": _status("RssAnon"), "file": _status("RssFile")}
+
+
 def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
@@ -68,6 +78,7 @@ class MemoryLog:
             peak = max([_status("VmHWM"), *inner])
             self.rows.append(
                 {"what": what, "depth": self.depth, "before": before, "after": _status("VmRSS"), "peak": peak}
+                | _split()
             )
 
 
@@ -116,6 +127,7 @@ def run_measured(args) -> dict:
                 "after": _status("VmRSS"),
                 "peak": max([_status("VmHWM"), *inner]),
             }
+            | _split()
         )
 
     original_timed = trainer.timed
@@ -216,14 +228,14 @@ def table(result: dict) -> str:
         f"(float32 weights {w:.2f} GB); peak RSS {result['peak_rss_gb']:.2f} GB "
         f"(RSS before the run {result['rss_before_run_gb']:.2f} GB); {result['seconds']:.0f} s",
         "",
-        "| what | RSS added (GB) | peak above the start (GB) | RSS after (GB) |",
-        "|---|---|---|---|",
+        "| what | RSS added (GB) | peak above the start (GB) | RSS after (GB) | of it anonymous / file |",
+        "|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         indent = "  " * r["depth"]
         lines.append(
             f"| {indent}{r['what']} | {r['after'] - r['before']:+.2f} | {r['peak'] - r['before']:.2f} "
-            f"| {r['after']:.2f} |"
+            f"| {r['after']:.2f} | {r.get('anon', float('nan')):.2f} / {r.get('file', float('nan')):.2f} |"
         )
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+
 from segppo.kernels import gae, reference, segment_rewards
 
 THRESHOLD = 2.0

@@ -321,7 +321,6 @@ def test_template_ignoring_system_gets_it_folded_into_the_first_user_turn(caplog
 # --- 3. control-token text in content -----------------------------------------------------------
 
 
-
 @needs_templates_keeping_control_text
 @pytest.mark.parametrize(
     "make, literal, terminator",

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+
 from segppo.kernels import entropy as entropy_module
 from segppo.kernels import entropy_logprobs
 

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+
 from segppo.kernels import gae, reference
 
 gae_module = importlib.import_module("segppo.kernels.gae")  # the package's `gae` is the function

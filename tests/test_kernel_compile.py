@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from segppo.kernels import entropy_logprobs, gae, segment_rewards, sequence_scores
 from segppo.kernels._dispatch import HAS_TRITON, device_guard
+
+from segppo.kernels import entropy_logprobs, gae, segment_rewards, sequence_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "kernel_resources.py"

@@ -10,8 +10,8 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
-from packaging.version import Version
 import tomllib
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 

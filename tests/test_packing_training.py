@@ -52,7 +52,9 @@ def _assert_same_run(padded, packed, losses_padded, losses_packed):
     b = load_file(packed.output_dir / "model" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            b[name], a[name], rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
     final_padded = read_metrics(padded.output_dir, split="eval")[-1]
     final_packed = read_metrics(packed.output_dir, split="eval")[-1]
     assert final_packed["accuracy"] == final_padded["accuracy"]

@@ -11,6 +11,7 @@ import math
 import pytest
 import segppo.kernels.rewards as segments_module
 import torch
+
 from segppo.kernels import segment_rewards, sequence_scores
 
 GRANULARITIES = ("segment", "token", "bandit")

@@ -45,6 +45,7 @@ from segppo.distributed import (
     set_seed,
 )
 from segppo.generation import SamplingConfig, seed_for, stop_token_ids
+from segppo.host_memory import release_freed_host_memory
 from segppo.models import load_tokenizer
 from segppo.optim import planned_steps
 from segppo.ppo import checkpoint
@@ -198,6 +199,7 @@ class PPOTrainer:
         with timed(timing, "training"):
             metrics.update(self.update(RolloutPool.of(experiences, self.tokenizer.pad_token_id), step))
             self.sync_rollout_engine()  # part of the update: the next rollout samples the new policy
+            release_freed_host_memory()  # else glibc keeps the step's freed activations (host_memory)
         # After the update: a step stopped inside it (`_stop_non_finite`) saves a state that must not
         # count this step's samples as logged.
         self._log_samples(experiences, step + 1)
