@@ -140,7 +140,8 @@ def comparison_table(summary: dict):
         by_granularity.setdefault(s["granularity"], []).append(s)
 
     def cell(rows, key, fmt=".3f"):
-        mean, se = _mean_se([r[key] for r in rows])
+        # results.json written before a column existed (pair AUC) reads n/a there
+        mean, se = _mean_se([r.get(key, math.nan) for r in rows])
         if math.isnan(mean):
             return "n/a"
         return f"{mean:{fmt}}" + ("" if math.isnan(se) else f" ± {se:.3f}")
