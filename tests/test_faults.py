@@ -442,7 +442,7 @@ import segppo.distributed as d
 child = "import segppo.distributed as d; i = d.init_distributed(); print(i.rank, i.world_size)"
 parent = d.init_distributed()
 out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=100)
-print(parent.rank, parent.world_size, out.stdout.strip() or out.stderr.strip().splitlines()[-1])
+print(parent.rank, parent.world_size, (out.stdout.strip() or out.stderr.strip()).splitlines()[-1])
 print(sorted(k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ))
 """
 

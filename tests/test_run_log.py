@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -28,9 +29,12 @@ def test_a_lora_run_prints_no_futurewarning_while_segppo_warnings_still_show(
     args += ["--max-len", "64", "--max-prompt-len", "32", "--zero-stage", "0", "--eval-fraction", "0.2"]
     result = runner.invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "FutureWarning" not in result.output and "is_gradient_checkpointing" not in result.output
+    # A library's warning went to the log and not to the screen: peft reading transformers
+    # (is_gradient_checkpointing's FutureWarning on current releases; on peft 0.14, the floor,
+    # a UserWarning about exclude_modules instead).
+    assert "site-packages" not in result.output and "FutureWarning" not in result.output
     log = (out / "run.log").read_text()
-    assert "FutureWarning" in log and "is_gradient_checkpointing" in log  # peft reading transformers
+    assert re.search(r"site-packages/(peft|transformers)/\S+: \w*Warning", log), log[-1000:]
     assert f"of the libraries (not segppo's) are in {out / 'run.log'}" in " ".join(result.output.split())
 
     # segppo's own warning (a fit too poor to use: no line reaches R² 1) is still on the screen
