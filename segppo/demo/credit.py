@@ -99,8 +99,10 @@ def auc(higher: Sequence[float], lower: Sequence[float]) -> float:
     """P(a value of `higher` > a value of `lower`), ties counting half; nan when either is empty."""
     if not higher or not lower:
         return float("nan")
-    wins = sum((h > lo) + 0.5 * (h == lo) for h in higher for lo in lower)
-    return wins / (len(higher) * len(lower))
+    from sklearn.metrics import roc_auc_score
+
+    labels = [1] * len(higher) + [0] * len(lower)
+    return float(roc_auc_score(labels, [*higher, *lower]))
 
 
 def local_credit(rm_dir: str | Path, prompts: Sequence[str], responses: Sequence[str], **kwargs) -> dict:
