@@ -160,3 +160,22 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "segppo.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "segppo" in out.stdout
+
+
+def test_a_passing_test_leaves_no_temporary_folder(tmp_path):
+    """The suite writes model states of GBs (a real-model RM state is 2.4 GB) into `tmp_path`; pytest
+    keeps every such folder of the last three sessions unless told otherwise, which filled the CI
+    machine's disk once. The project's pytest settings must drop a passing test's folder at once."""
+    probe = tmp_path / "test_probe.py"
+    record = tmp_path / "where.txt"
+    probe.write_text(
+        "def test_writes(tmp_path):\n"
+        "    (tmp_path / 'state.bin').write_bytes(b'0' * 1024)\n"
+        f"    open({str(record)!r}, 'w').write(str(tmp_path))\n"
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ROOT / "pyproject.toml"),
+         "--basetemp", str(tmp_path / "base"), str(probe)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert not Path(record.read_text()).exists()
