@@ -98,8 +98,9 @@ def trl_updates(spec: dict, updates: int) -> dict:
             output_dir=out,
             # TRL's rollout is per_device_train_batch_size × gradient_accumulation_steps prompts, cut
             # into num_mini_batches mini-batches of micro-batches. Its accelerator accumulates over
-            # gradient_accumulation_steps micro-batches, so with 2 mini-batches of one micro-batch
-            # each TRL takes one optimizer step per update (over all 8), not two.
+            # gradient_accumulation_steps micro-batches, so it takes one optimizer step per epoch
+            # whatever num_mini_batches is: with samples_per_step 4 (2 mini-batches of one
+            # micro-batch) still one step over all 8, not two.
             per_device_train_batch_size=spec["micro_batch"],
             gradient_accumulation_steps=n // spec["micro_batch"],
             num_mini_batches=n // spec["samples_per_step"],
@@ -232,14 +233,15 @@ def floor_updates(spec: dict, updates: int) -> dict:
             timed("reward model forward", values, reward, batch, everything)
         policy.train()
         critic.train()
-        step = spec["samples_per_step"]
+        step, micro = spec["samples_per_step"], spec["micro_batch"]
         for start in range(0, n, step):
-            part = slice(start, start + step)
-            kept = ~after[part]
-            logprobs = timed("policy forward", response_logprobs, policy, batch, part)
-            timed("policy backward", torch.Tensor.backward, (logprobs * kept).sum().neg())
-            value = timed("critic forward", values, critic, batch, part)
-            timed("critic backward", torch.Tensor.backward, ((value * kept) ** 2).sum())
+            for first in range(start, start + step, micro):  # gradients accumulate over micro-batches
+                part = slice(first, first + micro)
+                kept = ~after[part]
+                logprobs = timed("policy forward", response_logprobs, policy, batch, part)
+                timed("policy backward", torch.Tensor.backward, (logprobs * kept).sum().neg())
+                value = timed("critic forward", values, critic, batch, part)
+                timed("critic backward", torch.Tensor.backward, ((value * kept) ** 2).sum())
             timed("policy optimizer step", actor_opt.step)
             timed("critic optimizer step", critic_opt.step)
             actor_opt.zero_grad(set_to_none=True)

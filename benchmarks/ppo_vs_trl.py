@@ -2,10 +2,14 @@
 
 Both train SmolLM2-135M-Instruct (policy, reference, reward model and value model all start from
 it; full fine-tuning of policy and value model, float32, one rank) on the same prompt tokens, with
-the same batch: 8 prompts per update, 32 new tokens sampled at temperature 1, one PPO epoch of two
-optimizer steps of 4 samples (micro-batches of 4), scoring in one batch of 8. Each system runs
-`--updates` updates in a subprocess of its own (`ppo_update_workers.py`); the systems alternate,
-round after round, so that the machine's load falls on all of them alike:
+the same batch: 8 prompts per update, 32 new tokens sampled at temperature 1, one PPO epoch of
+`--samples-per-step` samples per optimizer step in micro-batches of 4, scoring in one batch of 8.
+The default, 8 (one step of two accumulated micro-batches per model per update), is what TRL runs
+whatever it is told: its accelerator accumulates over `gradient_accumulation_steps` micro-batches
+across its mini-batches, so with 8 prompts per update it takes one step. With 4, segppo and the
+floor take two steps per model and TRL still one (the setting of the issue's first measurement).
+Each system runs `--updates` updates in a subprocess of its own (`ppo_update_workers.py`); the
+systems alternate, round after round, so that the machine's load falls on all of them alike:
 
     segppo-bandit   `train_ppo` with a bandit reward model (what `segppo ppo train` runs)
     segppo-segment  the same with a segment reward model (τ = 2.0)
@@ -111,7 +115,7 @@ def default_model() -> str:
     return str(smollm2_folder())
 
 
-def prepare(model: str, work: Path, seed: int) -> dict:
+def prepare(model: str, work: Path, seed: int, samples_per_step: int = 8) -> dict:
     """Reward models (bandit and segment, a fresh head on the model's backbone), prompts and their
     token ids; returns the spec every worker reads."""
     import torch
@@ -153,7 +157,7 @@ def prepare(model: str, work: Path, seed: int) -> dict:
         "pad_token_id": tokenizer.pad_token_id,
         "prompts_per_update": 8,
         "new_tokens": 32,
-        "samples_per_step": 4,
+        "samples_per_step": samples_per_step,
         "micro_batch": 4,
         "lr": 1e-6,
         "seed": seed,
@@ -224,6 +228,13 @@ def main(argv=None) -> None:
         help="torch threads per process (0: torch's default; on a shared "
         "2-core machine 2 threads per process stall on each other)",
     )
+    parser.add_argument(
+        "--samples-per-step",
+        type=int,
+        choices=(4, 8),
+        default=8,
+        help="samples per optimizer step (8: one step per model per update, what TRL takes)",
+    )
     parser.add_argument("--json", help="results file (default: WORK/ppo_vs_trl.json)")
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
@@ -237,7 +248,7 @@ def main(argv=None) -> None:
         parser.error("--updates must be at least 2 (the first is warm-up)")
     if args.updates * 8 > len(ITEMS):
         parser.error(f"--updates at most {len(ITEMS) // 8} ({len(ITEMS)} prompts, 8 per update)")
-    spec = prepare(args.model or default_model(), work, args.seed)
+    spec = prepare(args.model or default_model(), work, args.seed, args.samples_per_step)
     spec_file = work / "spec.json"
     runs = []
     for round_ in range(args.rounds):
