@@ -72,7 +72,7 @@ def planned_steps(per_pass: int, passes: int, max_steps: int | None, unit: str) 
     )
 
 
-def one_rank_zero_stage(zero_stage: int, *, offload_optimizer: bool) -> int:
+def one_rank_zero_stage(zero_stage: int, *, offload_optimizer: bool, resumes_zero_state: bool = False) -> int:
     """The ZeRO stage a trained model runs: stages 1 and 2 become 0 on a single rank.
 
     They partition optimizer states and gradients across ranks, so on one rank they partition
@@ -82,11 +82,13 @@ def one_rank_zero_stage(zero_stage: int, *, offload_optimizer: bool) -> int:
     every updated weight back: a 135M-parameter model's backward + step took 6.4 s under ZeRO-2
     against 2.3 s at stage 0 on 2 CPU cores (RESULTS.md, issue 22). The update is the same AdamW
     either way. An offloaded optimizer needs ZeRO, and stage 3 (partitioned loading) is kept as asked.
+    A resume of a state saved under ZeRO (`resumes_zero_state`: an earlier segppo ran one rank at the
+    stage asked) keeps the stage too: a stage-0 engine cannot read ZeRO's partitioned optimizer files.
     """
     import torch.distributed as dist
 
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if zero_stage in (1, 2) and world_size == 1 and not offload_optimizer:
+    if zero_stage in (1, 2) and world_size == 1 and not offload_optimizer and not resumes_zero_state:
         return 0
     return zero_stage
 
@@ -99,6 +101,7 @@ def training_engine(
     micro_batch_size: int,
     grad_accum: int,
     config,
+    resumes_zero_state: bool = False,
 ):
     """A DeepSpeed engine with AdamW and the warmup-cosine schedule; `config` gives weight_decay,
     warmup_ratio, min_lr_ratio, zero_stage, bf16, grad_clip and offload_optimizer (the stage the
@@ -109,7 +112,9 @@ def training_engine(
     from segppo.distributed import deepspeed_config
 
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    stage = one_rank_zero_stage(config.zero_stage, offload_optimizer=config.offload_optimizer)
+    stage = one_rank_zero_stage(
+        config.zero_stage, offload_optimizer=config.offload_optimizer, resumes_zero_state=resumes_zero_state
+    )
     optimizer = adamw(model, lr=lr, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(
         optimizer, total_steps=total_steps, warmup_ratio=config.warmup_ratio, min_lr_ratio=config.min_lr_ratio

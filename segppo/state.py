@@ -179,10 +179,31 @@ def latest_state(state_dir: Path) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def zero_partitioned(folder: Path | None) -> bool:
+    """Whether a state (`save_training_state`'s folder) holds ZeRO's partitioned optimizer files."""
+    return folder is not None and any(Path(folder).glob("*/state/zero_pp_rank_*_optim_states.pt"))
+
+
+def _check_zero_layout(name: str, engine: Any, folder: Path) -> None:
+    """A state and an engine that disagree on ZeRO fail in DeepSpeed with an AttributeError; say why."""
+    saved = any((Path(folder) / name / "state").glob("zero_pp_rank_*_optim_states.pt"))
+    if saved == bool(engine.zero_optimization()):
+        return
+    recorded = Path(folder).parent.parent / "run_config.json"  # the run folder's (state/<step>/)
+    stage = json.loads(recorded.read_text()).get("zero_stage") if recorded.is_file() else None
+    hint = f"--zero-stage {stage}, as the run was started" if stage is not None else "the run's --zero-stage"
+    how = "under ZeRO (a partitioned optimizer)" if saved else "without ZeRO partitioning"
+    raise ValueError(
+        f"the training state {folder} was saved {how} but this run's {name} engine "
+        f"{'is not' if saved else 'is'} partitioned; resume with {hint}"
+    )
+
+
 def load_training_state(engines: dict[str, Any], folder: Path) -> dict:
     """Restore every engine from `folder` (written by `save_training_state`); returns the client state."""
     client_state: dict = {}
     for name, engine in engines.items():
+        _check_zero_layout(name, engine, Path(folder))
         path, client_state = engine.load_checkpoint(
             str(Path(folder) / name), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
         )

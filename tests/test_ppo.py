@@ -200,6 +200,39 @@ def test_resume_matches_an_uninterrupted_run(tiny_lm_dir, reward_models, prompts
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
 
 
+def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
+    tiny_lm_dir, reward_models, prompts_file, tmp_path, monkeypatch
+):
+    """A PPO state an earlier segppo saved under ZeRO-2 on one rank (its partitioned optimizer files)
+    resumes into the engines it was saved by and ends as an unbroken run (tests/test_rm.py has the RM's)."""
+    import segppo.optim
+
+    base = dict(max_steps=4, save_every=2, zero_stage=2)
+    straight = ppo_config(tiny_lm_dir, reward_models["bandit"], prompts_file, tmp_path / "straight", **base)
+    train_ppo(straight)
+    old = ppo_config(tiny_lm_dir, reward_models["bandit"], prompts_file, tmp_path / "old", **base)
+
+    def interrupt(step, metrics):
+        if step == 3:
+            raise Interrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(segppo.optim, "one_rank_zero_stage", lambda stage, **_: stage)
+        with pytest.raises(Interrupt):
+            train_ppo(old, step_callback=interrupt)
+    assert list((old.output_dir / "state").glob("*/actor/state/zero_pp_rank_0_*optim_states.pt"))
+    train_ppo(dataclasses.replace(old, resume=True))
+    want, got = read_metrics(straight.output_dir), read_metrics(old.output_dir)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for w, g in zip(want, got, strict=True):
+        for key in ("reward", "policy_loss", "value_loss"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
+    wa = load_file(straight.output_dir / "policy" / "model.safetensors")
+    wb = load_file(old.output_dir / "policy" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
+
+
 # -- DESIGN.md §3.6: defects of the paper's code ----------------------------------------------
 
 

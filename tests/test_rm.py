@@ -143,6 +143,43 @@ def test_resume_matches_an_uninterrupted_run(tiny_lm_dir, preferences_file, tmp_
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
 
 
+def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
+    tiny_lm_dir, preferences_file, tmp_path, monkeypatch
+):
+    """segppo once trained one rank under the ZeRO stage asked for (now stage 0, `one_rank_zero_stage`):
+    a state saved so holds ZeRO's partitioned optimizer files, which a stage-0 engine cannot read.
+    A resume of such a run must rebuild the engine the state was saved by and go on as an unbroken run."""
+    import segppo.optim
+
+    base = dict(max_steps=4, save_every=2, zero_stage=2)
+    straight = rm_config(tiny_lm_dir, preferences_file, tmp_path / "straight", **base)
+    train_reward_model(straight)
+
+    old = rm_config(tiny_lm_dir, preferences_file, tmp_path / "old", **base)
+
+    def interrupt_at_step_3(step, metrics):
+        if step == 3:
+            raise Interrupt
+
+    with monkeypatch.context() as m:  # the older segppo: ZeRO-2 on one rank
+        m.setattr(segppo.optim, "one_rank_zero_stage", lambda stage, **_: stage)
+        with pytest.raises(Interrupt):
+            train_reward_model(old, step_callback=interrupt_at_step_3)
+    assert list((old.output_dir / "state").glob("*/reward_model/state/zero_pp_rank_0_*optim_states.pt"))
+    with pytest.raises(ValueError, match=r"ZeRO.*--zero-stage 2"):
+        train_reward_model(dataclasses.replace(old, resume=True, zero_stage=0))
+    train_reward_model(dataclasses.replace(old, resume=True))
+
+    want, got = read_metrics(straight.output_dir), read_metrics(old.output_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for w, g in zip(want, got, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-7), w["step"]
+    a = load_file(straight.output_dir / "model" / "model.safetensors")
+    b = load_file(old.output_dir / "model" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
 def test_two_ranks_match_one_rank(tiny_lm_dir, preferences_file, tmp_path):
     one = rm_config(tiny_lm_dir, preferences_file, tmp_path / "one", max_steps=3, zero_stage=2)
     two = dataclasses.replace(one, output=str(tmp_path / "two"), nproc=2)

@@ -30,6 +30,7 @@ from segppo.ppo.advantages import needs_critic
 from segppo.ppo.rollout import RewardShaping, foreign_bandit_rm_values, shared_rm_values
 from segppo.rm.scoring import resolve_normalizer, same_vocabulary
 from segppo.segments import Segmentation
+from segppo.state import latest_state, zero_partitioned
 from segppo.tracking import console
 
 
@@ -254,6 +255,7 @@ def load_models(
         micro_batch_size=cfg.micro_train_batch_size,
         grad_accum=grad_accum,
         config=cfg,
+        resumes_zero_state=cfg.resume and zero_partitioned(latest_state(cfg.output_dir / "state")),
     )
     actor, actor_sched = training_engine(actor, lr=cfg.actor_lr, **engine)
     critic, critic_sched = training_engine(critic, lr=cfg.critic_lr, **engine) if critic else (None, None)

@@ -66,6 +66,7 @@ from segppo.preflight import check_rm_train
 from segppo.rm.loss import bradley_terry_loss
 from segppo.rm.scoring import Segmentation, score_responses
 from segppo.rm.segment_survey import SegmentSurvey, survey_segments
+from segppo.state import zero_partitioned
 from segppo.tracking import LiveProgress, Tracker, console, truncate_metrics, write_config
 
 StepCallback = Callable[[int, dict], None]
@@ -297,6 +298,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         micro_batch_size=cfg.micro_batch_size,
         grad_accum=grad_accum,
         config=cfg,
+        resumes_zero_state=cfg.resume and zero_partitioned(latest_state(out / "state")),
     )
 
     start_step = 0
