@@ -52,10 +52,11 @@ class WarningRouter:
         self.count = 0
 
     def show(self, message, category, filename, lineno, file=None, line=None) -> None:
-        text = warnings.formatwarning(message, category, filename, lineno, line)
         if is_segppo_warning(category, filename):
-            (file or sys.stderr).write(text)
+            # One line, as segppo's errors: the source line that warned means nothing to a user.
+            (file or sys.stderr).write(f"{category.__name__}: {message}\n")
             return
+        text = warnings.formatwarning(message, category, filename, lineno, line)
         self.count += 1
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("a") as f:  # one write per warning: ranks append to the same file
