@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rm-backbone-pretrain-steps", type=int, default=None, help="Its clean-data steps.")
     parser.add_argument("--rm-backbone-sft-steps", type=int, default=None, help="Its SFT steps (0: none).")
+    parser.add_argument("--rm-backbone-lr", type=float, default=None, help="Its peak learning rate.")
     parser.add_argument(
         "--rm-backbone-shuffle",
         type=float,
@@ -84,6 +85,7 @@ def parse_backbone(args: argparse.Namespace) -> SFTSettings | None:
         "pretrain_steps": args.rm_backbone_pretrain_steps,
         "sft_steps": args.rm_backbone_sft_steps,
         "pretrain_p_shuffle": args.rm_backbone_shuffle,
+        "lr": args.rm_backbone_lr,
     }
     return SFTSettings(
         hidden_size=hidden,

@@ -11,9 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, GenerationConfig
 
 from segppo.models.reward_model import init_scalar_head, reward_values, scalar_head
+from tests.stopping import stop_at_step
 from tests.tiny import tiny_config, tiny_ppo_config, tiny_rm_config
 
 peft = pytest.importorskip("peft")  # the `lora` extra (also in `dev`)
+
 from segppo.models.lora import adapters_disabled, apply_lora, export_lora  # noqa: E402
 
 IDS = torch.tensor([[5, 9, 30, 41, 7, 3], [0, 0, 12, 8, 77, 3]])
@@ -270,10 +272,6 @@ def test_rm_train_with_lora_exports_the_trained_model_merged(
     )
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_rm_lora_resume_matches_an_uninterrupted_run_and_exports_the_adapter(
     tiny_lm_dir, preferences_file, tmp_path
 ):
@@ -285,12 +283,7 @@ def test_rm_lora_resume_matches_an_uninterrupted_run_and_exports_the_adapter(
     train_reward_model(straight)
     broken = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "broken", **base)
 
-    def interrupt_at_step_3(step, metrics):
-        if step == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_reward_model(broken, step_callback=interrupt_at_step_3)
+    stop_at_step(train_reward_model, broken, 3)
     train_reward_model(dataclasses.replace(broken, resume=True))
     want, got = read_metrics(straight.output_dir), read_metrics(broken.output_dir)
     assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
@@ -367,12 +360,7 @@ def test_ppo_lora_resume_matches_an_uninterrupted_run(tiny_lm_dir, ppo_inputs, t
     train_ppo(straight)
     broken = tiny_ppo_config(tiny_lm_dir, ppo_inputs, tmp_path / "broken", **base)
 
-    def interrupt(step, metrics):
-        if step == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_ppo(broken, step_callback=interrupt)
+    stop_at_step(train_ppo, broken, 1)
     train_ppo(dataclasses.replace(broken, resume=True))
     want, got = read_metrics(straight.output_dir), read_metrics(broken.output_dir)
     assert [r["step"] for r in got] == [1, 2]

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from stopping import stop_at_step
 from tiny import tiny_rm_config
 from transformers import AutoModelForCausalLM
 
@@ -172,22 +173,13 @@ def test_two_ranks_match_one_rank(tiny_lm_dir, reward_models, prompts_file, tmp_
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-4)
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_matches_an_uninterrupted_run(tiny_lm_dir, reward_models, prompts_file, tmp_path):
     base = dict(max_steps=4, save_every=2, kl_target=0.1)  # adaptive KL: its state must resume too
     straight = ppo_config(tiny_lm_dir, reward_models["segment"], prompts_file, tmp_path / "straight", **base)
     train_ppo(straight)
     broken = ppo_config(tiny_lm_dir, reward_models["segment"], prompts_file, tmp_path / "broken", **base)
 
-    def interrupt(step, metrics):
-        if step == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_ppo(broken, step_callback=interrupt)
+    stop_at_step(train_ppo, broken, 3)
     train_ppo(dataclasses.replace(broken, resume=True))
     want, got = read_metrics(straight.output_dir), read_metrics(broken.output_dir)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
@@ -212,14 +204,9 @@ def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
     train_ppo(straight)
     old = ppo_config(tiny_lm_dir, reward_models["bandit"], prompts_file, tmp_path / "old", **base)
 
-    def interrupt(step, metrics):
-        if step == 3:
-            raise Interrupt
-
     with monkeypatch.context() as m:
         m.setattr(segppo.optim, "one_rank_zero_stage", lambda stage, **_: stage)
-        with pytest.raises(Interrupt):
-            train_ppo(old, step_callback=interrupt)
+        stop_at_step(train_ppo, old, 3)
     assert list((old.output_dir / "state").glob("*/actor/state/zero_pp_rank_0_*optim_states.pt"))
     train_ppo(dataclasses.replace(old, resume=True))
     want, got = read_metrics(straight.output_dir), read_metrics(old.output_dir)

