@@ -174,7 +174,8 @@ class DemoConfig:
     budget: str = option(
         "default",
         panel=DEMO,
-        help="small (a pipeline check) | default (synthetic: at most 5 minutes on 2 CPU cores; smollm2: 15).",
+        help="small (a pipeline check) | default (synthetic: at most 5 minutes on 2 CPU cores; smollm2: 15) "
+        "| pairs (--task pairs: RMs from a backbone that learned the task's lookup).",
     )
     compare: list[str] | None = option(
         None, panel=DEMO, help="Granularities to compare, e.g. bandit,token,segment."

@@ -224,6 +224,18 @@ def test_budgets():
         DemoBudget(name="x", heldout_prompts=100)
 
 
+def test_the_pairs_budget_starts_its_rms_from_a_model_that_must_look_items_up():
+    """What makes `pairs` RMs learn (RESULTS.md, issue 24): a backbone other than the SFT policy, whose
+    demonstrations never follow the prompt's order (so the order cannot stand in for the lookup),
+    trained well past the ~4000-step plateau before the lookup forms; the policy stays the default's."""
+    pairs, default = get_budget("pairs"), get_budget("default")
+    backbone = pairs.rm_backbone
+    assert backbone is not None and backbone.pretrain_p_shuffle == 1.0 and backbone.pretrain_steps >= 8000
+    assert backbone.key() != pairs.sft.key()
+    assert pairs.sft == default.sft and pairs.ppo_steps == default.ppo_steps
+    assert pairs.preference_pairs > default.preference_pairs
+
+
 # ---------------------------------------------------------------------------------------------
 # SFT policy and preference data (one tiny policy, trained once for the module)
 

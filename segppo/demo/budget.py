@@ -86,8 +86,27 @@ class DemoBudget:
         """The README's demo: at most 5 minutes on 2 CPU cores, SFT policy included on a first run."""
         return cls(name="default")
 
+    @classmethod
+    def pairs(cls) -> DemoBudget:
+        """`--compare ... --task pairs` (issue 24): RMs that learn the task. Telling `the red fox` from
+        `the blue fox` means looking `red` up in the prompt; the SFT policy never learns that lookup
+        (its demonstrations mostly follow the prompt's order), so the RMs start from a model of the
+        same size trained on demonstrations always in a random order, long enough to leave the
+        plateau before the lookup forms (after about 4000 steps). Twice the default's pairs, 4 epochs
+        at a lower RM lr (the bandit RM is the slowest: 0.65 held-out after 2 epochs, 0.72 after 4);
+        every other stage is the default's (benchmarks/RESULTS.md, the RM learning curve).
+        """
+        return cls(
+            name="pairs",
+            preference_pairs=65536,
+            rm_lr=1e-3,
+            rm_epochs=4,
+            compare_rm_epochs=4,
+            rm_backbone=SFTSettings(pretrain_steps=12000, sft_steps=0, lr=3e-3, pretrain_p_shuffle=1.0),
+        )
 
-BUDGETS = {"small": DemoBudget.small, "default": DemoBudget.default}
+
+BUDGETS = {"small": DemoBudget.small, "default": DemoBudget.default, "pairs": DemoBudget.pairs}
 
 
 def get_budget(name: str | DemoBudget) -> DemoBudget:
