@@ -185,17 +185,17 @@ def zero_partitioned(folder: Path | None) -> bool:
 
 
 def _check_zero_layout(name: str, engine: Any, folder: Path) -> None:
-    """A state and an engine that disagree on ZeRO fail in DeepSpeed with an AttributeError; say why."""
+    """A ZeRO-partitioned state loaded into an engine without ZeRO fails inside DeepSpeed with an
+    AttributeError; say why. (A change in the number of ranks is `load_training_state`'s check.)"""
     saved = any((Path(folder) / name / "state").glob("zero_pp_rank_*_optim_states.pt"))
-    if saved == bool(engine.zero_optimization()):
+    if not saved or engine.zero_optimization():
         return
     recorded = Path(folder).parent.parent / "run_config.json"  # the run folder's (state/<step>/)
     stage = json.loads(recorded.read_text()).get("zero_stage") if recorded.is_file() else None
     hint = f"--zero-stage {stage}, as the run was started" if stage is not None else "the run's --zero-stage"
-    how = "under ZeRO (a partitioned optimizer)" if saved else "without ZeRO partitioning"
     raise ValueError(
-        f"the training state {folder} was saved {how} but this run's {name} engine "
-        f"{'is not' if saved else 'is'} partitioned; resume with {hint}"
+        f"the training state {folder} was saved under ZeRO (a partitioned optimizer) but this run's "
+        f"{name} engine is not partitioned; resume with {hint}"
     )
 
 
