@@ -138,6 +138,18 @@ def test_learning_curve_end_to_end_and_resumable(tmp_path, monkeypatch):
     ]  # fmt: skip
     assert trained.stat().st_mtime_ns == before
     assert (out / "data" / "preferences" / "train.jsonl").stat().st_mtime_ns == data_before
+    # More seeds, or fewer granularities, on the same data: only the new points train, and the
+    # earlier ones stay in the summary (the table says how many seeds each mean is over).
+    more_seeds = CurveSettings(
+        **{**wider.__dict__, "multipliers": (0.25,), "seeds": 2, "granularities": ("bandit",)}
+    )
+    summary = run_learning_curve(out, more_seeds, cache_dir=cache, threads=1, log=lambda m: None)
+    assert [(p["granularity"], p["pairs"], p["seed"]) for p in summary["points"]] == [
+        ("bandit", 32, 0), ("segment", 32, 0), ("bandit", 16, 0), ("segment", 16, 0), ("bandit", 16, 1)
+    ]  # fmt: skip
+    assert trained.stat().st_mtime_ns == before
+    seeds_per_cell = {(r["pairs"], r["epoch"], r["granularity"]): r["seeds"] for r in summary["table"]}
+    assert seeds_per_cell[16, 2, "bandit"] == 2 and seeds_per_cell[16, 2, "segment"] == 1
     # A larger one needs a larger pool: new data, and the points of the old data are dropped.
     larger = CurveSettings(**{**settings.__dict__, "multipliers": (1.0,), "granularities": ("bandit",)})
     summary = run_learning_curve(out, larger, cache_dir=cache, threads=1, log=lambda m: None)

@@ -10,8 +10,9 @@ budget's RM settings (`segppo.demo.pipeline.rm_config`), for `epochs` epochs wit
 accuracy measured after every epoch. The final RM of each point gets the comparison's normalizer
 and its local credit (`segppo.demo.credit`). `curve.json` is rewritten after every point, and a
 rerun into the same folder reuses the data and skips the points already there, so a run cut short
-keeps what finished and can be continued (also with more multipliers no larger than the largest
-so far: the points take prefixes of the same pool; a larger one makes a new pool and starts over).
+keeps what finished and can be continued, also with more seeds or granularities, or more multipliers
+no larger than the largest so far (the points take prefixes of the same pool; a larger one makes a
+new pool and starts over); the earlier points stay in the summary.
 
 Two reference accuracies on the same held-out labels bound what an RM can reach: the gold reward's
 (the labels are Bradley-Terry draws, so it is below 1) and that of a matching-blind scorer, the gold
@@ -227,9 +228,11 @@ def summarize(
     """The points, their means over seeds per (granularity, pairs, epoch), and the cheapest budget
     (pairs × epochs) at which every granularity's mean held-out accuracy clears the target."""
     table = []
+    earlier = [g for g in GRANULARITIES if g not in settings.granularities]  # from an earlier run
+    granularities = [*settings.granularities, *earlier]
     for n in sorted({p["pairs"] for p in points}):
         for epoch in range(1, settings.epochs + 1):
-            for granularity in settings.granularities:
+            for granularity in granularities:
                 rows = [p for p in points if p["pairs"] == n and p["granularity"] == granularity]
                 accuracies = [p["accuracy_by_epoch"][epoch - 1] for p in rows]
                 if not accuracies:
@@ -380,13 +383,18 @@ def _prepared_data(out: Path, pool: DemoBudget, cache_dir, seed: int, log) -> tu
     return prepare(out, pool, cache_dir=cache_dir, seed=seed, measure=False, log=log), False
 
 
+# The settings that only choose which points to run: a point is its (granularity, pairs, seed).
+GRID_FIELDS = {"multipliers": None, "seeds": None, "granularities": None}
+
+
 def _finished_points(path: Path, settings: CurveSettings) -> list[dict]:
-    """The points of an earlier run on the same data with the same settings but its multipliers."""
+    """The points of an earlier run on the same data with the same settings but for which points it
+    ran (multipliers, seeds, granularities)."""
     if not path.is_file():
         return []
     earlier = json.loads(path.read_text())
     mine = _jsonable(dataclasses.asdict(settings))
-    same = {**earlier["settings"], "multipliers": None} == {**mine, "multipliers": None}
+    same = {**earlier["settings"], **GRID_FIELDS} == {**mine, **GRID_FIELDS}
     return earlier["points"] if same else []
 
 
