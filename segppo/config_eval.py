@@ -210,5 +210,8 @@ class DemoConfig:
             raise ValueError(f"--model takes one of {DEMO_MODELS}, got {self.model!r}")
         if self.model != "synthetic" and (self.compare or self.task != "animals" or self.seeds):
             raise ValueError("--compare, --seeds and --task are for the synthetic demo, not --model smollm2")
+        # `--budget pairs` trains its RMs' backbone on that task's lookup (10 minutes)
+        if self.model == "synthetic" and self.budget == "pairs" and self.task != "pairs":
+            raise ValueError(f"--budget pairs is for --task pairs, got --task {self.task}")
         if self.threads is not None:
             check_positive(self, "threads")

@@ -89,6 +89,14 @@ def test_demo_config_task_and_seeds():
         DemoConfig(seeds=0)
 
 
+def test_the_pairs_budget_is_refused_on_another_task():
+    """`--budget pairs` trains its RMs' backbone on the pairs task's lookup (10 minutes): on `animals`
+    that is a mistaken flag, not a run to start."""
+    assert DemoConfig(budget="pairs", task="pairs").budget == "pairs"
+    with pytest.raises(ValueError, match="--budget pairs.*--task pairs"):
+        DemoConfig(budget="pairs")
+
+
 def _row(granularity, seed, gain, accuracy=0.8, last_epoch_gain=0.0):
     return {
         "granularity": granularity,
