@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from segppo.io import current_umask
+
 MATPLOTLIB_MISSING = "matplotlib is not installed: no score-distribution plot (pip install matplotlib)"
 
 
@@ -50,6 +52,7 @@ def plot_score_distributions(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.fchmod(fd, 0o666 & ~current_umask())  # savefig writes into mkstemp's private file
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
