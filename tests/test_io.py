@@ -36,3 +36,24 @@ def test_atomic_writes_follow_the_umask_not_the_temp_files_private_mode(tmp_path
     # and an existing file's content is replaced whole
     atomic_write_text(tmp_path / "a.txt", "new")
     assert (tmp_path / "a.txt").read_text() == "new"
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    """A writer that fails halfway (a full disk, a plot that raises) must not leave a half-written
+    file at the path, nor a hidden temporary beside it."""
+    from segppo.io import atomic_file
+
+    target = tmp_path / "results.json"
+    atomic_write_text(target, "old\n")
+    try:
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise OSError("disk full")
+    except OSError:
+        pass
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    if have_matplotlib():  # the plot goes through the same write, as a PNG whatever the temporary's name
+        png = plot_score_distributions(tmp_path / "scores.png", {"gold": {"sft": [0.0, 1.0]}})
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "scores.png"]

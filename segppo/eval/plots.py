@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from segppo.io import current_umask
+from segppo.io import atomic_file
 
 MATPLOTLIB_MISSING = "matplotlib is not installed: no score-distribution plot (pip install matplotlib)"
 
@@ -49,16 +47,9 @@ def plot_score_distributions(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.fchmod(fd, 0o666 & ~current_umask())  # savefig writes into mkstemp's private file
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")  # the temporary name says nothing of the format
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
