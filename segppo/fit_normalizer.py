@@ -34,7 +34,7 @@ from segppo.data import (
 )
 from segppo.data.sources import select_split
 from segppo.distributed import DistInfo, launch, rank_group
-from segppo.io import atomic_write_text
+from segppo.io import as_recorded, atomic_write_text
 from segppo.models import METADATA_FILE, SegppoMetadata
 from segppo.models.reward_model import run_model_folder
 from segppo.normalizer import (
@@ -297,11 +297,11 @@ def _fit_and_save(cfg: FitNormalizerConfig, scorer: RewardScorer, parts: list[di
             sigma_floor=cfg.sigma_floor,
             granularity=seg.granularity,
             threshold=seg.threshold if seg.granularity == "segment" else None,
-            reward_model=_as_recorded(cfg.reward_model),
-            dataset=_as_recorded(cfg.dataset),
+            reward_model=as_recorded(cfg.reward_model),
+            dataset=as_recorded(cfg.dataset),
         )
     normalizer.extra["data"] = {
-        "dataset": _as_recorded(cfg.dataset),
+        "dataset": as_recorded(cfg.dataset),
         "split": cfg.split,
         "seed": cfg.seed,
         "samples": cfg.samples,
@@ -327,12 +327,6 @@ def _fit_and_save(cfg: FitNormalizerConfig, scorer: RewardScorer, parts: list[di
         console.print(
             f"[bold green]saved[/] {escape(str(write_into_reward_model(cfg.reward_model, normalizer)))}"
         )
-
-
-def _as_recorded(name_or_path: str) -> str:
-    """A local path as an absolute path (the record outlives the working directory); a hub name as is."""
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.exists() else name_or_path
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +78,24 @@ def test_rm_eval_on_another_dataset_uses_all_rows(trained_rm, tmp_path):
     other = write_preferences(tmp_path / "other.jsonl", n=24, seed=7)
     stats = evaluate_reward_model(RMEvalConfig(model=str(trained_rm.output_dir), dataset=other, max_len=64))
     assert stats["num_pairs"] == 24 and stats["accuracy"] >= 0.9
+
+
+def test_a_run_given_relative_paths_is_read_from_another_directory(
+    tiny_lm_dir, preferences_file, tmp_path, monkeypatch
+):
+    # segppo.json records the backbone, segmenter and data as absolute paths: from another working
+    # directory the scorer still finds its segmenter, and rm eval still knows its training rows.
+    monkeypatch.chdir(tmp_path)
+    model, data = os.path.relpath(tiny_lm_dir), os.path.relpath(preferences_file)
+    train_reward_model(rm_config(model, data, "run", max_steps=1))
+    meta = SegppoMetadata.load(tmp_path / "run" / "model" / "segppo.json")
+    assert meta.segmenter == meta.base_model == str(Path(tiny_lm_dir).resolve())
+    assert meta.data["dataset"] == str(Path(preferences_file).resolve())
+    monkeypatch.chdir(tmp_path.parent)
+    stats = evaluate_reward_model(
+        RMEvalConfig(model=str(tmp_path / "run"), dataset=preferences_file, max_len=64, max_prompt_len=32)
+    )
+    assert stats["num_pairs"] == 80 and "held out" in stats["rows"]
 
 
 def test_rm_inspect_rewards_the_right_segment(trained_rm):

@@ -51,6 +51,7 @@ from segppo.distributed import (
     save_training_state,
     set_seed,
 )
+from segppo.io import as_recorded
 from segppo.kernels import segment_rewards
 from segppo.models import (
     SegppoMetadata,
@@ -335,11 +336,11 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         threshold=survey.threshold,  # None for token and bandit RMs: they have no threshold
         threshold_choice=survey.threshold_choice,
         segment_stats=survey.record()["segment_stats"],
-        segmenter=(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
+        segmenter=as_recorded(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
         **ChatFormat(tokenizer, cfg.chat_template).metadata_fields(),  # template, stop ids, end of turn
-        base_model=cfg.model,
+        base_model=as_recorded(cfg.model),
         data={
-            "dataset": cfg.dataset,
+            "dataset": as_recorded(cfg.dataset),
             "split": cfg.split,
             "eval_split": data.eval_split,
             "eval_fraction": cfg.eval_fraction if data.eval_split is None else None,
