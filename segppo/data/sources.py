@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset, load_dataset_builder
+from datasets.exceptions import DatasetGenerationError
 
 from segppo.data.layouts import UNREADABLE
 
@@ -120,10 +121,32 @@ def load_splits(source: str | Path, cache_dir: str | None = None) -> DatasetDict
         if not any(p.suffix.lower() in FILE_BUILDERS for p in files):
             found = sorted(str(p.relative_to(path)) for p in files)[:10]
             raise FileNotFoundError(f"{path} holds no {sorted(FILE_BUILDERS)} files; found {found}")
-        return load_dataset(str(path), cache_dir=cache_dir)
+        return _load_folder(path, cache_dir)
     if _looks_like_path(str(source)):
         raise FileNotFoundError(f"no such file or folder: {path}")
     return load_dataset(str(source), cache_dir=cache_dir)  # a hub dataset name
+
+
+def _load_folder(path: Path, cache_dir: str | None) -> DatasetDict:
+    """A folder's splits (from its file names). datasets reads all of a folder's files with one set of
+    columns, so splits whose columns differ (a test file with a column the train files lack) fail
+    together; then each split is read on its own."""
+    try:
+        return load_dataset(str(path), cache_dir=cache_dir)
+    except DatasetGenerationError:
+        pass
+    builder = load_dataset_builder(str(path), cache_dir=cache_dir)
+    splits = {}
+    for split, files in builder.config.data_files.items():
+        try:
+            read = load_dataset(builder.name, data_files={str(split): list(files)}, cache_dir=cache_dir)
+        except DatasetGenerationError as err:
+            cause = str(err.__cause__ or err).strip().splitlines()[-1]
+            raise ValueError(
+                f"{path}: the files of split {str(split)!r} cannot be read as one table ({cause})"
+            ) from err
+        splits[str(split)] = read[str(split)]
+    return DatasetDict(splits)
 
 
 def select_split(splits: DatasetDict, split: str, source: str | Path = "the dataset") -> Dataset:
