@@ -32,7 +32,7 @@ from segppo.data import (
     load_splits,
     pair_tokens,
 )
-from segppo.data.sources import select_split
+from segppo.data.sources import numbered, select_split
 from segppo.distributed import DistInfo, launch, rank_group
 from segppo.io import as_recorded, atomic_write_text
 from segppo.models import METADATA_FILE, SegppoMetadata
@@ -172,7 +172,7 @@ def sample_rows(rows, samples: int, seed: int):
     """`samples` rows drawn without replacement by a seeded shuffle (all rows if there are fewer)."""
     count = min(samples, len(rows))
     chosen = np.sort(np.random.default_rng(seed).permutation(len(rows))[:count])
-    return rows.select(chosen)
+    return numbered(rows).select(chosen)
 
 
 def shard_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:

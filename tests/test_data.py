@@ -547,6 +547,14 @@ def test_folder_whose_splits_have_different_columns(tmp_path):
         load_splits(folder, cache_dir=str(tmp_path / "cache2"))
 
 
+def test_row_numbers_stay_out_of_the_layout_and_its_errors():
+    # Rows picked out of a split carry their numbers in a column of segppo's own, never shown.
+    rows = Dataset.from_list([{"question": "q", "answer": "a"}] * 10)
+    train, _ = split_train_eval(rows, eval_fraction=0.2)
+    with pytest.raises(ValueError, match=r"The first row has keys \['answer', 'question'\];"):
+        to_preference_examples(train)
+
+
 def test_held_out_rows_are_disjoint_from_training_rows():
     dataset = Dataset.from_dict({"id": list(range(200))})
     train, held_out = split_train_eval(dataset, eval_fraction=0.05, seed=3)

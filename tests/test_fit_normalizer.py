@@ -305,3 +305,24 @@ def test_plot(segment_rm, preferences_file, tmp_path):
     result = invoke(*args, "--samples", 8, "--plot", tmp_path / "fit.png", *SMALL)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sampled_rows_keep_their_numbers_in_the_file():
+    # fit-normalizer scores a seeded sample of the rows, split across ranks: a skipped row is still
+    # named by its number in the split, not by its place in the sample or the rank's share.
+    from datasets import Dataset
+
+    from segppo.data import to_preference_examples
+    from segppo.fit_normalizer import sample_rows, shard_bounds
+
+    good = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
+    rows = Dataset.from_list([{**good, "rejected": None} if i in (5, 9) else good for i in range(12)])
+    sample = sample_rows(rows, 8, seed=0)
+    start, stop = shard_bounds(len(sample), 1, 2)
+    skipped = [
+        reason
+        for part in (sample.select(range(start)), sample.select(range(start, stop)))
+        for reason in to_preference_examples(part)[1].reasons
+    ]
+    picked = sorted(np.random.default_rng(0).permutation(12)[:8].tolist())
+    assert skipped == [f"row {i}: missing 'rejected'" for i in picked if i in (5, 9)] != []

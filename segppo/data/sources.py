@@ -20,7 +20,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, load_dataset, load_dataset_builder
 from datasets.exceptions import DatasetGenerationError
 
-from segppo.data.layouts import UNREADABLE
+from segppo.data.layouts import ROW, UNREADABLE
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -165,6 +165,11 @@ def load_rows(
     return dataset
 
 
+def numbered(rows: Dataset) -> Dataset:
+    """`rows` with each row's number (`layouts.ROW`), to be kept when some rows are picked out."""
+    return rows if ROW in rows.column_names else rows.add_column(ROW, np.arange(len(rows)))
+
+
 def own_eval_split(splits: DatasetDict, train_split: str) -> str | None:
     """The dataset's own evaluation split beside `train_split` (see `EVAL_SPLIT_NAMES`), if any."""
     # A split family such as UltraFeedback's train_prefs/test_prefs keeps its suffix.
@@ -216,4 +221,5 @@ def split_train_eval(
     num_eval = min(max(1, round(eval_fraction * len(dataset))), len(dataset) - 1)
     order = np.random.default_rng(seed).permutation(len(dataset))
     eval_rows, train_rows = np.sort(order[:num_eval]), np.sort(order[num_eval:])
+    dataset = numbered(dataset)
     return dataset.select(train_rows), dataset.select(eval_rows)
