@@ -300,6 +300,7 @@ def _fit_and_save(cfg: FitNormalizerConfig, scorer: RewardScorer, parts: list[di
             reward_model=as_recorded(cfg.reward_model),
             dataset=as_recorded(cfg.dataset),
         )
+    truncated = [sum(part[k] for part in parts) for k in ("truncated_prompts", "truncated_responses")]
     normalizer.extra["data"] = {
         "dataset": as_recorded(cfg.dataset),
         "split": cfg.split,
@@ -309,15 +310,18 @@ def _fit_and_save(cfg: FitNormalizerConfig, scorer: RewardScorer, parts: list[di
         "pairs": total["pairs"],
         "responses": 2 * total["pairs"],
         "skipped_rows": total["skipped"],
-        "truncated_prompts": sum(part["truncated_prompts"] for part in parts),
-        "truncated_responses": sum(part["truncated_responses"] for part in parts),
+        "truncated_prompts": truncated[0],
+        "truncated_responses": truncated[1],
         "max_len": cfg.max_len,
         "max_prompt_len": cfg.max_prompt_len,
         "segmenter": scorer.metadata.segmenter if cfg.segmenter is None else cfg.segmenter,
     }
+    reasons = [reason for part in parts for reason in part["reasons"]][:5]  # the ranks' shares in order
     console.print(
         f"scored {total['pairs']:,} pairs ({2 * total['pairs']:,} responses, {len(p):,} segment scores); "
         f"{total['skipped']} rows skipped"
+        + (f"; first reasons: {escape('; '.join(reasons))}" if reasons else "")
+        + (f"; {truncated[0]} prompts and {truncated[1]} responses truncated" if any(truncated) else "")
     )
     path = normalizer.save(cfg.output)
     console.print(f"[bold green]saved[/] {escape(str(path))}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,3 +327,18 @@ def test_sampled_rows_keep_their_numbers_in_the_file():
     ]
     picked = sorted(np.random.default_rng(0).permutation(12)[:8].tolist())
     assert skipped == [f"row {i}: missing 'rejected'" for i in picked if i in (5, 9)] != []
+
+
+def test_skipped_and_truncated_rows_are_reported(segment_rm, tmp_path):
+    # As rm train reports them: the skipped rows with their first reasons, and the rows cut to fit
+    # (a cut response has lost its stop, so its last segment is not the response's end).
+    bad_rows = Path(__file__).resolve().parent / "data" / "preferences_with_bad_rows.jsonl"
+    out = tmp_path / "normalizer.json"
+    result = invoke("--reward-model", segment_rm, "--dataset", bad_rows, "--output", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())["data"]
+    assert data["truncated_prompts"] >= 1 and data["skipped_rows"] == 2
+    text = plain(result)
+    assert "2 rows skipped; first reasons: row 2: prompt is empty; row 5: missing 'rejected'" in text
+    truncated = f"{data['truncated_prompts']} prompts and {data['truncated_responses']} responses truncated"
+    assert truncated in text
