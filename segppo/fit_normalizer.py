@@ -59,9 +59,9 @@ def run_fit_normalizer(cfg: FitNormalizerConfig) -> Normalizer:
 
 def normalizer_from_param_json(cfg: FitNormalizerConfig) -> Normalizer:
     """The paper's published fit under `cfg.key`, saved as `cfg.output` (and into the RM with `into_rm`)."""
-    if cfg.into_rm:
-        _metadata_file_for_into_rm(cfg.reward_model)  # fail before writing anything
     normalizer = import_param_json(cfg.from_param_json, cfg.key, sigma_floor=cfg.sigma_floor)
+    if cfg.into_rm:
+        _into_rm_metadata(cfg.reward_model, normalizer)  # fail before writing anything
     normalizer.save(cfg.output)
     if cfg.into_rm:
         write_into_reward_model(cfg.reward_model, normalizer)
@@ -356,6 +356,14 @@ def write_into_reward_model(reward_model: str, normalizer: Normalizer) -> Path:
     A normalizer that records a different granularity (or segment threshold) than the RM is refused:
     PPO would apply it to segments it was not fitted on.
     """
+    file, metadata = _into_rm_metadata(reward_model, normalizer)
+    metadata = dataclasses.replace(metadata, normalizer=normalizer.to_dict())
+    atomic_write_text(file, metadata.to_json())
+    return file
+
+
+def _into_rm_metadata(reward_model: str, normalizer: Normalizer) -> tuple[Path, SegppoMetadata]:
+    """The RM folder's `segppo.json` and what it holds, once `normalizer` is found to fit that RM."""
     file = _metadata_file_for_into_rm(reward_model)
     metadata = SegppoMetadata.load(file)
     if normalizer.granularity is not None and metadata.granularity is not None:
@@ -368,9 +376,7 @@ def write_into_reward_model(reward_model: str, normalizer: Normalizer) -> Path:
                 f"(threshold {normalizer.threshold}) but {file} records {metadata.granularity} "
                 f"(threshold {metadata.threshold})"
             )
-    metadata = dataclasses.replace(metadata, normalizer=normalizer.to_dict())
-    atomic_write_text(file, metadata.to_json())
-    return file
+    return file, metadata
 
 
 __all__ = [

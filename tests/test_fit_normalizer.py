@@ -342,3 +342,14 @@ def test_skipped_and_truncated_rows_are_reported(segment_rm, tmp_path):
     assert "2 rows skipped; first reasons: row 2: prompt is empty; row 5: missing 'rejected'" in text
     truncated = f"{data['truncated_prompts']} prompts and {data['truncated_responses']} responses truncated"
     assert truncated in text
+
+
+def test_param_json_refused_by_the_rm_writes_nothing(param_json, rm_copy, tmp_path):
+    # The segment RM records threshold 2.0; the entry is for 1.75: refused before --output is written.
+    key = "phi3-instruct/preference700k_60000/peak/avg/1.75"
+    out = tmp_path / "imported.json"
+    before = (rm_copy / "segppo.json").read_text()
+    text = _error(invoke("--from-param-json", param_json, "--key", key, "--output", out,
+                         "--into-rm", "--reward-model", rm_copy))  # fmt: skip
+    assert "--into-rm: the normalizer is for segment (threshold 1.75)" in text
+    assert not out.exists() and (rm_copy / "segppo.json").read_text() == before
