@@ -81,6 +81,17 @@ def test_rm_eval_on_another_dataset_uses_all_rows(trained_rm, tmp_path):
     assert stats["num_pairs"] == 24 and stats["accuracy"] >= 0.9
 
 
+def test_rm_eval_reports_truncated_rows(trained_rm):
+    # As rm train and fit-normalizer report them: a pair cut to --max-len is not scored as written.
+    bad_rows = Path(__file__).resolve().parent / "data" / "preferences_with_bad_rows.jsonl"
+    stats = evaluate_reward_model(
+        RMEvalConfig(model=str(trained_rm.output_dir), dataset=str(bad_rows), max_len=48, max_prompt_len=32)
+    )
+    assert (
+        stats["skipped_rows"] == 2 and stats["truncated_prompts"] >= 1 and stats["truncated_responses"] >= 1
+    )
+
+
 def test_a_run_given_relative_paths_is_read_from_another_directory(
     tiny_lm_dir, preferences_file, tmp_path, monkeypatch
 ):
