@@ -81,6 +81,13 @@ def test_rm_eval_on_another_dataset_uses_all_rows(trained_rm, tmp_path):
     assert stats["num_pairs"] == 24 and stats["accuracy"] >= 0.9
 
 
+@pytest.mark.parametrize("max_samples", [0, -1])
+def test_rm_eval_max_samples_must_be_positive(max_samples):
+    # It used to select no rows and fail on the layout ("column 'chosen' holds NoneType ... keys []").
+    with pytest.raises(ValueError, match=f"--max-samples must be a positive integer, got {max_samples}"):
+        RMEvalConfig(model="m", dataset="d", max_samples=max_samples)
+
+
 def test_rm_eval_reports_truncated_rows(trained_rm):
     # As rm train and fit-normalizer report them: a pair cut to --max-len is not scored as written.
     bad_rows = Path(__file__).resolve().parent / "data" / "preferences_with_bad_rows.jsonl"
@@ -275,6 +282,7 @@ def test_output_that_is_a_file_is_an_error(tiny_lm_dir, preferences_file, tmp_pa
         (dict(entropy_threshold=-1.0), "--entropy-threshold"),
         (dict(max_prompt_len=64, max_len=64), "--max-prompt-len"),
         (dict(micro_batch_size=0), "--micro-batch-size"),
+        (dict(max_samples=0), "--max-samples must be a positive integer, got 0"),
     ],
 )
 def test_bad_config_values(overrides, message):
