@@ -555,6 +555,13 @@ def test_row_numbers_stay_out_of_the_layout_and_its_errors():
         to_preference_examples(train)
 
 
+def test_no_rows_at_all_is_said_so():
+    # An empty file or split: not "no column ['chosen', 'rejected']. The first row has keys []".
+    for convert, kind in ((to_preference_examples, "preference"), (to_prompt_examples, "prompt")):
+        with pytest.raises(ValueError, match=f"^no usable {kind} rows: there are no rows at all"):
+            convert(Dataset.from_list([]))
+
+
 def test_held_out_rows_are_disjoint_from_training_rows():
     dataset = Dataset.from_dict({"id": list(range(200))})
     train, held_out = split_train_eval(dataset, eval_fraction=0.05, seed=3)

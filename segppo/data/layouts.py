@@ -268,6 +268,8 @@ def _first_value(dataset: Any, key: str) -> Any:
 
 
 def _layout_error(dataset: Any, kind: str, detail: str) -> ValueError:
+    if not len(dataset):  # no layout to name: an empty file or split
+        return ValueError(f"no usable {kind} rows: there are no rows at all")
     expected = {
         "preference": (
             "(conversation) 'chosen'/'rejected' message lists; "
@@ -279,7 +281,7 @@ def _layout_error(dataset: Any, kind: str, detail: str) -> ValueError:
             "(conversation) a 'chosen' message list; (hh) a 'chosen' HH string"
         ),
     }[kind]
-    first_keys = sorted(k for k in dataset[0] if k not in (UNREADABLE, ROW)) if len(dataset) else []
+    first_keys = sorted(k for k in dataset[0] if k not in (UNREADABLE, ROW))
     return ValueError(
         f"no usable {kind} rows: {detail}. The first row has keys {first_keys}; expected layouts: "
         f"{expected}. Column names can be set with prompt_key/chosen_key/rejected_key."
