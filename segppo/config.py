@@ -155,6 +155,8 @@ class RMConfig(MemoryOptions):
         check_positive(self, "max_len")
         resolve_prompt_limit(self)
         check_positive(self, "batch_size", "micro_batch_size", "max_len", "max_prompt_len", "epochs", "nproc")
+        if self.max_samples is not None:
+            check_positive(self, "max_samples")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         self.entropy_threshold = parse_threshold(self.entropy_threshold)
@@ -222,6 +224,8 @@ class RMEvalConfig:
         check_positive(self, "max_len")
         resolve_prompt_limit(self)
         check_positive(self, "batch_size", "max_len", "max_prompt_len")
+        if self.max_samples is not None:
+            check_positive(self, "max_samples")
 
 
 @dataclass
@@ -496,6 +500,8 @@ class PPOConfig(PPOMemoryOptions):
             "nproc",
             "n_samples_per_prompt",
         )
+        if self.max_samples is not None:
+            check_positive(self, "max_samples")
         if self.reward_granularity is not None and self.reward_granularity not in GRANULARITIES:
             raise ValueError(
                 f"--reward-granularity must be one of {GRANULARITIES}, got {self.reward_granularity!r}"

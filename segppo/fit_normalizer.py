@@ -32,9 +32,9 @@ from segppo.data import (
     load_splits,
     pair_tokens,
 )
-from segppo.data.sources import select_split
+from segppo.data.sources import numbered, select_split
 from segppo.distributed import DistInfo, launch, rank_group
-from segppo.io import atomic_write_text
+from segppo.io import as_recorded, atomic_write_text
 from segppo.models import METADATA_FILE, SegppoMetadata
 from segppo.models.reward_model import run_model_folder
 from segppo.normalizer import (
@@ -59,9 +59,9 @@ def run_fit_normalizer(cfg: FitNormalizerConfig) -> Normalizer:
 
 def normalizer_from_param_json(cfg: FitNormalizerConfig) -> Normalizer:
     """The paper's published fit under `cfg.key`, saved as `cfg.output` (and into the RM with `into_rm`)."""
-    if cfg.into_rm:
-        _metadata_file_for_into_rm(cfg.reward_model)  # fail before writing anything
     normalizer = import_param_json(cfg.from_param_json, cfg.key, sigma_floor=cfg.sigma_floor)
+    if cfg.into_rm:
+        _into_rm_metadata(cfg.reward_model, normalizer)  # fail before writing anything
     normalizer.save(cfg.output)
     if cfg.into_rm:
         write_into_reward_model(cfg.reward_model, normalizer)
@@ -172,7 +172,7 @@ def sample_rows(rows, samples: int, seed: int):
     """`samples` rows drawn without replacement by a seeded shuffle (all rows if there are fewer)."""
     count = min(samples, len(rows))
     chosen = np.sort(np.random.default_rng(seed).permutation(len(rows))[:count])
-    return rows.select(chosen)
+    return numbered(rows).select(chosen)
 
 
 def shard_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -297,11 +297,12 @@ def _fit_and_save(cfg: FitNormalizerConfig, scorer: RewardScorer, parts: list[di
             sigma_floor=cfg.sigma_floor,
             granularity=seg.granularity,
             threshold=seg.threshold if seg.granularity == "segment" else None,
-            reward_model=_as_recorded(cfg.reward_model),
-            dataset=_as_recorded(cfg.dataset),
+            reward_model=as_recorded(cfg.reward_model),
+            dataset=as_recorded(cfg.dataset),
         )
+    truncated = [sum(part[k] for part in parts) for k in ("truncated_prompts", "truncated_responses")]
     normalizer.extra["data"] = {
-        "dataset": _as_recorded(cfg.dataset),
+        "dataset": as_recorded(cfg.dataset),
         "split": cfg.split,
         "seed": cfg.seed,
         "samples": cfg.samples,
@@ -309,15 +310,18 @@ def _fit_and_save(cfg: FitNormalizerConfig, scorer: RewardScorer, parts: list[di
         "pairs": total["pairs"],
         "responses": 2 * total["pairs"],
         "skipped_rows": total["skipped"],
-        "truncated_prompts": sum(part["truncated_prompts"] for part in parts),
-        "truncated_responses": sum(part["truncated_responses"] for part in parts),
+        "truncated_prompts": truncated[0],
+        "truncated_responses": truncated[1],
         "max_len": cfg.max_len,
         "max_prompt_len": cfg.max_prompt_len,
         "segmenter": scorer.metadata.segmenter if cfg.segmenter is None else cfg.segmenter,
     }
+    reasons = [reason for part in parts for reason in part["reasons"]][:5]  # the ranks' shares in order
     console.print(
         f"scored {total['pairs']:,} pairs ({2 * total['pairs']:,} responses, {len(p):,} segment scores); "
         f"{total['skipped']} rows skipped"
+        + (f"; first reasons: {escape('; '.join(reasons))}" if reasons else "")
+        + (f"; {truncated[0]} prompts and {truncated[1]} responses truncated" if any(truncated) else "")
     )
     path = normalizer.save(cfg.output)
     console.print(f"[bold green]saved[/] {escape(str(path))}")
@@ -327,12 +331,6 @@ def _fit_and_save(cfg: FitNormalizerConfig, scorer: RewardScorer, parts: list[di
         console.print(
             f"[bold green]saved[/] {escape(str(write_into_reward_model(cfg.reward_model, normalizer)))}"
         )
-
-
-def _as_recorded(name_or_path: str) -> str:
-    """A local path as an absolute path (the record outlives the working directory); a hub name as is."""
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.exists() else name_or_path
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +356,14 @@ def write_into_reward_model(reward_model: str, normalizer: Normalizer) -> Path:
     A normalizer that records a different granularity (or segment threshold) than the RM is refused:
     PPO would apply it to segments it was not fitted on.
     """
+    file, metadata = _into_rm_metadata(reward_model, normalizer)
+    metadata = dataclasses.replace(metadata, normalizer=normalizer.to_dict())
+    atomic_write_text(file, metadata.to_json())
+    return file
+
+
+def _into_rm_metadata(reward_model: str, normalizer: Normalizer) -> tuple[Path, SegppoMetadata]:
+    """The RM folder's `segppo.json` and what it holds, once `normalizer` is found to fit that RM."""
     file = _metadata_file_for_into_rm(reward_model)
     metadata = SegppoMetadata.load(file)
     if normalizer.granularity is not None and metadata.granularity is not None:
@@ -370,9 +376,7 @@ def write_into_reward_model(reward_model: str, normalizer: Normalizer) -> Path:
                 f"(threshold {normalizer.threshold}) but {file} records {metadata.granularity} "
                 f"(threshold {metadata.threshold})"
             )
-    metadata = dataclasses.replace(metadata, normalizer=normalizer.to_dict())
-    atomic_write_text(file, metadata.to_json())
-    return file
+    return file, metadata
 
 
 __all__ = [

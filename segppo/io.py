@@ -95,6 +95,12 @@ def replace_folder(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def as_recorded(name_or_path: str) -> str:
+    """A local path as an absolute path (the record outlives the working directory); a hub name as is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
 def same_source(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
     """Whether two model or dataset names denote the same thing: equal names, or the same local path."""
     if a is None or b is None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from segppo.io import atomic_write_text, replace_folder
+from segppo.io import atomic_write_text, replace_folder, same_source
 
 
 class NoSpaceError(OSError):
@@ -161,6 +161,8 @@ def save_training_state(
 
 def check_run_folder(output_dir: Path, *, resume: bool) -> None:
     """A new run needs a fresh folder; `--resume` needs a saved state. Nothing saved is overwritten."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output {output_dir} is a file, not a run folder")
     if resume:
         if latest_state(output_dir / "state") is None:
             raise FileNotFoundError(f"--resume: no training state in {output_dir / 'state'} to resume from")
@@ -169,6 +171,24 @@ def check_run_folder(output_dir: Path, *, resume: bool) -> None:
         raise FileExistsError(
             f"{output_dir} already holds a run; pass --resume to continue it or choose another --output"
         )
+
+
+def check_resumed_options(cfg: Any, names: tuple[str, ...]) -> None:
+    """`--resume` goes on from the saved step with the run's own rows and model: an option of `names`
+    given another value than the run's `run_config.json` records is an error (paths compare as the
+    files they name)."""
+    recorded_file = Path(cfg.output_dir) / "run_config.json"
+    if not cfg.resume or not recorded_file.is_file():
+        return
+    recorded = json.loads(recorded_file.read_text())
+    for name in names:
+        if name not in recorded:
+            continue
+        was, now = recorded[name], getattr(cfg, name)
+        if was == now or (isinstance(was, str) and isinstance(now, str) and same_source(was, now)):
+            continue
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"--resume with {flag} {now}, but the run was started with {was}")
 
 
 def latest_state(state_dir: Path) -> Path | None:

@@ -529,6 +529,39 @@ def test_folder_splits_and_the_datasets_own_eval_split(tmp_path):
     assert split_train_eval(family, train_split="train_prefs")[1]["id"] == [2]
 
 
+def test_folder_whose_splits_have_different_columns(tmp_path):
+    # UltraFeedback-style test rows beside preference_700K-style train rows: datasets reads a folder
+    # with one schema and fails; each split is read on its own instead.
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    write_jsonl(
+        folder / "train.jsonl", [{**PROMPT_RESPONSE_ROWS[0], "chosen_score": 9.0, "rejected_score": 2.0}]
+    )
+    write_jsonl(folder / "test.jsonl", [{**PROMPT_RESPONSE_ROWS[0], "source": "sharegpt"} for _ in range(2)])
+    splits = load_splits(folder, cache_dir=str(tmp_path / "cache"))
+    assert {name: len(rows) for name, rows in splits.items()} == {"train": 1, "test": 2}
+    assert "chosen_score" in splits["train"].column_names and "source" in splits["test"].column_names
+    # Two files of one split that differ cannot be one table: one line naming the split.
+    write_jsonl(folder / "test-extra.jsonl", [{"prompt": "Q?", "chosen": 1, "rejected": 2}])
+    with pytest.raises(ValueError, match=r"prefs: the files of split 'test' cannot be read as one table"):
+        load_splits(folder, cache_dir=str(tmp_path / "cache2"))
+
+
+def test_row_numbers_stay_out_of_the_layout_and_its_errors():
+    # Rows picked out of a split carry their numbers in a column of segppo's own, never shown.
+    rows = Dataset.from_list([{"question": "q", "answer": "a"}] * 10)
+    train, _ = split_train_eval(rows, eval_fraction=0.2)
+    with pytest.raises(ValueError, match=r"The first row has keys \['answer', 'question'\];"):
+        to_preference_examples(train)
+
+
+def test_no_rows_at_all_is_said_so():
+    # An empty file or split: not "no column ['chosen', 'rejected']. The first row has keys []".
+    for convert, kind in ((to_preference_examples, "preference"), (to_prompt_examples, "prompt")):
+        with pytest.raises(ValueError, match=f"^no usable {kind} rows: there are no rows at all"):
+            convert(Dataset.from_list([]))
+
+
 def test_held_out_rows_are_disjoint_from_training_rows():
     dataset = Dataset.from_dict({"id": list(range(200))})
     train, held_out = split_train_eval(dataset, eval_fraction=0.05, seed=3)

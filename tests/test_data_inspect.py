@@ -109,12 +109,33 @@ def test_prompt_data_is_read_as_ppo_reads_it(tiny_lm_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--row", "2"], "--row 2 is skipped (row 2: prompt is empty)"), (["--row", "99"], "numbered 0 to 5")],
+    [
+        (["--row", "2"], "--row 2 is skipped (row 2: prompt is empty)"),
+        (["--row", "99"], "--row 99 is not among the train rows"),
+    ],
 )
 def test_a_bad_row_is_one_clear_line(tiny_lm_dir, extra, message):
     args = ["data", "inspect", str(DATA), "--model", tiny_lm_dir, "--eval-fraction", "0.25", "--seed", "3"]
     result = runner.invoke(app, args + extra)
     assert result.exit_code == 2 and message in flat(result.output), result.output
+
+
+def test_rows_are_numbered_as_in_the_file_when_rows_are_held_out(tiny_lm_dir):
+    # --seed 42 holds out rows 3 and 4: the row without 'rejected' is the file's row 5, whichever
+    # rows are held out, in the skip reasons (rm train's too) and in --row.
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    cfg = dict(dataset=str(DATA), eval_fraction=0.25, seed=42, max_len=64)
+    train, _ = inspect_data(DataInspectConfig(**cfg), tokenizer).parts
+    assert train.report.reasons == ["row 2: prompt is empty", "row 5: missing 'rejected'"]
+    assert [e.row for e in train.examples] == [0, 1, 6, 7]
+    shown = inspect_data(DataInspectConfig(**cfg, row=7), tokenizer).example
+    assert shown.row == 7 and "I think it is Lyon." in shown.response_texts["rejected"]
+    with pytest.raises(
+        ValueError, match=r"--row 3 is not among the train rows \(split 'train' less the held-out"
+    ):
+        inspect_data(DataInspectConfig(**cfg, row=3), tokenizer)
+    rm = prepare_preferences(RMConfig(model=tiny_lm_dir, output="unused", **cfg), tokenizer)
+    assert rm.train_report.reasons == train.report.reasons
 
 
 def test_system_prompts_a_template_rejects_are_shown_folded(tiny_lm_dir, tmp_path):

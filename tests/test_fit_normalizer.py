@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,3 +306,50 @@ def test_plot(segment_rm, preferences_file, tmp_path):
     result = invoke(*args, "--samples", 8, "--plot", tmp_path / "fit.png", *SMALL)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "fit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sampled_rows_keep_their_numbers_in_the_file():
+    # fit-normalizer scores a seeded sample of the rows, split across ranks: a skipped row is still
+    # named by its number in the split, not by its place in the sample or the rank's share.
+    from datasets import Dataset
+
+    from segppo.data import to_preference_examples
+    from segppo.fit_normalizer import sample_rows, shard_bounds
+
+    good = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
+    rows = Dataset.from_list([{**good, "rejected": None} if i in (5, 9) else good for i in range(12)])
+    sample = sample_rows(rows, 8, seed=0)
+    start, stop = shard_bounds(len(sample), 1, 2)
+    skipped = [
+        reason
+        for part in (sample.select(range(start)), sample.select(range(start, stop)))
+        for reason in to_preference_examples(part)[1].reasons
+    ]
+    picked = sorted(np.random.default_rng(0).permutation(12)[:8].tolist())
+    assert skipped == [f"row {i}: missing 'rejected'" for i in picked if i in (5, 9)] != []
+
+
+def test_skipped_and_truncated_rows_are_reported(segment_rm, tmp_path):
+    # As rm train reports them: the skipped rows with their first reasons, and the rows cut to fit
+    # (a cut response has lost its stop, so its last segment is not the response's end).
+    bad_rows = Path(__file__).resolve().parent / "data" / "preferences_with_bad_rows.jsonl"
+    out = tmp_path / "normalizer.json"
+    result = invoke("--reward-model", segment_rm, "--dataset", bad_rows, "--output", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())["data"]
+    assert data["truncated_prompts"] >= 1 and data["skipped_rows"] == 2
+    text = plain(result)
+    assert "2 rows skipped; first reasons: row 2: prompt is empty; row 5: missing 'rejected'" in text
+    truncated = f"{data['truncated_prompts']} prompts and {data['truncated_responses']} responses truncated"
+    assert truncated in text
+
+
+def test_param_json_refused_by_the_rm_writes_nothing(param_json, rm_copy, tmp_path):
+    # The segment RM records threshold 2.0; the entry is for 1.75: refused before --output is written.
+    key = "phi3-instruct/preference700k_60000/peak/avg/1.75"
+    out = tmp_path / "imported.json"
+    before = (rm_copy / "segppo.json").read_text()
+    text = _error(invoke("--from-param-json", param_json, "--key", key, "--output", out,
+                         "--into-rm", "--reward-model", rm_copy))  # fmt: skip
+    assert "--into-rm: the normalizer is for segment (threshold 1.75)" in text
+    assert not out.exists() and (rm_copy / "segppo.json").read_text() == before

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +81,42 @@ def test_rm_eval_on_another_dataset_uses_all_rows(trained_rm, tmp_path):
     assert stats["num_pairs"] == 24 and stats["accuracy"] >= 0.9
 
 
+@pytest.mark.parametrize("max_samples", [0, -1])
+def test_rm_eval_max_samples_must_be_positive(max_samples):
+    # It used to select no rows and fail on the layout ("column 'chosen' holds NoneType ... keys []").
+    with pytest.raises(ValueError, match=f"--max-samples must be a positive integer, got {max_samples}"):
+        RMEvalConfig(model="m", dataset="d", max_samples=max_samples)
+
+
+def test_rm_eval_reports_truncated_rows(trained_rm):
+    # As rm train and fit-normalizer report them: a pair cut to --max-len is not scored as written.
+    bad_rows = Path(__file__).resolve().parent / "data" / "preferences_with_bad_rows.jsonl"
+    stats = evaluate_reward_model(
+        RMEvalConfig(model=str(trained_rm.output_dir), dataset=str(bad_rows), max_len=48, max_prompt_len=32)
+    )
+    assert (
+        stats["skipped_rows"] == 2 and stats["truncated_prompts"] >= 1 and stats["truncated_responses"] >= 1
+    )
+
+
+def test_a_run_given_relative_paths_is_read_from_another_directory(
+    tiny_lm_dir, preferences_file, tmp_path, monkeypatch
+):
+    # segppo.json records the backbone, segmenter and data as absolute paths: from another working
+    # directory the scorer still finds its segmenter, and rm eval still knows its training rows.
+    monkeypatch.chdir(tmp_path)
+    model, data = os.path.relpath(tiny_lm_dir), os.path.relpath(preferences_file)
+    train_reward_model(rm_config(model, data, "run", max_steps=1))
+    meta = SegppoMetadata.load(tmp_path / "run" / "model" / "segppo.json")
+    assert meta.segmenter == meta.base_model == str(Path(tiny_lm_dir).resolve())
+    assert meta.data["dataset"] == str(Path(preferences_file).resolve())
+    monkeypatch.chdir(tmp_path.parent)
+    stats = evaluate_reward_model(
+        RMEvalConfig(model=str(tmp_path / "run"), dataset=preferences_file, max_len=64, max_prompt_len=32)
+    )
+    assert stats["num_pairs"] == 80 and "held out" in stats["rows"]
+
+
 def test_rm_inspect_rewards_the_right_segment(trained_rm):
     scorer = load_scorer(str(trained_rm.output_dir / "model"))
     good = inspect_response(scorer, "Name the capital.", "the fox Paris red")
@@ -133,6 +172,30 @@ def test_resume_matches_an_uninterrupted_run(tiny_lm_dir, preferences_file, tmp_
     b = load_file(broken.output_dir / "model" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_other_data_or_another_model(tiny_lm_dir, preferences_file, tmp_path):
+    # A resumed run goes on from its saved step on the same rows with the same segmentation; other
+    # data, a changed split of it, another granularity or threshold is a one-line error before any
+    # loading (another granularity crashed mid-run; other data trained on silently).
+    from tiny import write_preferences
+
+    cfg = rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=1)
+    train_reward_model(cfg)
+    recorded = (cfg.output_dir / "run_config.json").read_text()
+    other = write_preferences(tmp_path / "other.jsonl", n=40, seed=7)
+    for change, message in (
+        (dict(granularity="token"), "--granularity token, but the run was started with segment"),
+        (dict(dataset=other), f"--dataset {other}, but the run was started with {preferences_file}"),
+        (dict(eval_fraction=0.1), "--eval-fraction 0.1, but the run was started with 0.2"),
+        (dict(entropy_threshold="2.0"), "--entropy-threshold 2.0, but the run was started with auto"),
+    ):
+        with pytest.raises(ValueError, match=f"^--resume with {re.escape(message)}"):
+            train_reward_model(dataclasses.replace(cfg, resume=True, max_steps=2, **change))
+    assert (cfg.output_dir / "run_config.json").read_text() == recorded
+    train_reward_model(
+        dataclasses.replace(cfg, resume=True, max_steps=2, dataset=os.path.relpath(preferences_file))
+    )
 
 
 def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
@@ -203,6 +266,14 @@ def test_resume_without_state_is_an_error(tiny_lm_dir, preferences_file, tmp_pat
         train_reward_model(rm_config(tiny_lm_dir, preferences_file, tmp_path / "none", resume=True))
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_output_that_is_a_file_is_an_error(tiny_lm_dir, preferences_file, tmp_path, resume):
+    # Said before the data and models are loaded, naming the option, not as "[Errno 17] File exists".
+    (tmp_path / "out").write_text("notes")
+    with pytest.raises(NotADirectoryError, match=r"^--output .*out is a file, not a run folder$"):
+        train_reward_model(rm_config(tiny_lm_dir, preferences_file, tmp_path / "out", resume=resume))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -211,6 +282,7 @@ def test_resume_without_state_is_an_error(tiny_lm_dir, preferences_file, tmp_pat
         (dict(entropy_threshold=-1.0), "--entropy-threshold"),
         (dict(max_prompt_len=64, max_len=64), "--max-prompt-len"),
         (dict(micro_batch_size=0), "--micro-batch-size"),
+        (dict(max_samples=0), "--max-samples must be a positive integer, got 0"),
     ],
 )
 def test_bad_config_values(overrides, message):

@@ -20,6 +20,7 @@ from segppo.config_data import DataInspectConfig
 
 from .chat import ChatFormat
 from .layouts import (
+    ROW,
     LayoutOptions,
     SkipReport,
     detect_preference_layout,
@@ -39,6 +40,7 @@ class Part:
     report: SkipReport | None = None
     error: str | None = None  # why no row could be read
     examples: list = field(default_factory=list, repr=False)
+    numbers: list[int] = field(default_factory=list, repr=False)  # its rows' numbers in their split
 
 
 @dataclass
@@ -147,6 +149,7 @@ def _preference_parts(cfg: DataInspectConfig, splits) -> list[tuple[Part, Any]]:
 def _convert(part: Part, rows: Any, kind: str, options: LayoutOptions) -> str | None:
     """Convert `rows` as a run would: `part` gets the kept examples and the report. Returns the layout."""
     convert = to_preference_examples if kind == "preference" else to_prompt_examples
+    part.numbers = rows[ROW] if ROW in rows.column_names else list(range(len(rows)))
     try:
         part.examples, part.report = convert(rows, options)
     except ValueError as err:  # no row of the part is usable: say why, show the other parts
@@ -169,8 +172,8 @@ def _pick(cfg: DataInspectConfig, part: Part):
         return part.examples[0]
     example = next((e for e in part.examples if e.row == cfg.row), None)
     if example is None:
-        if cfg.row >= part.rows:
-            raise ValueError(f"--row {cfg.row}: the {part.name} rows are numbered 0 to {part.rows - 1}")
+        if cfg.row not in part.numbers:
+            raise ValueError(f"--row {cfg.row} is not among the {part.name} rows ({part.source})")
         reasons = [r for r in part.report.reasons if r.startswith(f"row {cfg.row}:")]
         raise ValueError(f"--row {cfg.row} is skipped" + (f" ({reasons[0]})" if reasons else ""))
     return example

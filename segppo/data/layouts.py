@@ -126,11 +126,20 @@ class MalformedRow(ValueError):
 
 # Column a tolerant file reader (`sources.load_splits`) sets on a row it could not read, with why.
 UNREADABLE = "_segppo_unreadable"
+# Column of each row's number in its split, set before rows are picked out of it (held out, sampled),
+# so that skip reasons, --strict and `data inspect --row` name the row as the file numbers it.
+ROW = "_segppo_row"
 
 
 def _check_readable(row: Mapping) -> None:
     if row.get(UNREADABLE):
         raise MalformedRow(row[UNREADABLE])
+
+
+def _row_number(row: Any, position: int) -> int:
+    """The row's number in its split (`ROW`), else its position among the rows given."""
+    number = row.get(ROW) if isinstance(row, Mapping) else None
+    return position if number is None else number
 
 
 def _skip(report: SkipReport, options: LayoutOptions, index: int, reason: str) -> None:
@@ -230,7 +239,7 @@ def parse_hh(text: Any, what: str = "conversation") -> list[dict]:
 def _column_names(dataset: Any) -> list[str]:
     names = getattr(dataset, "column_names", None)
     if names is not None:
-        return [name for name in names if name != UNREADABLE]
+        return [name for name in names if name not in (UNREADABLE, ROW)]
     # Rows without a schema: the keys of the first rows, so one malformed row does not decide.
     keys: dict[str, None] = {}
     for i in range(min(len(dataset), _DETECT_ROWS)):
@@ -259,6 +268,8 @@ def _first_value(dataset: Any, key: str) -> Any:
 
 
 def _layout_error(dataset: Any, kind: str, detail: str) -> ValueError:
+    if not len(dataset):  # no layout to name: an empty file or split
+        return ValueError(f"no usable {kind} rows: there are no rows at all")
     expected = {
         "preference": (
             "(conversation) 'chosen'/'rejected' message lists; "
@@ -270,7 +281,7 @@ def _layout_error(dataset: Any, kind: str, detail: str) -> ValueError:
             "(conversation) a 'chosen' message list; (hh) a 'chosen' HH string"
         ),
     }[kind]
-    first_keys = sorted(dataset[0]) if len(dataset) else []
+    first_keys = sorted(k for k in dataset[0] if k not in (UNREADABLE, ROW))
     return ValueError(
         f"no usable {kind} rows: {detail}. The first row has keys {first_keys}; expected layouts: "
         f"{expected}. Column names can be set with prompt_key/chosen_key/rejected_key."
@@ -423,7 +434,8 @@ def to_preference_examples(
     score_keys = _score_keys(_column_names(dataset), options)
     report = SkipReport(layout=layout)
     examples = []
-    for index, row in enumerate(dataset):
+    for position, row in enumerate(dataset):
+        index = _row_number(row, position)
         report.total += 1
         try:
             _check_readable(row)
@@ -448,7 +460,8 @@ def to_prompt_examples(
     layout = detect_prompt_layout(dataset, options)
     report = SkipReport(layout=layout)
     examples = []
-    for index, row in enumerate(dataset):
+    for position, row in enumerate(dataset):
+        index = _row_number(row, position)
         report.total += 1
         try:
             _check_readable(row)

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset, load_dataset_builder
+from datasets.exceptions import DatasetGenerationError
 
-from segppo.data.layouts import UNREADABLE
+from segppo.data.layouts import ROW, UNREADABLE
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -120,10 +121,32 @@ def load_splits(source: str | Path, cache_dir: str | None = None) -> DatasetDict
         if not any(p.suffix.lower() in FILE_BUILDERS for p in files):
             found = sorted(str(p.relative_to(path)) for p in files)[:10]
             raise FileNotFoundError(f"{path} holds no {sorted(FILE_BUILDERS)} files; found {found}")
-        return load_dataset(str(path), cache_dir=cache_dir)
+        return _load_folder(path, cache_dir)
     if _looks_like_path(str(source)):
         raise FileNotFoundError(f"no such file or folder: {path}")
     return load_dataset(str(source), cache_dir=cache_dir)  # a hub dataset name
+
+
+def _load_folder(path: Path, cache_dir: str | None) -> DatasetDict:
+    """A folder's splits (from its file names). datasets reads all of a folder's files with one set of
+    columns, so splits whose columns differ (a test file with a column the train files lack) fail
+    together; then each split is read on its own."""
+    try:
+        return load_dataset(str(path), cache_dir=cache_dir)
+    except DatasetGenerationError:
+        pass
+    builder = load_dataset_builder(str(path), cache_dir=cache_dir)
+    splits = {}
+    for split, files in builder.config.data_files.items():
+        try:
+            read = load_dataset(builder.name, data_files={str(split): list(files)}, cache_dir=cache_dir)
+        except DatasetGenerationError as err:
+            cause = str(err.__cause__ or err).strip().splitlines()[-1]
+            raise ValueError(
+                f"{path}: the files of split {str(split)!r} cannot be read as one table ({cause})"
+            ) from err
+        splits[str(split)] = read[str(split)]
+    return DatasetDict(splits)
 
 
 def select_split(splits: DatasetDict, split: str, source: str | Path = "the dataset") -> Dataset:
@@ -140,6 +163,11 @@ def load_rows(
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     return dataset
+
+
+def numbered(rows: Dataset) -> Dataset:
+    """`rows` with each row's number (`layouts.ROW`), to be kept when some rows are picked out."""
+    return rows if ROW in rows.column_names else rows.add_column(ROW, np.arange(len(rows)))
 
 
 def own_eval_split(splits: DatasetDict, train_split: str) -> str | None:
@@ -193,4 +221,5 @@ def split_train_eval(
     num_eval = min(max(1, round(eval_fraction * len(dataset))), len(dataset) - 1)
     order = np.random.default_rng(seed).permutation(len(dataset))
     eval_rows, train_rows = np.sort(order[:num_eval]), np.sort(order[num_eval:])
+    dataset = numbered(dataset)
     return dataset.select(train_rows), dataset.select(eval_rows)

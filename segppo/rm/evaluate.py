@@ -81,6 +81,8 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> dict:
         dataset=cfg.dataset,
         rows=rows_note,
         skipped_rows=report.skipped,
+        truncated_prompts=report.truncated_prompts,
+        truncated_responses=report.truncated_responses,
         granularity=scorer.segmentation.granularity,
         threshold=scorer.segmentation.threshold if scorer.segmentation.needs_entropy else None,
     )

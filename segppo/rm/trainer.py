@@ -51,6 +51,7 @@ from segppo.distributed import (
     save_training_state,
     set_seed,
 )
+from segppo.io import as_recorded
 from segppo.kernels import segment_rewards
 from segppo.models import (
     SegppoMetadata,
@@ -66,7 +67,7 @@ from segppo.preflight import check_rm_train
 from segppo.rm.loss import bradley_terry_loss
 from segppo.rm.scoring import Segmentation, score_responses
 from segppo.rm.segment_survey import SegmentSurvey, survey_segments
-from segppo.state import zero_partitioned
+from segppo.state import check_resumed_options, zero_partitioned
 from segppo.tracking import LiveProgress, Tracker, console, truncate_metrics, write_config
 
 StepCallback = Callable[[int, dict], None]
@@ -221,10 +222,19 @@ def score_pairs(
     return scores[:n], scores[n:], batch.margin
 
 
+# What a resumed run keeps: the rows and their order (a step's batch is found from the step number),
+# the backbone and the segmentation (measured once, read back on --resume).
+RESUMED_AS_STARTED = (
+    "model", "dataset", "split", "eval_split", "eval_fraction", "seed", "max_samples", "prompt_key",
+    "chosen_key", "rejected_key", "batch_size", "granularity", "entropy_threshold", "segmenter",
+)  # fmt: skip
+
+
 def train_reward_model(cfg: RMConfig, *, step_callback: StepCallback | None = None) -> Path:
     """Train on `cfg.nproc` local ranks (or the ranks of an outer launcher); returns the model folder."""
     check_rm_train(cfg)
     check_run_folder(cfg.output_dir, resume=cfg.resume)
+    check_resumed_options(cfg, RESUMED_AS_STARTED)
     launch(_train, cfg, step_callback, nproc=cfg.nproc, log_dir=cfg.output_dir)
     return cfg.output_dir / "model"
 
@@ -335,11 +345,11 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         threshold=survey.threshold,  # None for token and bandit RMs: they have no threshold
         threshold_choice=survey.threshold_choice,
         segment_stats=survey.record()["segment_stats"],
-        segmenter=(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
+        segmenter=as_recorded(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
         **ChatFormat(tokenizer, cfg.chat_template).metadata_fields(),  # template, stop ids, end of turn
-        base_model=cfg.model,
+        base_model=as_recorded(cfg.model),
         data={
-            "dataset": cfg.dataset,
+            "dataset": as_recorded(cfg.dataset),
             "split": cfg.split,
             "eval_split": data.eval_split,
             "eval_fraction": cfg.eval_fraction if data.eval_split is None else None,
