@@ -220,6 +220,32 @@ def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
 
 
+def test_a_resume_keeps_the_options_that_decide_the_saved_models(
+    tiny_lm_dir, reward_models, prompts_file, tmp_path
+):
+    """A state holds the models its run built: a critic or not (--advantage), LoRA adapters or not
+    (--lora-rank, --lora-targets). A resume that changes them is refused in one line naming the
+    run's value, not left to fail inside DeepSpeed's load (an AssertionError, a state-dict error)."""
+    run = ppo_config(
+        tiny_lm_dir,
+        reward_models["bandit"],
+        prompts_file,
+        tmp_path / "run",
+        max_steps=1,
+        advantage="rloo",
+        n_samples_per_prompt=2,
+        ppo_epochs=1,
+    )
+    train_ppo(run)
+    more = dataclasses.replace(run, resume=True, max_steps=2)
+    with pytest.raises(ValueError, match="started with --advantage rloo"):
+        train_ppo(dataclasses.replace(more, advantage="gae"))
+    with pytest.raises(ValueError, match="started with --lora-rank 0"):
+        train_ppo(dataclasses.replace(more, lora_rank=4))
+    train_ppo(dataclasses.replace(more, advantage="grpo"))  # critic-free either way: it resumes
+    assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]
+
+
 # -- DESIGN.md §3.6: defects of the paper's code ----------------------------------------------
 
 

@@ -84,6 +84,7 @@ def train_ppo(cfg: PPOConfig, *, step_callback: StepCallback | None = None) -> P
     """Run PPO on `cfg.nproc` local ranks (or an outer launcher's); returns the policy folder."""
     check_ppo_train(cfg)  # paths, hub names and the rank layout, in one line, before start-up
     check_run_folder(cfg.output_dir, resume=cfg.resume)
+    checkpoint.check_resume_options(cfg)
     launch(_train, cfg, step_callback, nproc=cfg.nproc, log_dir=cfg.output_dir)
     return cfg.output_dir / "policy"
 
