@@ -539,6 +539,14 @@ class PPOConfig(PPOMemoryOptions):
             raise ValueError(f"--loss-agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
         if self.overlong_penalty is not None and self.max_response_len is None:
             raise ValueError("--overlong-penalty needs --max-response-len")
+        if self.max_response_len is not None and self.overlong_penalty is None:
+            raise ValueError("--max-response-len needs --overlong-penalty (the penalty it is the limit of)")
+        if self.max_response_len is not None and self.max_response_len >= self.max_new_tokens:
+            # A response has at most --max-new-tokens tokens: none would be longer.
+            raise ValueError(
+                f"--max-response-len {self.max_response_len} is not below --max-new-tokens "
+                f"{self.max_new_tokens}: no response is longer, so --overlong-penalty would never apply"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
         self.check_memory_options()

@@ -312,6 +312,27 @@ def test_penalties_are_options_in_response_coordinates():
     assert plain.abs().sum() == 0  # no penalty unless asked for, whatever the run is called
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(overlong_penalty=-1.0), "--overlong-penalty needs --max-response-len"),
+        (dict(max_response_len=32), "--max-response-len needs --overlong-penalty"),
+        (
+            dict(overlong_penalty=-1.0, max_response_len=64, max_new_tokens=64),
+            "--max-response-len 64 is not below --max-new-tokens 64",
+        ),
+    ],
+)
+def test_an_overlong_penalty_that_could_never_apply_is_refused(options, message):
+    """Without its penalty, --max-response-len did nothing; at or above --max-new-tokens no response
+    is longer than it, so the penalty never applied. Both ran silently as if unasked."""
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", **options)
+    PPOConfig(
+        policy="p", reward_model="r", prompts="x", output="o", overlong_penalty=-1.0, max_response_len=48
+    )
+
+
 def test_dense_rewards_are_clipped_and_kl_penalised():
     from segppo.ppo.losses import kl_penalty, token_rewards
 
