@@ -310,6 +310,26 @@ def test_rm_lora_resume_matches_an_uninterrupted_run_and_exports_the_adapter(
         load_reward_model(folder)  # PPO and eval need a whole model: a clear error, not a missing file
 
 
+def test_a_policy_that_is_an_adapter_alone_is_refused_in_one_line(tiny_lm_dir, tmp_path):
+    """`ppo train --lora-export adapter` writes peft's adapter files and no config.json: as another
+    run's --policy the error said only "holds no config.json", and `segppo eval --policy` failed
+    inside transformers ("Unrecognized model ... model_type") when its context was read. Both now say
+    what the folder is."""
+    from segppo.config import EvalConfig
+    from segppo.models import load_policy
+    from segppo.preflight import check_context, check_model
+
+    folder = tmp_path / "policy"
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="--policy .*: a LoRA adapter alone"):
+        check_model(str(folder), "policy")  # ppo train's --policy and --reference, before start-up
+    with pytest.raises(FileNotFoundError, match="--policy .*: a LoRA adapter alone"):
+        check_context(str(folder), "policy", EvalConfig(policy=[str(folder)], prompts="p", output="o"))
+    with pytest.raises(FileNotFoundError, match="a LoRA adapter alone"):
+        load_policy(folder)  # what eval loads each --policy with
+
+
 @pytest.fixture(scope="module")
 def ppo_inputs(tiny_lm_dir, preferences_file, tmp_path_factory):
     """A segment RM trained briefly on the tiny backbone, and a prompt file."""
