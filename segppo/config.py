@@ -508,6 +508,7 @@ class PPOConfig(PPOMemoryOptions):
             "distribute": ("interpolate", "repeat", "end"),
             "advantage": ESTIMATORS,
             "rollout_engine": ("hf", "vllm"),
+            "long_prompts": ("error", "truncate"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -357,6 +357,13 @@ def test_prompt_longer_than_the_limit(tiny_lm_dir, reward_models, tmp_path):
         train_ppo(ppo_config(tiny_lm_dir, reward_models["segment"], str(prompts), tmp_path / "o"))
 
 
+def test_an_unknown_long_prompts_choice_is_refused_with_the_options():
+    """Checked with the other choices, as eval's config does: it failed only after the reward model
+    had loaded, naming the library's `on_long_prompt` instead of the option."""
+    with pytest.raises(ValueError, match="--long-prompts must be one of"):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", long_prompts="cut")
+
+
 def test_empty_prompt_set(tiny_lm_dir, reward_models, tmp_path):
     prompts = tmp_path / "empty.jsonl"
     prompts.write_text(json.dumps({"prompt": ""}) + "\n")
