@@ -197,6 +197,28 @@ def test_malformed_rows_are_skipped_with_reasons():
     assert "skipped 6" in str(report)
 
 
+def test_an_empty_last_user_turn_is_an_empty_prompt_in_every_layout():
+    """A string prompt of whitespace was skipped as empty, but the same prompt as a message list
+    (or a conversation's last user turn) was kept, and PPO generated answers to an empty turn."""
+    rows = [
+        {"prompt": "  "},
+        {"prompt": [user(" \n")]},
+        {"prompt": [{"role": "system", "content": "Be brief."}, user("")]},
+        {"prompt": [user("Hi."), assistant("Hello!"), user("")]},
+        {"prompt": [user(""), assistant("Hello!"), user("Name a city.")]},  # an empty earlier turn: kept
+    ]
+    examples, report = to_prompt_examples(rows)
+    assert [e.row for e in examples] == [4]
+    assert all("empty" in reason for reason in report.reasons), report.reasons
+    pairs, report = to_preference_examples(
+        [
+            {"chosen": [user(" "), assistant("A.")], "rejected": [user(" "), assistant("B.")]},
+            CONVERSATION_ROWS[0],
+        ]
+    )
+    assert [e.row for e in pairs] == [1] and "empty" in report.reasons[0]
+
+
 def test_all_malformed_rows_raise_naming_the_keys():
     with pytest.raises(ValueError, match=r"keys \['answer', 'question'\].*conversation.*hh"):
         to_preference_examples([{"question": "Q?", "answer": "A."}])
