@@ -4,6 +4,8 @@ files; `segppo.config` re-exports every name here."""
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +67,25 @@ def check_positive(config: Any, *names: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
 
+def _repeatable(hint: Any) -> bool:
+    """Whether a field's type is a list (a repeatable option), alone or in a `| None`."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return any(typing.get_origin(arg) is list for arg in (typing.get_args(hint) if union else (hint,)))
+
+
 def normalize_keys(values: dict[str, Any], config_cls: type, source: str) -> dict[str, Any]:
-    """Map option names (`max-len` or `max_len`) to field names; unknown keys are an error."""
+    """Map option names (`max-len` or `max_len`) to field names; unknown keys are an error. A
+    repeatable option given one value (`stop_token: "###"`, as once on the command line) is a list
+    of one."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
     out = {}
     for key, value in values.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name not in fields:
             raise ValueError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(fields))})")
+        if _repeatable(hints[name]) and value is not None and not isinstance(value, (list, tuple, dict)):
+            value = [value]
         out[name] = value
     return out
 
