@@ -27,6 +27,7 @@ from segppo.config_fields import (  # re-exported
     PROMPT_SHARE,
     RUN,
     SEGMENTS,
+    check_normalizer_options,
     check_positive,
     load_config_file,
     normalize_keys,
@@ -527,8 +528,7 @@ class PPOConfig(PPOMemoryOptions):
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.sigma_floor is not None and not self.sigma_floor > 0:
-            raise ValueError(f"--sigma-floor must be positive, got {self.sigma_floor}")
+        check_normalizer_options(self)
         for name in ("kl_coef", "reward_clip", "policy_clip", "actor_lr", "critic_lr"):
             if getattr(self, name) < 0 or (name != "kl_coef" and getattr(self, name) == 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")

@@ -60,6 +60,15 @@ def resolve_prompt_limit(config: Any) -> None:
         )
 
 
+def check_normalizer_options(config: Any) -> None:
+    """The normalizer options PPO and eval share (`resolve_normalizer`): σ(p) = max(std, σ_floor),
+    so a std that is not positive would silently become the floor (every reward ×100 at 1e-2)."""
+    for name in ("sigma_floor", "reward_std"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
 def check_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)

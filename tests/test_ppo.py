@@ -364,6 +364,17 @@ def test_an_unknown_long_prompts_choice_is_refused_with_the_options():
         PPOConfig(policy="p", reward_model="r", prompts="x", output="o", long_prompts="cut")
 
 
+@pytest.mark.parametrize("std", [0.0, -1.0])
+def test_a_reward_std_that_is_not_positive_is_refused(std):
+    """σ(p) = max(std, σ_floor): --reward-std 0 or -1 ran with σ = 1e-2, every reward ×100, silently."""
+    from segppo.config import EvalConfig
+
+    with pytest.raises(ValueError, match="--reward-std must be positive"):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", reward_mean=0.0, reward_std=std)
+    with pytest.raises(ValueError, match="--reward-std must be positive"):
+        EvalConfig(policy=["p"], prompts="x", output="o", reward_mean=0.0, reward_std=std)
+
+
 def test_empty_prompt_set(tiny_lm_dir, reward_models, tmp_path):
     prompts = tmp_path / "empty.jsonl"
     prompts.write_text(json.dumps({"prompt": ""}) + "\n")
