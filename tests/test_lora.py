@@ -330,6 +330,22 @@ def test_a_policy_that_is_an_adapter_alone_is_refused_in_one_line(tiny_lm_dir, t
         load_policy(folder)  # what eval loads each --policy with
 
 
+def test_eval_takes_a_run_folder_whose_policy_is_an_adapter_to_its_policy(tiny_lm_dir, tmp_path):
+    """`eval --policy RUN` stands for RUN/policy; with an adapter there it stood for RUN itself, and
+    failed inside transformers ("Unrecognized model in RUN") instead of naming the adapter."""
+    from segppo.config import EvalConfig
+    from segppo.eval.runner import policy_folder
+    from segppo.preflight import check_context
+
+    run = tmp_path / "run"
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(run / "policy")
+    assert policy_folder(str(run)) == str(run / "policy")
+    with pytest.raises(FileNotFoundError, match="a LoRA adapter alone"):
+        cfg = EvalConfig(policy=[str(run)], prompts="p", output="o")
+        check_context(policy_folder(str(run)), "policy", cfg)  # what eval checks first
+
+
 @pytest.fixture(scope="module")
 def ppo_inputs(tiny_lm_dir, preferences_file, tmp_path_factory):
     """A segment RM trained briefly on the tiny backbone, and a prompt file."""
