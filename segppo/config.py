@@ -496,6 +496,7 @@ class PPOConfig(PPOMemoryOptions):
             "num_episodes",
             "nproc",
             "n_samples_per_prompt",
+            "kl_horizon",
         )
         if self.reward_granularity is not None and self.reward_granularity not in GRANULARITIES:
             raise ValueError(
@@ -532,6 +533,15 @@ class PPOConfig(PPOMemoryOptions):
         for name in ("kl_coef", "reward_clip", "policy_clip", "actor_lr", "critic_lr"):
             if getattr(self, name) < 0 or (name != "kl_coef" and getattr(self, name) == 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.kl_target is not None:
+            # The controller divides by the target and scales β by a factor near 1 each step.
+            if not self.kl_target > 0:
+                raise ValueError(f"--kl-target must be positive, got {self.kl_target}")
+            if not self.kl_coef > 0:
+                raise ValueError(
+                    f"--kl-target needs a positive --kl-coef (its starting β), got {self.kl_coef}: "
+                    "the controller scales β, which from 0 never moves"
+                )
         if self.policy_clip_high is not None and not self.policy_clip_high > 0:
             raise ValueError(f"--policy-clip-high must be positive, got {self.policy_clip_high}")
         if self.dual_clip is not None and not self.dual_clip > 1:

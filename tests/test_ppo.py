@@ -375,6 +375,22 @@ def test_a_reward_std_that_is_not_positive_is_refused(std):
         EvalConfig(policy=["p"], prompts="x", output="o", reward_mean=0.0, reward_std=std)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(kl_target=0.0), "--kl-target must be positive"),
+        (dict(kl_target=-0.1), "--kl-target must be positive"),
+        (dict(kl_target=0.1, kl_horizon=0), "--kl-horizon must be a positive integer"),
+        (dict(kl_target=0.1, kl_coef=0.0), "--kl-target needs a positive --kl-coef"),
+    ],
+)
+def test_adaptive_kl_options_that_cannot_work_are_refused(options, message):
+    """The controller divides by --kl-target and --kl-horizon (a ZeroDivisionError traceback after
+    the whole first step) and multiplies β: from --kl-coef 0 it never leaves 0, silently."""
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", **options)
+
+
 def test_empty_prompt_set(tiny_lm_dir, reward_models, tmp_path):
     prompts = tmp_path / "empty.jsonl"
     prompts.write_text(json.dumps({"prompt": ""}) + "\n")
