@@ -29,6 +29,7 @@ from segppo.config_fields import (  # re-exported
     SEGMENTS,
     check_normalizer_options,
     check_positive,
+    check_schedule_options,
     load_config_file,
     normalize_keys,
     option,
@@ -168,6 +169,7 @@ class RMConfig(MemoryOptions):
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        check_schedule_options(self)
         self.check_memory_options()
 
     @property
@@ -560,6 +562,7 @@ class PPOConfig(PPOMemoryOptions):
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+        check_schedule_options(self)
         self.check_memory_options()
 
     @property

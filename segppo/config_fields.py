@@ -69,6 +69,18 @@ def check_normalizer_options(config: Any) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def check_schedule_options(config: Any) -> None:
+    """The optimisation and saving options RM training and PPO share. The cosine ends at
+    `min_lr_ratio` × the peak (below 0 the last steps would run at a negative learning rate);
+    `save_every` N saves when the step is a multiple of N (`step % -1 == 0`: every step)."""
+    for name in ("warmup_ratio", "min_lr_ratio"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
+    for name in ("weight_decay", "save_every"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+
+
 def check_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)

@@ -152,3 +152,26 @@ def test_prompts_and_pairs_left_out_of_each_pass_are_said(tiny_lm_dir, ppo_input
     train_reward_model(tiny_rm_config(tiny_lm_dir, data, tmp_path / "rm", max_steps=1, granularity="token"))
     err = " ".join(capsys.readouterr().err.split())
     assert "36 training pairs make 2 steps of 16 per epoch; 4 training pairs sit out each epoch" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("min_lr_ratio", -1.0, "--min-lr-ratio must be in \\[0, 1\\]"),
+        ("min_lr_ratio", 2.0, "--min-lr-ratio must be in \\[0, 1\\]"),
+        ("warmup_ratio", -0.1, "--warmup-ratio must be in \\[0, 1\\]"),
+        ("warmup_ratio", 1.5, "--warmup-ratio must be in \\[0, 1\\]"),
+        ("weight_decay", -0.1, "--weight-decay must be >= 0"),
+        ("save_every", -1, "--save-every must be >= 0"),
+    ],
+)
+def test_schedule_options_out_of_range_are_refused(option, value, message):
+    """The cosine ends at --min-lr-ratio × the peak: at -1 the last steps ran at a negative learning
+    rate (AdamW then climbs the loss), at 2 above the peak; --save-every -1 saved every step
+    (`step % -1 == 0`). RM training and PPO take the same schedule options."""
+    from segppo.config import PPOConfig, RMConfig
+
+    with pytest.raises(ValueError, match=message):
+        RMConfig(model="m", dataset="d", output="o", **{option: value})
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", **{option: value})
