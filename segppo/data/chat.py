@@ -322,7 +322,7 @@ class ChatFormat:
                 if target is None:
                     raise ValueError(
                         f"the chat template alone takes {len(ids)} prompt tokens with every message "
-                        f"emptied, more than the {limit} allowed; raise max_prompt_len/max_len"
+                        f"emptied, more than the {limit} allowed; raise --max-prompt-len (or --max-len)"
                     )
                 content = self._tokenize(messages[target]["content"], as_text=True)
                 content = content[min(len(content), len(ids) - limit) :]
