@@ -391,6 +391,18 @@ def test_adaptive_kl_options_that_cannot_work_are_refused(options, message):
         PPOConfig(policy="p", reward_model="r", prompts="x", output="o", **options)
 
 
+def test_an_entropy_threshold_that_would_segment_nothing_is_refused(tiny_lm_dir, reward_models, tmp_path):
+    """--entropy-threshold sets where segment-level rewards cut; with a bandit RM (or
+    --reward-granularity token|bandit) nothing is segmented, and the run went on without it."""
+    bandit, segment = reward_models["bandit"], reward_models["segment"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
+    for rm, extra in ((bandit, {}), (segment, {"reward_granularity": "token"})):
+        cfg = ppo_config(tiny_lm_dir, rm, str(prompts), tmp_path / "o", entropy_threshold=2.0, **extra)
+        with pytest.raises(ValueError, match="--entropy-threshold 2.0 .* --reward-granularity segment"):
+            train_ppo(cfg)
+
+
 def test_empty_prompt_set(tiny_lm_dir, reward_models, tmp_path):
     prompts = tmp_path / "empty.jsonl"
     prompts.write_text(json.dumps({"prompt": ""}) + "\n")
