@@ -171,6 +171,29 @@ def check_run_folder(output_dir: Path, *, resume: bool) -> None:
         )
 
 
+def check_resumed_options(config: Any, changed_since: Any = None) -> None:
+    """A state holds the models its run built; a resume builds its models from its own options and
+    loads the state into them, so the options that decide their parameters must be the run's, or
+    DeepSpeed fails deep inside the load. LoRA's rank and targets decide them for every trainer;
+    `changed_since(started) -> [flag value, ...]` names a trainer's own (PPO's critic). The run's
+    options are in its run_config.json (a resume rewrites it only after loading the state)."""
+    recorded = Path(config.output) / "run_config.json"
+    if not config.resume or not recorded.is_file():
+        return
+    started = json.loads(recorded.read_text())
+    rank, changed = started.get("lora_rank", 0), []
+    if rank != config.lora_rank:
+        changed.append(f"--lora-rank {rank}")
+    elif rank and started.get("lora_targets") != config.lora_targets:
+        changed.append(f"--lora-targets {started.get('lora_targets')}")
+    changed += changed_since(started) if changed_since is not None else []
+    if changed:
+        raise ValueError(
+            f"--resume: the run in {config.output} was started with {', '.join(changed)}; its state "
+            "holds the models those options build, so resume with the same"
+        )
+
+
 def latest_state(state_dir: Path) -> Path | None:
     pointer = Path(state_dir) / LATEST
     if not pointer.exists():

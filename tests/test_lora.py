@@ -346,6 +346,22 @@ def test_eval_takes_a_run_folder_whose_policy_is_an_adapter_to_its_policy(tiny_l
         check_context(policy_folder(str(run)), "policy", cfg)  # what eval checks first
 
 
+def test_an_rm_resume_keeps_the_lora_options_of_its_run(tiny_lm_dir, preferences_file, tmp_path):
+    """A state holds the models its run built: an RM resumed with another --lora-rank died in
+    DeepSpeed's load with a state-dict traceback listing every key; now one line (PPO's test is in
+    test_ppo.py)."""
+    from segppo.rm.trainer import train_reward_model
+    from segppo.tracking import read_metrics
+
+    run = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "rm", max_steps=1, granularity="token")
+    train_reward_model(run)
+    more = dataclasses.replace(run, resume=True, max_steps=2)
+    with pytest.raises(ValueError, match="started with --lora-rank 0"):
+        train_reward_model(dataclasses.replace(more, **LORA))
+    train_reward_model(more)
+    assert [r["step"] for r in read_metrics(run.output_dir, split="train")] == [1, 2]
+
+
 @pytest.fixture(scope="module")
 def ppo_inputs(tiny_lm_dir, preferences_file, tmp_path_factory):
     """A segment RM trained briefly on the tiny backbone, and a prompt file."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from segppo.models import SegppoMetadata, save_policy
 from segppo.ppo.advantages import needs_critic
 from segppo.ppo.losses import KLController
 from segppo.ppo.rollout import RewardShaping
+from segppo.state import check_resumed_options
 
 
 def trained_engines(models) -> dict:
@@ -22,27 +22,14 @@ def trained_engines(models) -> dict:
 
 
 def check_resume_options(cfg: PPOConfig) -> None:
-    """A state holds the models its run built: a critic or not (`--advantage`), LoRA adapters or not
-    (`--lora-rank`, `--lora-targets`). A resume builds its models from its own options and loads the
-    state into them, so it must keep those, or DeepSpeed fails deep inside the load. The run's
-    options are in its run_config.json (a resume rewrites it only after loading the state)."""
-    recorded = cfg.output_dir / "run_config.json"
-    if not cfg.resume or not recorded.is_file():
-        return
-    started = json.loads(recorded.read_text())
-    advantage, rank = started.get("advantage", "gae"), started.get("lora_rank", 0)
-    changed = []
-    if needs_critic(advantage) != needs_critic(cfg.advantage):
-        changed.append(f"--advantage {advantage}")
-    if rank != cfg.lora_rank:
-        changed.append(f"--lora-rank {rank}")
-    elif rank and started.get("lora_targets") != cfg.lora_targets:
-        changed.append(f"--lora-targets {started.get('lora_targets')}")
-    if changed:
-        raise ValueError(
-            f"--resume: the run in {cfg.output_dir} was started with {', '.join(changed)}; its state "
-            "holds the models those options build, so resume with the same"
-        )
+    """A resume keeps the options that decide the state's models (`check_resumed_options`): here
+    also whether there is a critic (`--advantage gae` or a critic-free estimator)."""
+
+    def critic_changed(started: dict) -> list[str]:
+        advantage = started.get("advantage", "gae")
+        return [f"--advantage {advantage}"] if needs_critic(advantage) != needs_critic(cfg.advantage) else []
+
+    check_resumed_options(cfg, critic_changed)
 
 
 def save_state(cfg: PPOConfig, models, kl_ctl: KLController, step: int) -> None:

@@ -66,7 +66,7 @@ from segppo.preflight import check_rm_train
 from segppo.rm.loss import bradley_terry_loss
 from segppo.rm.scoring import Segmentation, score_responses
 from segppo.rm.segment_survey import SegmentSurvey, survey_segments
-from segppo.state import zero_partitioned
+from segppo.state import check_resumed_options, zero_partitioned
 from segppo.tracking import LiveProgress, Tracker, console, truncate_metrics, write_config
 
 StepCallback = Callable[[int, dict], None]
@@ -225,6 +225,7 @@ def train_reward_model(cfg: RMConfig, *, step_callback: StepCallback | None = No
     """Train on `cfg.nproc` local ranks (or the ranks of an outer launcher); returns the model folder."""
     check_rm_train(cfg)
     check_run_folder(cfg.output_dir, resume=cfg.resume)
+    check_resumed_options(cfg)
     launch(_train, cfg, step_callback, nproc=cfg.nproc, log_dir=cfg.output_dir)
     return cfg.output_dir / "model"
 
