@@ -27,7 +27,9 @@ from segppo.config_fields import (  # re-exported
     PROMPT_SHARE,
     RUN,
     SEGMENTS,
+    check_normalizer_options,
     check_positive,
+    check_schedule_options,
     load_config_file,
     normalize_keys,
     option,
@@ -169,6 +171,7 @@ class RMConfig(MemoryOptions):
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        check_schedule_options(self)
         self.check_memory_options()
 
     @property
@@ -499,6 +502,7 @@ class PPOConfig(PPOMemoryOptions):
             "num_episodes",
             "nproc",
             "n_samples_per_prompt",
+            "kl_horizon",
         )
         if self.max_samples is not None:
             check_positive(self, "max_samples")
@@ -514,6 +518,7 @@ class PPOConfig(PPOMemoryOptions):
             "distribute": ("interpolate", "repeat", "end"),
             "advantage": ESTIMATORS,
             "rollout_engine": ("hf", "vllm"),
+            "long_prompts": ("error", "truncate"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -532,11 +537,19 @@ class PPOConfig(PPOMemoryOptions):
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.sigma_floor is not None and not self.sigma_floor > 0:
-            raise ValueError(f"--sigma-floor must be positive, got {self.sigma_floor}")
+        check_normalizer_options(self)
         for name in ("kl_coef", "reward_clip", "policy_clip", "actor_lr", "critic_lr"):
             if getattr(self, name) < 0 or (name != "kl_coef" and getattr(self, name) == 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.kl_target is not None:
+            # The controller divides by the target and scales β by a factor near 1 each step.
+            if not self.kl_target > 0:
+                raise ValueError(f"--kl-target must be positive, got {self.kl_target}")
+            if not self.kl_coef > 0:
+                raise ValueError(
+                    f"--kl-target needs a positive --kl-coef (its starting β), got {self.kl_coef}: "
+                    "the controller scales β, which from 0 never moves"
+                )
         if self.policy_clip_high is not None and not self.policy_clip_high > 0:
             raise ValueError(f"--policy-clip-high must be positive, got {self.policy_clip_high}")
         if self.dual_clip is not None and not self.dual_clip > 1:
@@ -545,8 +558,17 @@ class PPOConfig(PPOMemoryOptions):
             raise ValueError(f"--loss-agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
         if self.overlong_penalty is not None and self.max_response_len is None:
             raise ValueError("--overlong-penalty needs --max-response-len")
+        if self.max_response_len is not None and self.overlong_penalty is None:
+            raise ValueError("--max-response-len needs --overlong-penalty (the penalty it is the limit of)")
+        if self.max_response_len is not None and self.max_response_len >= self.max_new_tokens:
+            # A response has at most --max-new-tokens tokens: none would be longer.
+            raise ValueError(
+                f"--max-response-len {self.max_response_len} is not below --max-new-tokens "
+                f"{self.max_new_tokens}: no response is longer, so --overlong-penalty would never apply"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+        check_schedule_options(self)
         self.check_memory_options()
 
     @property

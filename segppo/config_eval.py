@@ -14,6 +14,7 @@ from segppo.config_fields import (
     MODEL,
     RUN,
     SEGMENTS,
+    check_normalizer_options,
     check_positive,
     option,
 )
@@ -140,8 +141,7 @@ class EvalConfig:
             raise ValueError(
                 f"give one --name per --policy: {len(self.name)} names for {len(self.policy)} policies"
             )
-        if self.sigma_floor is not None and not self.sigma_floor > 0:
-            raise ValueError(f"--sigma-floor must be positive, got {self.sigma_floor}")
+        check_normalizer_options(self)
         if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.threshold is not None and self.threshold < 0:

@@ -4,6 +4,8 @@ files; `segppo.config` re-exports every name here."""
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,27 @@ def resolve_prompt_limit(config: Any) -> None:
         )
 
 
+def check_normalizer_options(config: Any) -> None:
+    """The normalizer options PPO and eval share (`resolve_normalizer`): σ(p) = max(std, σ_floor),
+    so a std that is not positive would silently become the floor (every reward ×100 at 1e-2)."""
+    for name in ("sigma_floor", "reward_std"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def check_schedule_options(config: Any) -> None:
+    """The optimisation and saving options RM training and PPO share. The cosine ends at
+    `min_lr_ratio` × the peak (below 0 the last steps would run at a negative learning rate);
+    `save_every` N saves when the step is a multiple of N (`step % -1 == 0`: every step)."""
+    for name in ("warmup_ratio", "min_lr_ratio"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(config, name)}")
+    for name in ("weight_decay", "save_every"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+
+
 def check_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
@@ -65,14 +88,25 @@ def check_positive(config: Any, *names: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
 
+def _repeatable(hint: Any) -> bool:
+    """Whether a field's type is a list (a repeatable option), alone or in a `| None`."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return any(typing.get_origin(arg) is list for arg in (typing.get_args(hint) if union else (hint,)))
+
+
 def normalize_keys(values: dict[str, Any], config_cls: type, source: str) -> dict[str, Any]:
-    """Map option names (`max-len` or `max_len`) to field names; unknown keys are an error."""
+    """Map option names (`max-len` or `max_len`) to field names; unknown keys are an error. A
+    repeatable option given one value (`stop_token: "###"`, as once on the command line) is a list
+    of one."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
     out = {}
     for key, value in values.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name not in fields:
             raise ValueError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(fields))})")
+        if _repeatable(hints[name]) and value is not None and not isinstance(value, (list, tuple, dict)):
+            value = [value]
         out[name] = value
     return out
 

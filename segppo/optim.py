@@ -54,6 +54,18 @@ def cosine_schedule(optimizer, *, total_steps: int, warmup_ratio: float, min_lr_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def left_out_note(items: int, per_step: int, noun: str, step_noun: str, unit: str) -> str | None:
+    """A one-line note when `items` do not fill whole steps of `per_step`: each pass (`unit`) takes
+    whole steps of its seeded shuffle, so the rest sit out of it (the shuffle decides which)."""
+    left = items % per_step
+    if not left:
+        return None
+    return (
+        f"{items} {noun} make {items // per_step} {step_noun} of {per_step} per {unit}; {left} {noun} "
+        f"sit out each {unit} (its shuffle picks which)"
+    )
+
+
 def planned_steps(per_pass: int, passes: int, max_steps: int | None, unit: str) -> tuple[int, str | None]:
     """Optimizer steps of a run, and a one-line note when `max_steps` goes past the data.
 

@@ -87,6 +87,9 @@ def check_model(name: str, field: str) -> None:
     """`name` is a local model folder (or a run folder with model/), or a usable hub model name."""
     path = Path(name).expanduser()
     if path.is_dir():
+        from segppo.models.loading import check_not_adapter_only
+
+        check_not_adapter_only(path, f"{_flag(field)} {name}")
         if not ((path / "config.json").is_file() or (path / "model" / "config.json").is_file()):
             raise FileNotFoundError(
                 f"{_flag(field)} {name}: the folder {path.resolve()} holds no config.json"
@@ -167,7 +170,9 @@ def check_context(model: str, field: str, cfg: Any) -> None:
     """`cfg.max_prompt_len + cfg.max_new_tokens` fit `model`'s context (`segppo.context`): the limit
     both generation engines keep, checked before the slow start-up."""
     from segppo.context import model_context
+    from segppo.models.loading import check_not_adapter_only
 
+    check_not_adapter_only(model, f"{_flag(field)} {model}")  # eval's policies come here first
     context = model_context(model, trust_remote_code=cfg.trust_remote_code, label=_flag(field))
     if context is not None:
         context.check(

@@ -173,22 +173,37 @@ def check_run_folder(output_dir: Path, *, resume: bool) -> None:
         )
 
 
-def check_resumed_options(cfg: Any, names: tuple[str, ...]) -> None:
-    """`--resume` goes on from the saved step with the run's own rows and model: an option of `names`
-    given another value than the run's `run_config.json` records is an error (paths compare as the
-    files they name)."""
+def check_resumed_options(cfg: Any, names: tuple[str, ...] = (), changed_since: Any = None) -> None:
+    """`--resume` goes on from the saved step with the run's own rows and models, as its
+    `run_config.json` records them (a resume rewrites it only after loading the state):
+    - an option of `names` (a trainer's rows, their order, its segmentation) given another value than
+      the run's is an error (paths compare as the files they name);
+    - so is another LoRA rank or targets, or what `changed_since(started) -> [flag value, ...]` names
+      (PPO's critic): a state holds the models its run built, and a resume builds its models from its
+      own options and loads the state into them, which DeepSpeed fails deep inside the load."""
     recorded_file = Path(cfg.output_dir) / "run_config.json"
     if not cfg.resume or not recorded_file.is_file():
         return
-    recorded = json.loads(recorded_file.read_text())
+    started = json.loads(recorded_file.read_text())
     for name in names:
-        if name not in recorded:
+        if name not in started:
             continue
-        was, now = recorded[name], getattr(cfg, name)
+        was, now = started[name], getattr(cfg, name)
         if was == now or (isinstance(was, str) and isinstance(now, str) and same_source(was, now)):
             continue
         flag = "--" + name.replace("_", "-")
         raise ValueError(f"--resume with {flag} {now}, but the run was started with {was}")
+    rank, changed = started.get("lora_rank", 0), []
+    if rank != cfg.lora_rank:
+        changed.append(f"--lora-rank {rank}")
+    elif rank and started.get("lora_targets") != cfg.lora_targets:
+        changed.append(f"--lora-targets {started.get('lora_targets')}")
+    changed += changed_since(started) if changed_since is not None else []
+    if changed:
+        raise ValueError(
+            f"--resume: the run in {cfg.output_dir} was started with {', '.join(changed)}; its state "
+            "holds the models those options build, so resume with the same"
+        )
 
 
 def latest_state(state_dir: Path) -> Path | None:

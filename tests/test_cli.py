@@ -129,6 +129,25 @@ def test_config_file_loads_into_defaults_and_flags_win(tmp_path, monkeypatch):
     assert cfg.lr == 1e-5  # the flag beats the file
 
 
+def test_a_config_file_may_give_a_repeatable_option_one_value(tmp_path, monkeypatch):
+    """`stop_token: "###"` (one value of a repeatable option, as on the command line) failed as
+    "Invalid value for '--stop-token': Value must be an iterable"; it is a list of one."""
+    import segppo.ppo.trainer as trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train_ppo", lambda cfg: seen.setdefault("cfg", cfg))
+    config = tmp_path / "c.yaml"
+    required = "policy: p\nreward_model: r\nprompts: x.jsonl\noutput: o\n"
+    config.write_text(required + 'stop_token: "###"\n')
+    result = invoke("ppo", "train", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].stop_token == ["###"]
+    config.write_text(required + "stop_token: ['###', '<|x|>']\n")
+    seen.clear()
+    assert invoke("ppo", "train", "--config", str(config)).exit_code == 0
+    assert seen["cfg"].stop_token == ["###", "<|x|>"]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [("lr: [1, 2\n", "not valid YAML"), ("learning_rate: 1\n", "unknown option"), ("- a\n", "mapping")],

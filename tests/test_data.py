@@ -197,6 +197,28 @@ def test_malformed_rows_are_skipped_with_reasons():
     assert "skipped 6" in str(report)
 
 
+def test_an_empty_last_user_turn_is_an_empty_prompt_in_every_layout():
+    """A string prompt of whitespace was skipped as empty, but the same prompt as a message list
+    (or a conversation's last user turn) was kept, and PPO generated answers to an empty turn."""
+    rows = [
+        {"prompt": "  "},
+        {"prompt": [user(" \n")]},
+        {"prompt": [{"role": "system", "content": "Be brief."}, user("")]},
+        {"prompt": [user("Hi."), assistant("Hello!"), user("")]},
+        {"prompt": [user(""), assistant("Hello!"), user("Name a city.")]},  # an empty earlier turn: kept
+    ]
+    examples, report = to_prompt_examples(rows)
+    assert [e.row for e in examples] == [4]
+    assert all("empty" in reason for reason in report.reasons), report.reasons
+    pairs, report = to_preference_examples(
+        [
+            {"chosen": [user(" "), assistant("A.")], "rejected": [user(" "), assistant("B.")]},
+            CONVERSATION_ROWS[0],
+        ]
+    )
+    assert [e.row for e in pairs] == [1] and "empty" in report.reasons[0]
+
+
 def test_all_malformed_rows_raise_naming_the_keys():
     with pytest.raises(ValueError, match=r"keys \['answer', 'question'\].*conversation.*hh"):
         to_preference_examples([{"question": "Q?", "answer": "A."}])
@@ -366,7 +388,8 @@ def test_truncation_cuts_the_prompt_first_then_the_response(tokenizer, chat):
     template_only = len(chat.prompt_ids([user("")]))
     pair = chat.encode_pair(example, max_len=template_only + 1)
     assert len(pair.prompt_ids) == template_only and len(pair.chosen_ids) == 1 and not pair.chosen_has_eos
-    with pytest.raises(ValueError, match="chat template alone"):  # no room for the template itself
+    # no room for the template itself; the options to raise, as rm train, ppo train and eval name them
+    with pytest.raises(ValueError, match=r"chat template alone.*raise --max-prompt-len \(or --max-len\)"):
         chat.encode_pair(example, max_len=template_only)
     with pytest.raises(ValueError, match="max_len"):
         chat.encode_pair(example, max_len=1)
@@ -389,8 +412,11 @@ def test_encode_prompts_truncates_or_raises_naming_the_row(tokenizer):
     assert len(prompts[1].prompt_ids) <= len(short) and prompts[1].truncated and report.truncated_prompts == 1
     assert prompts[1].prompt_ids[:3] == short[:3] and prompts[1].prompt_ids[-5:] == long[-5:]  # template kept
     assert prompts[1].messages == [user(rows[1]["prompt"])] and prompts[1].row == 1
+    # What ppo train and eval print: the options to change, not this function's parameters.
     with pytest.raises(
-        ValueError, match=rf"row 1 has {len(long)} prompt tokens, more than max_prompt_len={len(short)}"
+        ValueError,
+        match=rf"row 1 has {len(long)} prompt tokens, more than --max-prompt-len {len(short)} .*; "
+        "raise --max-prompt-len or pass --long-prompts truncate",
     ):
         encode_prompts(rows, tokenizer, max_prompt_len=len(short), on_long_prompt="error")
     with pytest.raises(ValueError, match="on_long_prompt"):

@@ -134,3 +134,44 @@ def test_ppo_max_steps_past_the_prompts_continues_into_another_episode(
     assert [row["step"] for row in read_metrics(cfg.output_dir, split="train")] == [1, 2, 3]
     err = capsys.readouterr().err
     assert "--max-steps 3 goes past 1 episode of 2 steps: training continues into episode 2" in err
+
+
+def test_prompts_and_pairs_left_out_of_each_pass_are_said(tiny_lm_dir, ppo_inputs, tmp_path, capsys):
+    """A pass takes whole batches of its shuffle; the rest sat out of every pass without a word
+    (with 1500 prompts and --rollout-batch-size 1024, a third of the prompts each episode)."""
+    from tiny import write_preferences
+
+    rm, _ = ppo_inputs
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Name city {i}."}) + "\n" for i in range(37)))
+    train_ppo(tiny_ppo_config(tiny_lm_dir, (rm, str(prompts)), tmp_path / "ppo", max_steps=1))
+    err = " ".join(capsys.readouterr().err.split())  # as one line, whatever the terminal's width
+    assert "37 prompts make 2 rollouts of 16 per episode; 5 prompts sit out each episode" in err
+
+    data = write_preferences(tmp_path / "prefs.jsonl", n=45)  # 36 training pairs: 2 steps of 16
+    train_reward_model(tiny_rm_config(tiny_lm_dir, data, tmp_path / "rm", max_steps=1, granularity="token"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "36 training pairs make 2 steps of 16 per epoch; 4 training pairs sit out each epoch" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("min_lr_ratio", -1.0, "--min-lr-ratio must be in \\[0, 1\\]"),
+        ("min_lr_ratio", 2.0, "--min-lr-ratio must be in \\[0, 1\\]"),
+        ("warmup_ratio", -0.1, "--warmup-ratio must be in \\[0, 1\\]"),
+        ("warmup_ratio", 1.5, "--warmup-ratio must be in \\[0, 1\\]"),
+        ("weight_decay", -0.1, "--weight-decay must be >= 0"),
+        ("save_every", -1, "--save-every must be >= 0"),
+    ],
+)
+def test_schedule_options_out_of_range_are_refused(option, value, message):
+    """The cosine ends at --min-lr-ratio × the peak: at -1 the last steps ran at a negative learning
+    rate (AdamW then climbs the loss), at 2 above the peak; --save-every -1 saved every step
+    (`step % -1 == 0`). RM training and PPO take the same schedule options."""
+    from segppo.config import PPOConfig, RMConfig
+
+    with pytest.raises(ValueError, match=message):
+        RMConfig(model="m", dataset="d", output="o", **{option: value})
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", **{option: value})

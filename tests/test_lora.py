@@ -310,6 +310,58 @@ def test_rm_lora_resume_matches_an_uninterrupted_run_and_exports_the_adapter(
         load_reward_model(folder)  # PPO and eval need a whole model: a clear error, not a missing file
 
 
+def test_a_policy_that_is_an_adapter_alone_is_refused_in_one_line(tiny_lm_dir, tmp_path):
+    """`ppo train --lora-export adapter` writes peft's adapter files and no config.json: as another
+    run's --policy the error said only "holds no config.json", and `segppo eval --policy` failed
+    inside transformers ("Unrecognized model ... model_type") when its context was read. Both now say
+    what the folder is."""
+    from segppo.config import EvalConfig
+    from segppo.models import load_policy
+    from segppo.preflight import check_context, check_model
+
+    folder = tmp_path / "policy"
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="--policy .*: a LoRA adapter alone"):
+        check_model(str(folder), "policy")  # ppo train's --policy and --reference, before start-up
+    with pytest.raises(FileNotFoundError, match="--policy .*: a LoRA adapter alone"):
+        check_context(str(folder), "policy", EvalConfig(policy=[str(folder)], prompts="p", output="o"))
+    with pytest.raises(FileNotFoundError, match="a LoRA adapter alone"):
+        load_policy(folder)  # what eval loads each --policy with
+
+
+def test_eval_takes_a_run_folder_whose_policy_is_an_adapter_to_its_policy(tiny_lm_dir, tmp_path):
+    """`eval --policy RUN` stands for RUN/policy; with an adapter there it stood for RUN itself, and
+    failed inside transformers ("Unrecognized model in RUN") instead of naming the adapter."""
+    from segppo.config import EvalConfig
+    from segppo.eval.runner import policy_folder
+    from segppo.preflight import check_context
+
+    run = tmp_path / "run"
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(run / "policy")
+    assert policy_folder(str(run)) == str(run / "policy")
+    with pytest.raises(FileNotFoundError, match="a LoRA adapter alone"):
+        cfg = EvalConfig(policy=[str(run)], prompts="p", output="o")
+        check_context(policy_folder(str(run)), "policy", cfg)  # what eval checks first
+
+
+def test_an_rm_resume_keeps_the_lora_options_of_its_run(tiny_lm_dir, preferences_file, tmp_path):
+    """A state holds the models its run built: an RM resumed with another --lora-rank died in
+    DeepSpeed's load with a state-dict traceback listing every key; now one line (PPO's test is in
+    test_ppo.py)."""
+    from segppo.rm.trainer import train_reward_model
+    from segppo.tracking import read_metrics
+
+    run = tiny_rm_config(tiny_lm_dir, preferences_file, tmp_path / "rm", max_steps=1, granularity="token")
+    train_reward_model(run)
+    more = dataclasses.replace(run, resume=True, max_steps=2)
+    with pytest.raises(ValueError, match="started with --lora-rank 0"):
+        train_reward_model(dataclasses.replace(more, **LORA))
+    train_reward_model(more)
+    assert [r["step"] for r in read_metrics(run.output_dir, split="train")] == [1, 2]
+
+
 @pytest.fixture(scope="module")
 def ppo_inputs(tiny_lm_dir, preferences_file, tmp_path_factory):
     """A segment RM trained briefly on the tiny backbone, and a prompt file."""

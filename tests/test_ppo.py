@@ -220,6 +220,32 @@ def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
 
 
+def test_a_resume_keeps_the_options_that_decide_the_saved_models(
+    tiny_lm_dir, reward_models, prompts_file, tmp_path
+):
+    """A state holds the models its run built: a critic or not (--advantage), LoRA adapters or not
+    (--lora-rank, --lora-targets). A resume that changes them is refused in one line naming the
+    run's value, not left to fail inside DeepSpeed's load (an AssertionError, a state-dict error)."""
+    run = ppo_config(
+        tiny_lm_dir,
+        reward_models["bandit"],
+        prompts_file,
+        tmp_path / "run",
+        max_steps=1,
+        advantage="rloo",
+        n_samples_per_prompt=2,
+        ppo_epochs=1,
+    )
+    train_ppo(run)
+    more = dataclasses.replace(run, resume=True, max_steps=2)
+    with pytest.raises(ValueError, match="started with --advantage rloo"):
+        train_ppo(dataclasses.replace(more, advantage="gae"))
+    with pytest.raises(ValueError, match="started with --lora-rank 0"):
+        train_ppo(dataclasses.replace(more, lora_rank=4))
+    train_ppo(dataclasses.replace(more, advantage="grpo"))  # critic-free either way: it resumes
+    assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]
+
+
 # -- DESIGN.md §3.6: defects of the paper's code ----------------------------------------------
 
 
@@ -286,6 +312,27 @@ def test_penalties_are_options_in_response_coordinates():
     assert plain.abs().sum() == 0  # no penalty unless asked for, whatever the run is called
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(overlong_penalty=-1.0), "--overlong-penalty needs --max-response-len"),
+        (dict(max_response_len=32), "--max-response-len needs --overlong-penalty"),
+        (
+            dict(overlong_penalty=-1.0, max_response_len=64, max_new_tokens=64),
+            "--max-response-len 64 is not below --max-new-tokens 64",
+        ),
+    ],
+)
+def test_an_overlong_penalty_that_could_never_apply_is_refused(options, message):
+    """Without its penalty, --max-response-len did nothing; at or above --max-new-tokens no response
+    is longer than it, so the penalty never applied. Both ran silently as if unasked."""
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", **options)
+    PPOConfig(
+        policy="p", reward_model="r", prompts="x", output="o", overlong_penalty=-1.0, max_response_len=48
+    )
+
+
 def test_dense_rewards_are_clipped_and_kl_penalised():
     from segppo.ppo.losses import kl_penalty, token_rewards
 
@@ -306,8 +353,54 @@ def test_dense_rewards_are_clipped_and_kl_penalised():
 def test_prompt_longer_than_the_limit(tiny_lm_dir, reward_models, tmp_path):
     prompts = tmp_path / "long.jsonl"
     prompts.write_text(json.dumps({"prompt": "word " * 200}) + "\n" + json.dumps({"prompt": "short"}) + "\n")
-    with pytest.raises(ValueError, match="max_prompt_len|longer"):
+    with pytest.raises(ValueError, match="more than --max-prompt-len 48"):
         train_ppo(ppo_config(tiny_lm_dir, reward_models["segment"], str(prompts), tmp_path / "o"))
+
+
+def test_an_unknown_long_prompts_choice_is_refused_with_the_options():
+    """Checked with the other choices, as eval's config does: it failed only after the reward model
+    had loaded, naming the library's `on_long_prompt` instead of the option."""
+    with pytest.raises(ValueError, match="--long-prompts must be one of"):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", long_prompts="cut")
+
+
+@pytest.mark.parametrize("std", [0.0, -1.0])
+def test_a_reward_std_that_is_not_positive_is_refused(std):
+    """σ(p) = max(std, σ_floor): --reward-std 0 or -1 ran with σ = 1e-2, every reward ×100, silently."""
+    from segppo.config import EvalConfig
+
+    with pytest.raises(ValueError, match="--reward-std must be positive"):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", reward_mean=0.0, reward_std=std)
+    with pytest.raises(ValueError, match="--reward-std must be positive"):
+        EvalConfig(policy=["p"], prompts="x", output="o", reward_mean=0.0, reward_std=std)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(kl_target=0.0), "--kl-target must be positive"),
+        (dict(kl_target=-0.1), "--kl-target must be positive"),
+        (dict(kl_target=0.1, kl_horizon=0), "--kl-horizon must be a positive integer"),
+        (dict(kl_target=0.1, kl_coef=0.0), "--kl-target needs a positive --kl-coef"),
+    ],
+)
+def test_adaptive_kl_options_that_cannot_work_are_refused(options, message):
+    """The controller divides by --kl-target and --kl-horizon (a ZeroDivisionError traceback after
+    the whole first step) and multiplies β: from --kl-coef 0 it never leaves 0, silently."""
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", **options)
+
+
+def test_an_entropy_threshold_that_would_segment_nothing_is_refused(tiny_lm_dir, reward_models, tmp_path):
+    """--entropy-threshold sets where segment-level rewards cut; with a bandit RM (or
+    --reward-granularity token|bandit) nothing is segmented, and the run went on without it."""
+    bandit, segment = reward_models["bandit"], reward_models["segment"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
+    for rm, extra in ((bandit, {}), (segment, {"reward_granularity": "token"})):
+        cfg = ppo_config(tiny_lm_dir, rm, str(prompts), tmp_path / "o", entropy_threshold=2.0, **extra)
+        with pytest.raises(ValueError, match="--entropy-threshold 2.0 .* --reward-granularity segment"):
+            train_ppo(cfg)
 
 
 def test_empty_prompt_set(tiny_lm_dir, reward_models, tmp_path):

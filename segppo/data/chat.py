@@ -322,7 +322,7 @@ class ChatFormat:
                 if target is None:
                     raise ValueError(
                         f"the chat template alone takes {len(ids)} prompt tokens with every message "
-                        f"emptied, more than the {limit} allowed; raise max_prompt_len/max_len"
+                        f"emptied, more than the {limit} allowed; raise --max-prompt-len (or --max-len)"
                     )
                 content = self._tokenize(messages[target]["content"], as_text=True)
                 content = content[min(len(content), len(ids) - limit) :]
@@ -425,10 +425,11 @@ class ChatFormat:
             ids = self.prompt_ids(example.prompt)
             if len(ids) > max_prompt_len:
                 where = f"row {example.row}" if example.row is not None else "a prompt"
+                # The options of `ppo train` and `eval`, which pass these two on.
                 raise ValueError(
-                    f"{where} has {len(ids)} prompt tokens, more than max_prompt_len={max_prompt_len} "
-                    f"(starts {example.prompt[0]['content'][:60]!r}); raise max_prompt_len or use "
-                    f"on_long_prompt='truncate'"
+                    f"{where} has {len(ids)} prompt tokens, more than --max-prompt-len {max_prompt_len} "
+                    f"(starts {example.prompt[0]['content'][:60]!r}); raise --max-prompt-len or pass "
+                    "--long-prompts truncate"
                 )
         _, ids, cut = self.truncate_prompt(example.prompt, max_prompt_len)
         return EncodedPrompt(prompt_ids=ids, messages=example.prompt, row=example.row, truncated=cut)

@@ -190,7 +190,15 @@ def _prompt_messages(value: Any, what: str) -> list[dict]:
     messages = check_messages(value, what)
     if messages[-1]["role"] != "user":
         raise MalformedRow(f"{what} does not end with a user message")
+    _check_prompt_turn(messages[-1], what)
     return messages
+
+
+def _check_prompt_turn(message: dict, what: str) -> None:
+    """The user turn a response answers is the prompt proper: empty, it is an empty prompt, as an
+    empty string prompt is (earlier turns are history, kept as they are)."""
+    if not message["content"].strip():
+        raise MalformedRow(f"{what} is empty (its last user message)")
 
 
 def _split_conversation(value: Any, what: str) -> tuple[list[dict], str]:
@@ -200,6 +208,7 @@ def _split_conversation(value: Any, what: str) -> tuple[list[dict], str]:
         raise MalformedRow(f"{what} does not end with an assistant message")
     if len(messages) < 2 or messages[-2]["role"] != "user":
         raise MalformedRow(f"{what} has no user prompt before the response")
+    _check_prompt_turn(messages[-2], f"{what}'s prompt")
     return messages[:-1], _response_text(messages[-1]["content"], what)
 
 

@@ -58,9 +58,11 @@ class PolicySpec:
 
 
 def policy_folder(path: str) -> str:
-    """A PPO run folder stands for its final `policy/`; anything else is used as given."""
+    """A PPO run folder stands for its final `policy/` (a model, or with `--lora-export adapter` an
+    adapter, which the checks then name as such); anything else is used as given."""
     p = Path(path)
-    if p.is_dir() and not (p / "config.json").is_file() and (p / "policy" / "config.json").is_file():
+    exported = any((p / "policy" / name).is_file() for name in ("config.json", "adapter_config.json"))
+    if p.is_dir() and not (p / "config.json").is_file() and exported:
         return str(p / "policy")
     return path
 

@@ -77,6 +77,17 @@ def local_model_folder(name_or_path: str | os.PathLike) -> Path:
     return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
 
 
+def check_not_adapter_only(folder: str | os.PathLike, label: str) -> None:
+    """A `--lora-export adapter` folder holds peft's adapter files and no config.json: no model that
+    transformers loads by itself. Say so in one line (`label`: the folder as the user named it)."""
+    path = Path(folder).expanduser()
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{label}: a LoRA adapter alone (--lora-export adapter); load it onto its base with "
+            "peft.PeftModel.from_pretrained, or export it merged (the default)"
+        )
+
+
 def load_tokenizer(
     name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, add_pad_token: bool = False
 ) -> PreTrainedTokenizerBase:
@@ -113,6 +124,7 @@ def load_policy(
 
     With a ZeRO-3 `ds_config` (the DeepSpeed config of the model's engine) the model is built
     partitioned, no rank ever holding it whole (`segppo.models.zero3`)."""
+    check_not_adapter_only(name_or_path, str(name_or_path))
     if is_zero3(ds_config):
         from .zero3 import from_pretrained_partitioned
 

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForTokenClassification, PreTrained
 from .loading import (
     PICKLE_FILES,
     SAFETENSORS_FILES,
+    check_not_adapter_only,
     enable_gradient_checkpointing,
     local_model_folder,
     pretrained_kwargs,
@@ -213,11 +214,7 @@ def load_reward_model(
     folder = _local_folder(path, trust_remote_code)
     weights = _weight_index(folder)
     has_config = (folder / "config.json").is_file()
-    if not has_config and (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"{folder}: a LoRA adapter alone (--lora-export adapter); load it onto its base with "
-            "peft.PeftModel.from_pretrained, or export it merged (the default)"
-        )
+    check_not_adapter_only(folder, str(folder))
     if not has_config and not weights:
         raise FileNotFoundError(f"{folder}: neither config.json nor model weights; not a model folder")
     if not has_config:

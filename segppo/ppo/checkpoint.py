@@ -10,13 +10,26 @@ from segppo.config import PPOConfig
 from segppo.data import ChatFormat
 from segppo.distributed import full_state_dict, latest_state, load_training_state, save_training_state
 from segppo.models import SegppoMetadata, save_policy
+from segppo.ppo.advantages import needs_critic
 from segppo.ppo.losses import KLController
 from segppo.ppo.rollout import RewardShaping
+from segppo.state import check_resumed_options
 
 
 def trained_engines(models) -> dict:
     """The DeepSpeed engines a state holds: the actor, and the critic when the estimator has one."""
     return {"actor": models.actor} | ({"critic": models.critic} if models.critic is not None else {})
+
+
+def check_resume_options(cfg: PPOConfig) -> None:
+    """A resume keeps the options that decide the state's models (`check_resumed_options`): here
+    also whether there is a critic (`--advantage gae` or a critic-free estimator)."""
+
+    def critic_changed(started: dict) -> list[str]:
+        advantage = started.get("advantage", "gae")
+        return [f"--advantage {advantage}"] if needs_critic(advantage) != needs_critic(cfg.advantage) else []
+
+    check_resumed_options(cfg, changed_since=critic_changed)
 
 
 def save_state(cfg: PPOConfig, models, kl_ctl: KLController, step: int) -> None:

@@ -60,6 +60,13 @@ def load_reward(cfg: PPOConfig, policy_tokenizer) -> RewardModelSpec:
     folder = run_model_folder(Path(cfg.reward_model)) if Path(cfg.reward_model).is_dir() else cfg.reward_model
     tokenizer = load_tokenizer(folder, trust_remote_code=cfg.trust_remote_code)
     spec = RewardModelSpec(model, metadata, tokenizer, same_vocabulary(tokenizer, policy_tokenizer))
+    if cfg.entropy_threshold is not None and metadata.granularity != "segment":
+        # (A segment RM's threshold may be the paper's 0 or 1000, which mean token and bandit.)
+        raise ValueError(
+            f"--entropy-threshold {cfg.entropy_threshold} sets where segments end, but the rewards of "
+            f"{cfg.reward_model} are {metadata.granularity}-level here; pass --reward-granularity segment "
+            "to segment them, or drop --entropy-threshold"
+        )
     granularity = spec.segmentation.granularity
     if not spec.shares_tokenizer and granularity != "bandit":
         raise ValueError(

@@ -47,7 +47,7 @@ from segppo.distributed import (
 from segppo.generation import SamplingConfig, seed_for, stop_token_ids
 from segppo.host_memory import release_freed_host_memory
 from segppo.models import load_tokenizer
-from segppo.optim import planned_steps
+from segppo.optim import left_out_note, planned_steps
 from segppo.ppo import checkpoint
 from segppo.ppo.advantages import whitens
 from segppo.ppo.losses import (
@@ -84,6 +84,7 @@ def train_ppo(cfg: PPOConfig, *, step_callback: StepCallback | None = None) -> P
     """Run PPO on `cfg.nproc` local ranks (or an outer launcher's); returns the policy folder."""
     check_ppo_train(cfg)  # paths, hub names and the rank layout, in one line, before start-up
     check_run_folder(cfg.output_dir, resume=cfg.resume)
+    checkpoint.check_resume_options(cfg)
     launch(_train, cfg, step_callback, nproc=cfg.nproc, log_dir=cfg.output_dir)
     return cfg.output_dir / "policy"
 
@@ -127,8 +128,10 @@ class PPOTrainer:
         self.total_steps, note = planned_steps(
             self.steps_per_episode, cfg.num_episodes, cfg.max_steps, "episode"
         )
-        if note and info.is_main:
-            console.print(note)
+        left_out = left_out_note(len(self.prompts), cfg.rollout_batch_size, "prompts", "rollouts", "episode")
+        for line in (left_out, note):
+            if line and info.is_main:
+                console.print(line)
         self.shaping = reward_shaping(cfg, self.reward)
         dense = self.shaping.segmentation.granularity != "bandit"
         self.value_clip = cfg.value_clip if cfg.value_clip is not None else (0.25 if dense else 0.2)

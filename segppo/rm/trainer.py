@@ -62,7 +62,7 @@ from segppo.models import (
     save_reward_model,
 )
 from segppo.models.zero3 import keep_partitioned_loading
-from segppo.optim import planned_steps, training_engine
+from segppo.optim import left_out_note, planned_steps, training_engine
 from segppo.preflight import check_rm_train
 from segppo.rm.loss import bradley_terry_loss
 from segppo.rm.scoring import Segmentation, score_responses
@@ -262,8 +262,10 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
             f"({cfg.batch_size})"
         )
     total_steps, note = planned_steps(steps_per_epoch, cfg.epochs, cfg.max_steps, "epoch")
-    if note and info.is_main:
-        console.print(note)
+    left_out = left_out_note(len(data.train), cfg.batch_size, "training pairs", "steps", "epoch")
+    for line in (left_out, note):
+        if line and info.is_main:
+            console.print(line)
     grad_accum = cfg.grad_accum(info.world_size)
 
     # Models: the trained RM, and a frozen segmenter (by default a copy of the initial model); under
