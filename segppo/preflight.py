@@ -196,5 +196,8 @@ def check_fit_normalizer(cfg: Any) -> None:
     )
 
 
-def check_eval(cfg: Any) -> None:
+def check_eval(cfg: Any, policies: dict[str, str]) -> None:
+    """`policies`: each policy's model folder (a PPO run folder's policy/) by the option naming it."""
     check_sources(cfg, models=("reward_model",), datasets=("prompts",))
+    for folder, field in policies.items():
+        check_model(folder, field)

@@ -481,3 +481,23 @@ def test_cli_errors(tiny_lm_dir, data, tmp_path, monkeypatch, extra, message):
     result = runner.invoke(app, [*args, "--max-new-tokens", "4", "--max-prompt-len", "48", *extra])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        ("{tmp}/no_such_folder", "--policy {tmp}/no_such_folder: no such folder"),
+        ("{lm}/config.json", "is a file, not a model folder"),
+        ("{tmp}/empty_run", "holds no config.json"),
+    ],
+)
+def test_a_policy_that_is_not_a_model_is_one_line(tiny_lm_dir, data, tmp_path, policy, message):
+    """Every --policy is checked before any model loads, as ppo train checks its --policy."""
+    (tmp_path / "empty_run").mkdir()
+    policy = policy.format(tmp=tmp_path, lm=tiny_lm_dir)
+    args = ["eval", "--policy", tiny_lm_dir, "--policy", policy, "--prompts", data["prompts"]]
+    args += ["--output", str(tmp_path / "o"), "--scorer", "json:dumps", "--max-new-tokens", "4"]
+    result = runner.invoke(app, [*args, "--max-prompt-len", "48"])
+    assert result.exit_code == 2, result.output
+    assert message.format(tmp=tmp_path) in " ".join(result.output.replace("│", " ").split())
+    assert not (tmp_path / "o").exists()  # nothing generated for the first policy either

@@ -255,10 +255,11 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
     of `cfg.reward_model`/`cfg.scorer` (exactly one of the three). `progress` shows a progress bar.
     Returns the results; `results.json` and the other files are in `cfg.output`.
     """
-    check_eval(cfg)  # paths and hub names, in one line, before any model is loaded
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs, baseline = policy_specs(cfg)
+    # paths and hub names, in one line, before any model is loaded
+    check_eval(cfg, {s.folder: "policy" if s.path in cfg.policy else "baseline" for s in specs})
     for spec in specs:  # the first turn fits every policy (the engines check each batch as well)
         check_context(spec.folder, "policy", cfg)
     scorer = build_scorer(cfg, scorer_fn, device)
