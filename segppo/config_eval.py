@@ -25,9 +25,9 @@ class EvalConfig:
     """`segppo eval`: sample responses from one or more policies, score them, compare, export.
 
     Exactly one scorer: `reward_model` (a segppo RM folder or run folder; scores are its sequence
-    score and the PPO-normalized reward) or `scorer` (`module:function`, a Python callable
-    `f(prompts, responses) -> list[float]`). `baseline` names (or is the path of) the policy the
-    others are compared against; default: the first policy when there are several.
+    score and the PPO-normalized reward) or `scorer` (`module:function` or `file.py:function`, a
+    Python callable `f(prompts, responses) -> list[float]`). `baseline` names (or is the path of)
+    the policy the others are compared against; default: the first policy when there are several.
     """
 
     policy: list[str] = option(
@@ -49,7 +49,8 @@ class EvalConfig:
     scorer: str | None = option(
         None,
         panel=SEGMENTS,
-        help="Score with a Python callable module:function, f(prompts, responses) -> scores.",
+        help="Score with a Python callable module:function or file.py:function, "
+        "f(prompts, responses) -> scores.",
     )
     baseline: str | None = option(
         None,

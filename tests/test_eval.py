@@ -501,3 +501,18 @@ def test_a_policy_that_is_not_a_model_is_one_line(tiny_lm_dir, data, tmp_path, p
     assert result.exit_code == 2, result.output
     assert message.format(tmp=tmp_path) in " ".join(result.output.replace("│", " ").split())
     assert not (tmp_path / "o").exists()  # nothing generated for the first policy either
+
+
+def test_a_scorer_given_as_a_file_path(tmp_path, monkeypatch):
+    """`--scorer path/to/file.py:function` loads the file, whether or not its folder is importable."""
+    from segppo.eval import load_callable
+
+    scorer = "def score(prompts, responses):\n    return [1.0] * len(responses)\n"
+    (tmp_path / "gold_scorer.py").write_text(scorer)
+    monkeypatch.chdir(tmp_path)
+    for spec in (f"{tmp_path}/gold_scorer.py:score", "./gold_scorer.py:score", "gold_scorer.py:score"):
+        assert load_callable(spec)(["p"], ["r", "s"]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"--scorer ./missing.py:score: no such file"):
+        load_callable("./missing.py:score")
+    with pytest.raises(ValueError, match="has no attribute 'other'"):
+        load_callable("./gold_scorer.py:other")
