@@ -200,9 +200,11 @@ class DemoConfig:
             self.compare = [self.compare]
         if self.compare is not None:  # `--compare a,b` and `--compare a --compare b` both work
             self.compare = [g.strip() for item in self.compare for g in item.split(",") if g.strip()]
-        for granularity in self.compare or []:
+        for i, granularity in enumerate(self.compare or []):
             if granularity not in GRANULARITIES:
                 raise ValueError(f"--compare takes granularities from {GRANULARITIES}, got {granularity!r}")
+            if granularity in self.compare[:i]:  # one folder and one row per granularity and seed
+                raise ValueError(f"--compare names {granularity} twice")
         if self.seeds is not None:
             check_positive(self, "seeds")
         if self.task not in DEMO_TASKS:

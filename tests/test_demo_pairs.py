@@ -89,6 +89,14 @@ def test_demo_config_task_and_seeds():
         DemoConfig(seeds=0)
 
 
+def test_a_granularity_named_twice_in_compare_is_refused():
+    """`--compare segment,segment` would train the same setting twice into one folder (the second
+    rm train stopping on the first's run, minutes in): a mistaken flag, refused before any training."""
+    assert DemoConfig(compare=["bandit,segment"]).compare == ["bandit", "segment"]
+    with pytest.raises(ValueError, match="--compare names segment twice"):
+        DemoConfig(compare=["segment,token", "segment"])
+
+
 def test_the_pairs_budget_is_refused_on_another_task():
     """`--budget pairs` trains its RMs' backbone on the pairs task's lookup (10 minutes): on `animals`
     that is a mistaken flag, not a run to start."""
