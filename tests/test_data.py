@@ -390,7 +390,7 @@ def test_encode_prompts_truncates_or_raises_naming_the_row(tokenizer):
     assert prompts[1].prompt_ids[:3] == short[:3] and prompts[1].prompt_ids[-5:] == long[-5:]  # template kept
     assert prompts[1].messages == [user(rows[1]["prompt"])] and prompts[1].row == 1
     with pytest.raises(
-        ValueError, match=rf"row 1 has {len(long)} prompt tokens, more than max_prompt_len={len(short)}"
+        ValueError, match=rf"row 1 has {len(long)} prompt tokens, more than --max-prompt-len {len(short)}"
     ):
         encode_prompts(rows, tokenizer, max_prompt_len=len(short), on_long_prompt="error")
     with pytest.raises(ValueError, match="on_long_prompt"):

@@ -469,6 +469,7 @@ def test_note_when_a_policy_was_trained_on_the_eval_prompts(tiny_lm_dir, data, t
         (["--scorer", "my_scorers_bad:wrong_length"], "returned 1 scores for 5 responses"),
         (["--scorer", "my_scorers_bad:not_numbers"], "want a number"),
         (["--scorer", "json:dumps", "--turns", "2"], "needs rows with a `turns` list"),
+        (["--scorer", "json:dumps", "--max-prompt-len", "8"], "raise --max-prompt-len or pass"),
     ],
 )
 def test_cli_errors(tiny_lm_dir, data, tmp_path, monkeypatch, extra, message):

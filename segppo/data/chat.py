@@ -426,9 +426,9 @@ class ChatFormat:
             if len(ids) > max_prompt_len:
                 where = f"row {example.row}" if example.row is not None else "a prompt"
                 raise ValueError(
-                    f"{where} has {len(ids)} prompt tokens, more than max_prompt_len={max_prompt_len} "
-                    f"(starts {example.prompt[0]['content'][:60]!r}); raise max_prompt_len or use "
-                    f"on_long_prompt='truncate'"
+                    f"{where} has {len(ids)} prompt tokens, more than --max-prompt-len {max_prompt_len} "
+                    f"(starts {example.prompt[0]['content'][:60]!r}); raise --max-prompt-len or pass "
+                    "--long-prompts truncate"
                 )
         _, ids, cut = self.truncate_prompt(example.prompt, max_prompt_len)
         return EncodedPrompt(prompt_ids=ids, messages=example.prompt, row=example.row, truncated=cut)
