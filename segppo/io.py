@@ -84,6 +84,13 @@ def replace_folder(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recorded_source(name: str) -> str:
+    """A model name as a record that later commands load from their own working folder: a local
+    path made absolute, a hub name as it is."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def same_source(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
     """Whether two model or dataset names denote the same thing: equal names, or the same local path."""
     if a is None or b is None:

@@ -102,6 +102,22 @@ def test_token_and_bandit_rms_train_without_a_segmenter(tiny_lm_dir, preferences
     assert len(read_metrics(cfg.output_dir, split="train")) == 3
 
 
+def test_a_segmenter_given_as_a_relative_path_loads_from_any_folder(
+    tiny_lm_dir, preferences_file, tmp_path, monkeypatch
+):
+    """`rm train --model tiny-lm` (a folder relative to where it runs) records a segmenter that
+    eval, fit-normalizer and ppo train load from their own working folder: it must not be relative."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(tiny_lm_dir).parent)
+    cfg = rm_config(Path(tiny_lm_dir).name, preferences_file, tmp_path / "r", max_steps=1)
+    train_reward_model(cfg)
+    monkeypatch.chdir(tmp_path)
+    meta = SegppoMetadata.load(cfg.output_dir / "model" / "segppo.json")
+    assert Path(meta.segmenter) == Path(tiny_lm_dir).resolve()
+    assert load_scorer(str(cfg.output_dir)).segmenter is not None
+
+
 def test_paper_threshold_sentinels_resolve(tiny_lm_dir, preferences_file, tmp_path):
     cfg = rm_config(tiny_lm_dir, preferences_file, tmp_path / "r", entropy_threshold=1000.0, max_steps=1)
     train_reward_model(cfg)

@@ -51,6 +51,7 @@ from segppo.distributed import (
     save_training_state,
     set_seed,
 )
+from segppo.io import recorded_source
 from segppo.kernels import segment_rewards
 from segppo.models import (
     SegppoMetadata,
@@ -335,7 +336,8 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         threshold=survey.threshold,  # None for token and bandit RMs: they have no threshold
         threshold_choice=survey.threshold_choice,
         segment_stats=survey.record()["segment_stats"],
-        segmenter=(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
+        # loaded by eval, fit-normalizer and ppo train wherever they run
+        segmenter=recorded_source(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
         **ChatFormat(tokenizer, cfg.chat_template).metadata_fields(),  # template, stop ids, end of turn
         base_model=cfg.model,
         data={
