@@ -100,6 +100,26 @@ def test_demo_compare_granularities(tmp_path, cache_dir, single_run):
         assert again[key] == single[key], key
 
 
+@pytest.mark.parametrize(
+    "args, run",
+    [([], "rm"), (["--seeds", "2"], "segment/seed-1/ppo"), (["--model", "smollm2"], "rm")],
+)
+def test_demo_refuses_an_earlier_demo_output_before_any_work(tmp_path, args, run):
+    """A second `segppo demo` into the same --output (the default segppo-demo) found the first's
+    rm/ and stopped there ('already holds a run; pass --resume', which demo has not) after the task
+    data and SFT; it is refused first, in one line."""
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    (out / run).mkdir(parents=True)
+    (out / run / "metrics.jsonl").write_text("{}\n")
+    result = CliRunner().invoke(
+        app, ["demo", "--budget", "small", *args, "--output", str(out), "--cache-dir", str(cache)]
+    )
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"--output {out}: {out / run} holds an earlier demo's run" in message, message
+    assert not cache.exists()  # no SFT policy trained, no model fetched
+
+
 def test_demo_rejects_unknown_granularity():
     result = CliRunner().invoke(app, ["demo", "--compare", "sentence"])
     assert result.exit_code == 2
