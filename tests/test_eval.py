@@ -517,3 +517,21 @@ def test_a_scorer_given_as_a_file_path(tmp_path, monkeypatch):
         load_callable("./missing.py:score")
     with pytest.raises(ValueError, match="has no attribute 'other'"):
         load_callable("./gold_scorer.py:other")
+
+
+def test_an_instruction_row_keeps_its_input():
+    """Alpaca-format rows put the material an instruction works on in `input`; a prompt without it
+    ("Translate the sentence into French.") asks for something else."""
+    from segppo.eval import prompts_from_rows
+
+    rows = [
+        {"instruction": "Translate the sentence into French.", "input": "The cat sleeps.", "output": "x"},
+        {"instruction": "Name a color.", "input": "", "output": "Red."},
+        {"instruction": "Say a city.", "output": "Paris."},
+    ]
+    prompts, _ = prompts_from_rows(rows)
+    assert [p.messages for p in prompts] == [
+        [{"role": "user", "content": "Translate the sentence into French.\n\nThe cat sleeps."}],
+        [{"role": "user", "content": "Name a color."}],
+        [{"role": "user", "content": "Say a city."}],
+    ]
