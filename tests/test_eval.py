@@ -535,3 +535,11 @@ def test_an_instruction_row_keeps_its_input():
         [{"role": "user", "content": "Name a color."}],
         [{"role": "user", "content": "Say a city."}],
     ]
+
+
+def test_the_layout_recorded_is_the_one_read(data):
+    """results.json's prompts.layout says how the rows were read: AlpacaEval rows are `instruction`."""
+    from segppo.eval import load_eval_prompts
+
+    layouts = {name: load_eval_prompts(data[name])[1].layout for name in ("alpaca", "arena", "prompts")}
+    assert layouts == {"alpaca": "instruction", "arena": "turns", "prompts": "prompt"}

@@ -113,6 +113,8 @@ def prompts_from_rows(
 
     key = "instruction" if layout == "instruction" else prompt_key
     examples, report = to_prompt_examples(rows, LayoutOptions(prompt_key=key))
+    if layout == "instruction":  # read as a prompt column, but results.json says which one
+        report.layout = layout
     for example in examples:
         row = rows[example.row]
         extra = row.get(INPUT_KEY) if layout == "instruction" else None
