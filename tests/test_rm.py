@@ -118,6 +118,23 @@ def test_a_segmenter_given_as_a_relative_path_loads_from_any_folder(
     assert load_scorer(str(cfg.output_dir)).segmenter is not None
 
 
+def test_a_recorded_segmenter_that_is_gone_is_one_line(trained_rm, tmp_path):
+    """An RM whose segmenter folder was moved or deleted (the demo's SFT cache cleared, the run
+    copied to another machine) names it and --segmenter, instead of a hub lookup's traceback."""
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(trained_rm.output_dir / "model", rm)
+    meta = json.loads((rm / "segppo.json").read_text())
+    meta["segmenter"] = str(tmp_path / "cleared-cache" / "sft")
+    (rm / "segppo.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        FileNotFoundError, match=r"records the segmenter .*cleared-cache/sft.*pass --segmenter"
+    ):
+        load_scorer(str(rm))
+    assert load_scorer(str(rm), segmenter=trained_rm.model).segmenter is not None
+
+
 def test_paper_threshold_sentinels_resolve(tiny_lm_dir, preferences_file, tmp_path):
     cfg = rm_config(tiny_lm_dir, preferences_file, tmp_path / "r", entropy_threshold=1000.0, max_steps=1)
     train_reward_model(cfg)
