@@ -543,3 +543,13 @@ def test_the_layout_recorded_is_the_one_read(data):
 
     layouts = {name: load_eval_prompts(data[name])[1].layout for name in ("alpaca", "arena", "prompts")}
     assert layouts == {"alpaca": "instruction", "arena": "turns", "prompts": "prompt"}
+
+
+def test_a_missing_segmenter_is_one_line(tiny_lm_dir, rm_dir, data, tmp_path):
+    """--segmenter is checked with --reward-model before any model loads, as in rm train."""
+    args = ["eval", "--policy", tiny_lm_dir, "--prompts", data["prompts"], "--output", str(tmp_path / "o")]
+    args += ["--reward-model", rm_dir, "--segmenter", "./no/such/segmenter"]
+    args += ["--max-new-tokens", "4", "--max-prompt-len", "48"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "--segmenter ./no/such/segmenter: no such folder" in " ".join(result.output.split())
