@@ -198,6 +198,6 @@ def check_fit_normalizer(cfg: Any) -> None:
 
 def check_eval(cfg: Any, policies: dict[str, str]) -> None:
     """`policies`: each policy's model folder (a PPO run folder's policy/) by the option naming it."""
-    check_sources(cfg, models=("reward_model", "segmenter"), datasets=("prompts",))
+    check_sources(cfg, models=("reward_model", "segmenter"), datasets=("prompts",), files=("normalizer",))
     for folder, field in policies.items():
         check_model(folder, field)

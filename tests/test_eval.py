@@ -545,11 +545,18 @@ def test_the_layout_recorded_is_the_one_read(data):
     assert layouts == {"alpaca": "instruction", "arena": "turns", "prompts": "prompt"}
 
 
-def test_a_missing_segmenter_is_one_line(tiny_lm_dir, rm_dir, data, tmp_path):
-    """--segmenter is checked with --reward-model before any model loads, as in rm train."""
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--segmenter", "./no/such/segmenter", "no such folder"),
+        ("--normalizer", "./no/such/normalizer.json", "no such file"),
+    ],
+)
+def test_a_missing_rm_companion_is_one_line(tiny_lm_dir, rm_dir, data, tmp_path, option, value, message):
+    """--segmenter and --normalizer are checked with --reward-model before any model loads, as in
+    rm train and ppo train."""
     args = ["eval", "--policy", tiny_lm_dir, "--prompts", data["prompts"], "--output", str(tmp_path / "o")]
-    args += ["--reward-model", rm_dir, "--segmenter", "./no/such/segmenter"]
-    args += ["--max-new-tokens", "4", "--max-prompt-len", "48"]
+    args += ["--reward-model", rm_dir, option, value, "--max-new-tokens", "4", "--max-prompt-len", "48"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert "--segmenter ./no/such/segmenter: no such folder" in " ".join(result.output.split())
+    assert f"{option} {value}: {message}" in " ".join(result.output.split())
