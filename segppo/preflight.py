@@ -87,6 +87,14 @@ def check_model(name: str, field: str) -> None:
     """`name` is a local model folder (or a run folder with model/), or a usable hub model name."""
     path = Path(name).expanduser()
     if path.is_dir():
+        folders = () if (path / "config.json").is_file() else (path, path / "policy", path / "model")
+        for folder in folders:  # the folder, or a run folder's exported model
+            if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+                raise FileNotFoundError(
+                    f"{_flag(field)} {name}: {folder.resolve()} holds a LoRA adapter alone (--lora-export "
+                    "adapter), not a model; merge it onto its base (peft's merge_and_unload) or export "
+                    "it merged (the default)"
+                )
         if not ((path / "config.json").is_file() or (path / "model" / "config.json").is_file()):
             raise FileNotFoundError(
                 f"{_flag(field)} {name}: the folder {path.resolve()} holds no config.json"

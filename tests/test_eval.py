@@ -490,11 +490,15 @@ def test_cli_errors(tiny_lm_dir, data, tmp_path, monkeypatch, extra, message):
         ("{tmp}/no_such_folder", "--policy {tmp}/no_such_folder: no such folder"),
         ("{lm}/config.json", "is a file, not a model folder"),
         ("{tmp}/empty_run", "holds no config.json"),
+        ("{tmp}/lora_run", "lora_run/policy holds a LoRA adapter alone (--lora-export adapter)"),
+        ("{tmp}/lora_run/policy", "lora_run/policy holds a LoRA adapter alone (--lora-export adapter)"),
     ],
 )
 def test_a_policy_that_is_not_a_model_is_one_line(tiny_lm_dir, data, tmp_path, policy, message):
     """Every --policy is checked before any model loads, as ppo train checks its --policy."""
     (tmp_path / "empty_run").mkdir()
+    (tmp_path / "lora_run" / "policy").mkdir(parents=True)  # ppo train --lora-export adapter
+    (tmp_path / "lora_run" / "policy" / "adapter_config.json").write_text("{}")
     policy = policy.format(tmp=tmp_path, lm=tiny_lm_dir)
     args = ["eval", "--policy", tiny_lm_dir, "--policy", policy, "--prompts", data["prompts"]]
     args += ["--output", str(tmp_path / "o"), "--scorer", "json:dumps", "--max-new-tokens", "4"]
