@@ -120,6 +120,17 @@ def test_demo_refuses_an_earlier_demo_output_before_any_work(tmp_path, args, run
     assert not cache.exists()  # no SFT policy trained, no model fetched
 
 
+def test_demo_refuses_a_file_as_its_output(tmp_path):
+    out, cache = tmp_path / "results.json", tmp_path / "cache"
+    out.write_text("{}")
+    result = CliRunner().invoke(
+        app, ["demo", "--budget", "small", "--output", str(out), "--cache-dir", str(cache)]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"--output {out}: a file, not a folder" in " ".join(result.output.split())
+    assert not cache.exists()  # refused before the SFT policy
+
+
 def test_demo_rejects_unknown_granularity():
     result = CliRunner().invoke(app, ["demo", "--compare", "sentence"])
     assert result.exit_code == 2

@@ -285,6 +285,8 @@ def run_setting(
 def check_fresh_output(out: Path, folders: list[Path]) -> None:
     """Each setting trains into `folder/rm` and `folder/ppo`, which rm train and ppo train refuse
     when they hold a run: an earlier demo's is refused here, before minutes of data and SFT."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output {out}: a file, not a folder")
     for folder in folders:
         for run in (folder / "rm", folder / "ppo"):
             try:
