@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -564,3 +565,29 @@ def test_a_missing_rm_companion_is_one_line(tiny_lm_dir, rm_dir, data, tmp_path,
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert f"{option} {value}: {message}" in " ".join(result.output.split())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_the_vllm_engine_without_vllm_is_one_line(tiny_lm_dir, rm_dir, data, tmp_path):
+    """Said before the scorer or any policy loads (eval, ppo train), not as an ImportError
+    traceback afterwards."""
+    args = ["eval", "--policy", tiny_lm_dir, "--prompts", data["prompts"], "--output", str(tmp_path / "o")]
+    args += [
+        "--scorer",
+        "json:dumps",
+        "--rollout-engine",
+        "vllm",
+        "--max-new-tokens",
+        "4",
+        "--max-prompt-len",
+        "48",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "--rollout-engine vllm needs vLLM: pip install 'segppo[vllm]'" in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()
+    args = ["ppo", "train", "--policy", tiny_lm_dir, "--reward-model", rm_dir, "--prompts", data["prompts"]]
+    args += ["--output", str(tmp_path / "p"), "--rollout-engine", "vllm", "--max-new-tokens", "4"]
+    result = runner.invoke(app, [*args, "--max-prompt-len", "48"])
+    assert result.exit_code == 2, result.output
+    assert "--rollout-engine vllm needs vLLM" in " ".join(result.output.split())
