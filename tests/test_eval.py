@@ -442,6 +442,15 @@ def test_policy_names_and_baseline(tmp_path):
         specs(policy=["x/a"], baseline="nope")
 
 
+def test_a_policy_given_as_dot_is_named_by_its_folder(tmp_path, monkeypatch):
+    """`--policy .` (or `..`) names the folder it stands for: the name is the model id of every
+    export and the name of its files (`arena_hard/model_answer/..jsonl` is a hidden file)."""
+    (tmp_path / "runs" / "ppo" / "policy").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "runs" / "ppo" / "policy")
+    cfg = EvalConfig(policy=[".", ".."], prompts="p.jsonl", output="o", scorer="m:f")
+    assert [s.name for s in policy_specs(cfg)[0]] == ["ppo", "ppo-2"]
+
+
 def test_note_when_a_policy_was_trained_on_the_eval_prompts(tiny_lm_dir, data, tmp_path):
     import shutil
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ def policy_folder(path: str) -> str:
 
 def _default_name(path: str) -> str:
     p = Path(path.rstrip("/"))
+    if p.name in ("", ".."):  # "." or "..": the folder it stands for
+        p = Path(os.path.abspath(p))
     if p.name == "policy" and p.parent.name:  # run/policy: the run's name says more
         return p.parent.name
     return p.name or path
