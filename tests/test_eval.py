@@ -434,6 +434,8 @@ def test_policy_names_and_baseline(tmp_path):
     assert specs(policy=["x/sft", "x/ppo"], baseline="ppo") == (["sft", "ppo"], "ppo")
     assert specs(policy=["x/ppo"], baseline="y/sft") == (["sft", "ppo"], "sft")  # evaluated too
     assert specs(policy=["x/a", "x/b"], name=["A", "B"], baseline="x/b") == (["A", "B"], "B")
+    # the baseline is the policy named, not the first of those sharing its default name
+    assert specs(policy=["a/model", "b/model"], baseline="b/model") == (["model", "model-2"], "model-2")
     with pytest.raises(ValueError, match="unique"):
         specs(policy=["x/a", "x/b"], name=["A", "A"])
     with pytest.raises(ValueError, match="one --name per --policy"):

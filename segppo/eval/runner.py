@@ -92,12 +92,12 @@ def policy_specs(cfg: EvalConfig) -> tuple[list[PolicySpec], str | None]:
     """
     paths = list(cfg.policy)
     names = list(cfg.name) if cfg.name else [_default_name(p) for p in paths]
-    baseline_name = None
+    baseline = None  # the baseline's index
     if cfg.baseline is not None:
         matches = [i for i, (n, p) in enumerate(zip(names, paths, strict=True)) if cfg.baseline in (n, p)]
         matches = matches or [i for i, p in enumerate(paths) if _same_path(cfg.baseline, p)]
         if matches:
-            baseline_name = names[matches[0]]
+            baseline = matches[0]
         else:
             if not Path(cfg.baseline).exists() and "/" not in cfg.baseline:
                 raise ValueError(
@@ -106,7 +106,7 @@ def policy_specs(cfg: EvalConfig) -> tuple[list[PolicySpec], str | None]:
                 )
             paths.insert(0, cfg.baseline)
             names.insert(0, _default_name(cfg.baseline))
-            baseline_name = names[0]
+            baseline = 0
     if cfg.name:
         for name in cfg.name:
             if not _NAME.match(name):
@@ -123,13 +123,11 @@ def policy_specs(cfg: EvalConfig) -> tuple[list[PolicySpec], str | None]:
             clean = re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "policy"
             seen[clean] = seen.get(clean, 0) + 1
             unique.append(clean if seen[clean] == 1 else f"{clean}-{seen[clean]}")
-        if baseline_name is not None:
-            baseline_name = unique[names.index(baseline_name)]
         names = unique
-    if baseline_name is None and len(paths) > 1:
-        baseline_name = names[0]
+    if baseline is None and len(paths) > 1:
+        baseline = 0
     specs = [PolicySpec(n, p, policy_folder(p)) for n, p in zip(names, paths, strict=True)]
-    return specs, baseline_name
+    return specs, None if baseline is None else names[baseline]
 
 
 def build_scorer(cfg: EvalConfig, scorer_fn: ScorerFn | None, device: torch.device):
