@@ -436,6 +436,9 @@ def test_policy_names_and_baseline(tmp_path):
     assert specs(policy=["x/a", "x/b"], name=["A", "B"], baseline="x/b") == (["A", "B"], "B")
     # the baseline is the policy named, not the first of those sharing its default name
     assert specs(policy=["a/model", "b/model"], baseline="b/model") == (["model", "model-2"], "model-2")
+    # a baseline evaluated too keeps a default name, made safe for files and apart from --name's
+    assert specs(policy=["runs/ppo"], name=["sft"], baseline="models/sft") == (["sft-2", "sft"], "sft-2")
+    assert specs(policy=["runs/ppo"], name=["ppo"], baseline="models/my sft") == (["my_sft", "ppo"], "my_sft")
     with pytest.raises(ValueError, match="unique"):
         specs(policy=["x/a", "x/b"], name=["A", "A"])
     with pytest.raises(ValueError, match="one --name per --policy"):

@@ -82,6 +82,16 @@ def _same_path(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
+def _unique_name(name: str, taken: list[str]) -> str:
+    """`name` safe for file names, with `-2`, `-3`, ... when it is taken."""
+    clean = re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "policy"
+    candidate, k = clean, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{clean}-{k}"
+    return candidate
+
+
 def policy_specs(cfg: EvalConfig) -> tuple[list[PolicySpec], str | None]:
     """(the policies with unique names, the baseline's name or None).
 
@@ -113,17 +123,16 @@ def policy_specs(cfg: EvalConfig) -> tuple[list[PolicySpec], str | None]:
                 raise ValueError(
                     f"--name {name!r}: use letters, digits, '.', '_', '+' and '-' (it names export files)"
                 )
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = sorted({n for n in cfg.name if cfg.name.count(n) > 1})
         if duplicates:
             raise ValueError(f"--name values must be unique; repeated: {', '.join(duplicates)}")
+        if len(names) > len(cfg.name):  # the baseline, evaluated too, has a default name
+            names[0] = _unique_name(names[0], cfg.name)
     else:
-        seen: dict[str, int] = {}
-        unique = []
+        taken: list[str] = []
         for name in names:
-            clean = re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "policy"
-            seen[clean] = seen.get(clean, 0) + 1
-            unique.append(clean if seen[clean] == 1 else f"{clean}-{seen[clean]}")
-        names = unique
+            taken.append(_unique_name(name, taken))
+        names = taken
     if baseline is None and len(paths) > 1:
         baseline = 0
     specs = [PolicySpec(n, p, policy_folder(p)) for n, p in zip(names, paths, strict=True)]
