@@ -207,6 +207,8 @@ class DemoConfig:
                 raise ValueError(f"--compare names {granularity} twice")
         if self.seeds is not None:
             check_positive(self, "seeds")
+        if self.seed < 0:  # it seeds numpy, torch and each setting's rm train
+            raise ValueError(f"--seed must be 0 or more, got {self.seed}")
         if self.task not in DEMO_TASKS:
             raise ValueError(f"--task takes one of {DEMO_TASKS}, got {self.task!r}")
         if self.model not in DEMO_MODELS:
