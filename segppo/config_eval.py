@@ -26,9 +26,9 @@ class EvalConfig:
     """`segppo eval`: sample responses from one or more policies, score them, compare, export.
 
     Exactly one scorer: `reward_model` (a segppo RM folder or run folder; scores are its sequence
-    score and the PPO-normalized reward) or `scorer` (`module:function`, a Python callable
-    `f(prompts, responses) -> list[float]`). `baseline` names (or is the path of) the policy the
-    others are compared against; default: the first policy when there are several.
+    score and the PPO-normalized reward) or `scorer` (`module:function` or `file.py:function`, a
+    Python callable `f(prompts, responses) -> list[float]`). `baseline` names (or is the path of)
+    the policy the others are compared against; default: the first policy when there are several.
     """
 
     policy: list[str] = option(
@@ -50,7 +50,8 @@ class EvalConfig:
     scorer: str | None = option(
         None,
         panel=SEGMENTS,
-        help="Score with a Python callable module:function, f(prompts, responses) -> scores.",
+        help="Score with a Python callable module:function or file.py:function, "
+        "f(prompts, responses) -> scores.",
     )
     baseline: str | None = option(
         None,
@@ -199,11 +200,15 @@ class DemoConfig:
             self.compare = [self.compare]
         if self.compare is not None:  # `--compare a,b` and `--compare a --compare b` both work
             self.compare = [g.strip() for item in self.compare for g in item.split(",") if g.strip()]
-        for granularity in self.compare or []:
+        for i, granularity in enumerate(self.compare or []):
             if granularity not in GRANULARITIES:
                 raise ValueError(f"--compare takes granularities from {GRANULARITIES}, got {granularity!r}")
+            if granularity in self.compare[:i]:  # one folder and one row per granularity and seed
+                raise ValueError(f"--compare names {granularity} twice")
         if self.seeds is not None:
             check_positive(self, "seeds")
+        if self.seed < 0:  # it seeds numpy, torch and each setting's rm train
+            raise ValueError(f"--seed must be 0 or more, got {self.seed}")
         if self.task not in DEMO_TASKS:
             raise ValueError(f"--task takes one of {DEMO_TASKS}, got {self.task!r}")
         if self.model not in DEMO_MODELS:

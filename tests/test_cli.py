@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 import typer
 from segppo.cli.main import app
 from typer.testing import CliRunner
@@ -57,6 +58,23 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     assert "rm" in result.stdout and "info" in result.stdout
     assert invoke("rm", "--help").exit_code == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernel path of CPU tensors")
+def test_info_says_what_the_ops_do_with_the_kernel_setting(monkeypatch):
+    """`segppo info` reports the path the ops take: a forced Triton path that the ops refuse on CPU
+    tensors, and a SEGPPO_KERNELS value they reject, are shown as such, not as a working path."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for value, kernels in [
+        ("", "torch on cpu"),
+        ("torch", "torch on cpu"),
+        ("triton", "none: SEGPPO_KERNELS=triton on a CPU tensor needs TRITON_INTERPRET=1"),
+        ("bogus", "none: SEGPPO_KERNELS must be one of ('torch', 'triton'), got 'bogus'"),
+    ]:
+        monkeypatch.setenv("SEGPPO_KERNELS", value)
+        result = invoke("info")
+        assert result.exit_code == 0, result.output
+        assert f"kernels {kernels}" in plain(result), plain(result)
 
 
 @pytest.mark.smoke

@@ -8,6 +8,7 @@ in tests/test_vllm_engine.py.)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -88,7 +89,12 @@ def test_ppo_preflight_refuses_prompts_plus_new_tokens_beyond_the_policys_contex
     for part in ("--max-prompt-len 1024", "--max-new-tokens 16", "1040", "256", "max_position_embeddings"):
         assert part in message, message
     assert "--policy" in message
-    check_ppo_train(PPOConfig(**{**vars(cfg), "max_prompt_len": 240}))  # 240 + 16 fits
+    fits = PPOConfig(**{**vars(cfg), "max_prompt_len": 240})  # 240 + 16 fits
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ValueError, match="--rollout-engine vllm needs vLLM"):
+            check_ppo_train(fits)  # what is left to say
+    else:
+        check_ppo_train(fits)
 
 
 def test_ppo_preflight_checks_a_separate_reference_too(tmp_path, tiny_lm_dir, prompts_file):

@@ -100,6 +100,37 @@ def test_demo_compare_granularities(tmp_path, cache_dir, single_run):
         assert again[key] == single[key], key
 
 
+@pytest.mark.parametrize(
+    "args, run",
+    [([], "rm"), (["--seeds", "2"], "segment/seed-1/ppo"), (["--model", "smollm2"], "rm")],
+)
+def test_demo_refuses_an_earlier_demo_output_before_any_work(tmp_path, args, run):
+    """A second `segppo demo` into the same --output (the default segppo-demo) found the first's
+    rm/ and stopped there ('already holds a run; pass --resume', which demo has not) after the task
+    data and SFT; it is refused first, in one line."""
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    (out / run).mkdir(parents=True)
+    (out / run / "metrics.jsonl").write_text("{}\n")
+    result = CliRunner().invoke(
+        app, ["demo", "--budget", "small", *args, "--output", str(out), "--cache-dir", str(cache)]
+    )
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"--output {out}: {out / run} holds an earlier demo's run" in message, message
+    assert not cache.exists()  # no SFT policy trained, no model fetched
+
+
+def test_demo_refuses_a_file_as_its_output(tmp_path):
+    out, cache = tmp_path / "results.json", tmp_path / "cache"
+    out.write_text("{}")
+    result = CliRunner().invoke(
+        app, ["demo", "--budget", "small", "--output", str(out), "--cache-dir", str(cache)]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"--output {out}: a file, not a folder" in " ".join(result.output.split())
+    assert not cache.exists()  # refused before the SFT policy
+
+
 def test_demo_rejects_unknown_granularity():
     result = CliRunner().invoke(app, ["demo", "--compare", "sentence"])
     assert result.exit_code == 2

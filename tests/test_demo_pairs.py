@@ -89,6 +89,22 @@ def test_demo_config_task_and_seeds():
         DemoConfig(seeds=0)
 
 
+def test_a_granularity_named_twice_in_compare_is_refused():
+    """`--compare segment,segment` would train the same setting twice into one folder (the second
+    rm train stopping on the first's run, minutes in): a mistaken flag, refused before any training."""
+    assert DemoConfig(compare=["bandit,segment"]).compare == ["bandit", "segment"]
+    with pytest.raises(ValueError, match="--compare names segment twice"):
+        DemoConfig(compare=["segment,token", "segment"])
+
+
+def test_a_negative_demo_seed_is_refused_before_any_training():
+    """The demo's runs seed numpy, torch and rm train with --seed and the ones after it; a negative
+    one stopped rm train ('Seed must be between 0 and 2**32 - 1') after the task data and SFT."""
+    assert DemoConfig(seed=0).seed == 0
+    with pytest.raises(ValueError, match="--seed must be 0 or more, got -1"):
+        DemoConfig(seed=-1)
+
+
 def test_the_pairs_budget_is_refused_on_another_task():
     """`--budget pairs` trains its RMs' backbone on the pairs task's lookup (10 minutes): on `animals`
     that is a mistaken flag, not a run to start."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -433,12 +434,26 @@ def test_policy_names_and_baseline(tmp_path):
     assert specs(policy=["x/sft", "x/ppo"], baseline="ppo") == (["sft", "ppo"], "ppo")
     assert specs(policy=["x/ppo"], baseline="y/sft") == (["sft", "ppo"], "sft")  # evaluated too
     assert specs(policy=["x/a", "x/b"], name=["A", "B"], baseline="x/b") == (["A", "B"], "B")
+    # the baseline is the policy named, not the first of those sharing its default name
+    assert specs(policy=["a/model", "b/model"], baseline="b/model") == (["model", "model-2"], "model-2")
+    # a baseline evaluated too keeps a default name, made safe for files and apart from --name's
+    assert specs(policy=["runs/ppo"], name=["sft"], baseline="models/sft") == (["sft-2", "sft"], "sft-2")
+    assert specs(policy=["runs/ppo"], name=["ppo"], baseline="models/my sft") == (["my_sft", "ppo"], "my_sft")
     with pytest.raises(ValueError, match="unique"):
         specs(policy=["x/a", "x/b"], name=["A", "A"])
     with pytest.raises(ValueError, match="one --name per --policy"):
         EvalConfig(policy=["x/a", "x/b"], name=["A"], prompts="p", output="o")
     with pytest.raises(ValueError, match="neither a policy name"):
         specs(policy=["x/a"], baseline="nope")
+
+
+def test_a_policy_given_as_dot_is_named_by_its_folder(tmp_path, monkeypatch):
+    """`--policy .` (or `..`) names the folder it stands for: the name is the model id of every
+    export and the name of its files (`arena_hard/model_answer/..jsonl` is a hidden file)."""
+    (tmp_path / "runs" / "ppo" / "policy").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "runs" / "ppo" / "policy")
+    cfg = EvalConfig(policy=[".", ".."], prompts="p.jsonl", output="o", scorer="m:f")
+    assert [s.name for s in policy_specs(cfg)[0]] == ["ppo", "ppo-2"]
 
 
 def test_note_when_a_policy_was_trained_on_the_eval_prompts(tiny_lm_dir, data, tmp_path):
@@ -469,6 +484,7 @@ def test_note_when_a_policy_was_trained_on_the_eval_prompts(tiny_lm_dir, data, t
         (["--scorer", "my_scorers_bad:wrong_length"], "returned 1 scores for 5 responses"),
         (["--scorer", "my_scorers_bad:not_numbers"], "want a number"),
         (["--scorer", "json:dumps", "--turns", "2"], "needs rows with a `turns` list"),
+        (["--scorer", "json:dumps", "--max-prompt-len", "8"], "raise --max-prompt-len or pass"),
     ],
 )
 def test_cli_errors(tiny_lm_dir, data, tmp_path, monkeypatch, extra, message):
@@ -481,3 +497,111 @@ def test_cli_errors(tiny_lm_dir, data, tmp_path, monkeypatch, extra, message):
     result = runner.invoke(app, [*args, "--max-new-tokens", "4", "--max-prompt-len", "48", *extra])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        ("{tmp}/no_such_folder", "--policy {tmp}/no_such_folder: no such folder"),
+        ("{lm}/config.json", "is a file, not a model folder"),
+        ("{tmp}/empty_run", "holds no config.json"),
+        ("{tmp}/lora_run", "lora_run/policy holds a LoRA adapter alone (--lora-export adapter)"),
+        ("{tmp}/lora_run/policy", "lora_run/policy holds a LoRA adapter alone (--lora-export adapter)"),
+    ],
+)
+def test_a_policy_that_is_not_a_model_is_one_line(tiny_lm_dir, data, tmp_path, policy, message):
+    """Every --policy is checked before any model loads, as ppo train checks its --policy."""
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "lora_run" / "policy").mkdir(parents=True)  # ppo train --lora-export adapter
+    (tmp_path / "lora_run" / "policy" / "adapter_config.json").write_text("{}")
+    policy = policy.format(tmp=tmp_path, lm=tiny_lm_dir)
+    args = ["eval", "--policy", tiny_lm_dir, "--policy", policy, "--prompts", data["prompts"]]
+    args += ["--output", str(tmp_path / "o"), "--scorer", "json:dumps", "--max-new-tokens", "4"]
+    result = runner.invoke(app, [*args, "--max-prompt-len", "48"])
+    assert result.exit_code == 2, result.output
+    assert message.format(tmp=tmp_path) in " ".join(result.output.replace("│", " ").split())
+    assert not (tmp_path / "o").exists()  # nothing generated for the first policy either
+
+
+def test_a_scorer_given_as_a_file_path(tmp_path, monkeypatch):
+    """`--scorer path/to/file.py:function` loads the file, whether or not its folder is importable."""
+    from segppo.eval import load_callable
+
+    scorer = "def score(prompts, responses):\n    return [1.0] * len(responses)\n"
+    (tmp_path / "gold_scorer.py").write_text(scorer)
+    monkeypatch.chdir(tmp_path)
+    for spec in (f"{tmp_path}/gold_scorer.py:score", "./gold_scorer.py:score", "gold_scorer.py:score"):
+        assert load_callable(spec)(["p"], ["r", "s"]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"--scorer ./missing.py:score: no such file"):
+        load_callable("./missing.py:score")
+    with pytest.raises(ValueError, match="has no attribute 'other'"):
+        load_callable("./gold_scorer.py:other")
+
+
+def test_an_instruction_row_keeps_its_input():
+    """Alpaca-format rows put the material an instruction works on in `input`; a prompt without it
+    ("Translate the sentence into French.") asks for something else."""
+    from segppo.eval import prompts_from_rows
+
+    rows = [
+        {"instruction": "Translate the sentence into French.", "input": "The cat sleeps.", "output": "x"},
+        {"instruction": "Name a color.", "input": "", "output": "Red."},
+        {"instruction": "Say a city.", "output": "Paris."},
+    ]
+    prompts, _ = prompts_from_rows(rows)
+    assert [p.messages for p in prompts] == [
+        [{"role": "user", "content": "Translate the sentence into French.\n\nThe cat sleeps."}],
+        [{"role": "user", "content": "Name a color."}],
+        [{"role": "user", "content": "Say a city."}],
+    ]
+
+
+def test_the_layout_recorded_is_the_one_read(data):
+    """results.json's prompts.layout says how the rows were read: AlpacaEval rows are `instruction`."""
+    from segppo.eval import load_eval_prompts
+
+    layouts = {name: load_eval_prompts(data[name])[1].layout for name in ("alpaca", "arena", "prompts")}
+    assert layouts == {"alpaca": "instruction", "arena": "turns", "prompts": "prompt"}
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--segmenter", "./no/such/segmenter", "no such folder"),
+        ("--normalizer", "./no/such/normalizer.json", "no such file"),
+    ],
+)
+def test_a_missing_rm_companion_is_one_line(tiny_lm_dir, rm_dir, data, tmp_path, option, value, message):
+    """--segmenter and --normalizer are checked with --reward-model before any model loads, as in
+    rm train and ppo train."""
+    args = ["eval", "--policy", tiny_lm_dir, "--prompts", data["prompts"], "--output", str(tmp_path / "o")]
+    args += ["--reward-model", rm_dir, option, value, "--max-new-tokens", "4", "--max-prompt-len", "48"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"{option} {value}: {message}" in " ".join(result.output.split())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_the_vllm_engine_without_vllm_is_one_line(tiny_lm_dir, rm_dir, data, tmp_path):
+    """Said before the scorer or any policy loads (eval, ppo train), not as an ImportError
+    traceback afterwards."""
+    args = ["eval", "--policy", tiny_lm_dir, "--prompts", data["prompts"], "--output", str(tmp_path / "o")]
+    args += [
+        "--scorer",
+        "json:dumps",
+        "--rollout-engine",
+        "vllm",
+        "--max-new-tokens",
+        "4",
+        "--max-prompt-len",
+        "48",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "--rollout-engine vllm needs vLLM: pip install 'segppo[vllm]'" in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()
+    args = ["ppo", "train", "--policy", tiny_lm_dir, "--reward-model", rm_dir, "--prompts", data["prompts"]]
+    args += ["--output", str(tmp_path / "p"), "--rollout-engine", "vllm", "--max-new-tokens", "4"]
+    result = runner.invoke(app, [*args, "--max-prompt-len", "48"])
+    assert result.exit_code == 2, result.output
+    assert "--rollout-engine vllm needs vLLM" in " ".join(result.output.split())

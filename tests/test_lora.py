@@ -322,9 +322,9 @@ def test_a_policy_that_is_an_adapter_alone_is_refused_in_one_line(tiny_lm_dir, t
     folder = tmp_path / "policy"
     lm = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
-    with pytest.raises(FileNotFoundError, match="--policy .*: a LoRA adapter alone"):
+    with pytest.raises(FileNotFoundError, match="--policy .*holds a LoRA adapter alone"):
         check_model(str(folder), "policy")  # ppo train's --policy and --reference, before start-up
-    with pytest.raises(FileNotFoundError, match="--policy .*: a LoRA adapter alone"):
+    with pytest.raises(FileNotFoundError, match="--policy .*holds a LoRA adapter alone"):
         check_context(str(folder), "policy", EvalConfig(policy=[str(folder)], prompts="p", output="o"))
     with pytest.raises(FileNotFoundError, match="a LoRA adapter alone"):
         load_policy(folder)  # what eval loads each --policy with

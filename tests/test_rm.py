@@ -141,6 +141,39 @@ def test_token_and_bandit_rms_train_without_a_segmenter(tiny_lm_dir, preferences
     assert len(read_metrics(cfg.output_dir, split="train")) == 3
 
 
+def test_a_segmenter_given_as_a_relative_path_loads_from_any_folder(
+    tiny_lm_dir, preferences_file, tmp_path, monkeypatch
+):
+    """`rm train --model tiny-lm` (a folder relative to where it runs) records a segmenter that
+    eval, fit-normalizer and ppo train load from their own working folder: it must not be relative."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(tiny_lm_dir).parent)
+    cfg = rm_config(Path(tiny_lm_dir).name, preferences_file, tmp_path / "r", max_steps=1)
+    train_reward_model(cfg)
+    monkeypatch.chdir(tmp_path)
+    meta = SegppoMetadata.load(cfg.output_dir / "model" / "segppo.json")
+    assert Path(meta.segmenter) == Path(tiny_lm_dir).resolve()
+    assert load_scorer(str(cfg.output_dir)).segmenter is not None
+
+
+def test_a_recorded_segmenter_that_is_gone_is_one_line(trained_rm, tmp_path):
+    """An RM whose segmenter folder was moved or deleted (the demo's SFT cache cleared, the run
+    copied to another machine) names it and --segmenter, instead of a hub lookup's traceback."""
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(trained_rm.output_dir / "model", rm)
+    meta = json.loads((rm / "segppo.json").read_text())
+    meta["segmenter"] = str(tmp_path / "cleared-cache" / "sft")
+    (rm / "segppo.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        FileNotFoundError, match=r"records the segmenter .*cleared-cache/sft.*pass --segmenter"
+    ):
+        load_scorer(str(rm))
+    assert load_scorer(str(rm), segmenter=trained_rm.model).segmenter is not None
+
+
 def test_paper_threshold_sentinels_resolve(tiny_lm_dir, preferences_file, tmp_path):
     cfg = rm_config(tiny_lm_dir, preferences_file, tmp_path / "r", entropy_threshold=1000.0, max_steps=1)
     train_reward_model(cfg)

@@ -27,6 +27,7 @@ from segppo.fit_normalizer import run_fit_normalizer
 from segppo.io import atomic_write_json
 from segppo.ppo.trainer import train_ppo
 from segppo.rm.trainer import train_reward_model
+from segppo.state import check_run_folder
 from segppo.tracking import console, read_metrics
 
 from .budget import DemoBudget, get_budget
@@ -281,6 +282,21 @@ def run_setting(
     )
 
 
+def check_fresh_output(out: Path, folders: list[Path]) -> None:
+    """Each setting trains into `folder/rm` and `folder/ppo`, which rm train and ppo train refuse
+    when they hold a run: an earlier demo's is refused here, before minutes of data and SFT."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output {out}: a file, not a folder")
+    for folder in folders:
+        for run in (folder / "rm", folder / "ppo"):
+            try:
+                check_run_folder(run, resume=False)
+            except FileExistsError as err:
+                raise FileExistsError(
+                    f"--output {out}: {run} holds an earlier demo's run; choose another --output or remove it"
+                ) from err
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """The whole demo; returns (and writes to `output/results.json`) what it measured."""
     if cfg.threads:
@@ -288,13 +304,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     budget = get_budget(cfg.budget)
     budget = dataclasses.replace(budget, sft=dataclasses.replace(budget.sft, task=cfg.task))
     out = Path(cfg.output)
+    granularities = cfg.compare or ["segment"]
+    num_seeds = cfg.seeds or (COMPARE_SEEDS if cfg.compare else 1)
+    seeds = range(cfg.seed, cfg.seed + num_seeds)
+    by_setting = cfg.compare or num_seeds > 1  # a folder per setting, else the output itself
+
+    def setting_folder(granularity: str, seed: int) -> Path:
+        return out / granularity / f"seed-{seed}" if by_setting else out
+
+    check_fresh_output(out, [setting_folder(g, s) for s in seeds for g in granularities])
     start = time.perf_counter()
     console.rule("[bold]task: SFT policy, prompts, preference pairs")
     data = prepare(out, budget, cache_dir=cfg.cache_dir, seed=cfg.seed, measure=False, log=console.print)
     prepare_seconds = time.perf_counter() - start
-    granularities = cfg.compare or ["segment"]
-    num_seeds = cfg.seeds or (COMPARE_SEEDS if cfg.compare else 1)
-    seeds = range(cfg.seed, cfg.seed + num_seeds)
     # A comparison gives every granularity's RM the same, longer training (see `compare_rm_epochs`).
     rm_epochs = budget.compare_rm_epochs if cfg.compare else budget.rm_epochs
     rows: list[dict] = []
@@ -302,7 +324,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     # comparison leaves complete seeds with their paired differences.
     for seed in seeds:
         for granularity in granularities:
-            folder = out / granularity / f"seed-{seed}" if cfg.compare or num_seeds > 1 else out
+            folder = setting_folder(granularity, seed)
             result = run_setting(budget, data, folder, granularity, seed, rm_epochs)
             rows.append(dataclasses.asdict(result) | {"gain_in_se": result.gain_in_se})
             summary = _summary(cfg, budget, data, num_seeds, rows, prepare_seconds, start)

@@ -29,6 +29,7 @@ from segppo.ppo.trainer import train_ppo
 from segppo.rm.trainer import train_reward_model
 from segppo.tracking import console, read_metrics
 
+from .pipeline import check_fresh_output
 from .real_data import RealData, make_real_data
 from .sentiment import gold_scores, sentiment
 from .smollm2 import smollm2_folder
@@ -189,8 +190,9 @@ def run_real_demo(cfg: DemoConfig) -> dict:
     if cfg.budget not in REAL_BUDGETS:
         raise ValueError(f"unknown demo budget {cfg.budget!r}; one of {sorted(REAL_BUDGETS)}")
     budget = REAL_BUDGETS[cfg.budget]()
-    sentiment("")  # the gold judge's package, before any download or training
     out = Path(cfg.output)
+    check_fresh_output(out, [out])
+    sentiment("")  # the gold judge's package, before any download or training
     seconds: dict[str, float] = {}
     cpu_seconds: dict[str, float] = {}  # all threads: what a busy machine does not inflate
     start, cpu_start = time.perf_counter(), time.process_time()

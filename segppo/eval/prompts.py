@@ -7,7 +7,8 @@ Accepted rows (first match wins; `prompt_key` forces a column):
 - `turns`: MT-Bench and Arena-Hard v0.1 `question.jsonl` rows, a list of user messages given as
   strings (MT-Bench) or `{"content": ...}` dicts (Arena-Hard). `--turns 1` uses the first;
   `--turns 2` needs two and generates both;
-- `instruction`: AlpacaEval's evaluation set (`alpaca_eval.json`: `instruction`, `dataset`, ...).
+- `instruction`: AlpacaEval's evaluation set (`alpaca_eval.json`: `instruction`, `dataset`, ...),
+  and Alpaca-format rows, whose non-empty `input` follows the instruction after a blank line.
 
 Each prompt keeps its row's id (`question_id` when the row has one, else the row index) for the
 benchmark exports, and the text of its first user turn (`instruction`) for AlpacaEval.
@@ -22,6 +23,7 @@ from typing import Any
 from segppo.data import LayoutOptions, SkipReport, load_rows, to_prompt_examples
 
 ID_KEY = "question_id"
+INPUT_KEY = "input"  # Alpaca-format rows: the instruction's material, appended to it
 
 
 @dataclass
@@ -111,8 +113,13 @@ def prompts_from_rows(
 
     key = "instruction" if layout == "instruction" else prompt_key
     examples, report = to_prompt_examples(rows, LayoutOptions(prompt_key=key))
+    if layout == "instruction":  # read as a prompt column, but results.json says which one
+        report.layout = layout
     for example in examples:
         row = rows[example.row]
+        extra = row.get(INPUT_KEY) if layout == "instruction" else None
+        if isinstance(extra, str) and extra.strip():  # Alpaca's format: what the instruction works on
+            example.prompt[-1]["content"] += "\n\n" + extra
         prompts.append(
             EvalPrompt(
                 index=len(prompts),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ def policy_folder(path: str) -> str:
 
 def _default_name(path: str) -> str:
     p = Path(path.rstrip("/"))
+    if p.name in ("", ".."):  # "." or "..": the folder it stands for
+        p = Path(os.path.abspath(p))
     if p.name == "policy" and p.parent.name:  # run/policy: the run's name says more
         return p.parent.name
     return p.name or path
@@ -81,6 +84,16 @@ def _same_path(a: str, b: str) -> bool:
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
+def _unique_name(name: str, taken: list[str]) -> str:
+    """`name` safe for file names, with `-2`, `-3`, ... when it is taken."""
+    clean = re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "policy"
+    candidate, k = clean, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{clean}-{k}"
+    return candidate
+
+
 def policy_specs(cfg: EvalConfig) -> tuple[list[PolicySpec], str | None]:
     """(the policies with unique names, the baseline's name or None).
 
@@ -91,12 +104,12 @@ def policy_specs(cfg: EvalConfig) -> tuple[list[PolicySpec], str | None]:
     """
     paths = list(cfg.policy)
     names = list(cfg.name) if cfg.name else [_default_name(p) for p in paths]
-    baseline_name = None
+    baseline = None  # the baseline's index
     if cfg.baseline is not None:
         matches = [i for i, (n, p) in enumerate(zip(names, paths, strict=True)) if cfg.baseline in (n, p)]
         matches = matches or [i for i, p in enumerate(paths) if _same_path(cfg.baseline, p)]
         if matches:
-            baseline_name = names[matches[0]]
+            baseline = matches[0]
         else:
             if not Path(cfg.baseline).exists() and "/" not in cfg.baseline:
                 raise ValueError(
@@ -105,30 +118,27 @@ def policy_specs(cfg: EvalConfig) -> tuple[list[PolicySpec], str | None]:
                 )
             paths.insert(0, cfg.baseline)
             names.insert(0, _default_name(cfg.baseline))
-            baseline_name = names[0]
+            baseline = 0
     if cfg.name:
         for name in cfg.name:
             if not _NAME.match(name):
                 raise ValueError(
                     f"--name {name!r}: use letters, digits, '.', '_', '+' and '-' (it names export files)"
                 )
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = sorted({n for n in cfg.name if cfg.name.count(n) > 1})
         if duplicates:
             raise ValueError(f"--name values must be unique; repeated: {', '.join(duplicates)}")
+        if len(names) > len(cfg.name):  # the baseline, evaluated too, has a default name
+            names[0] = _unique_name(names[0], cfg.name)
     else:
-        seen: dict[str, int] = {}
-        unique = []
+        taken: list[str] = []
         for name in names:
-            clean = re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "policy"
-            seen[clean] = seen.get(clean, 0) + 1
-            unique.append(clean if seen[clean] == 1 else f"{clean}-{seen[clean]}")
-        if baseline_name is not None:
-            baseline_name = unique[names.index(baseline_name)]
-        names = unique
-    if baseline_name is None and len(paths) > 1:
-        baseline_name = names[0]
+            taken.append(_unique_name(name, taken))
+        names = taken
+    if baseline is None and len(paths) > 1:
+        baseline = 0
     specs = [PolicySpec(n, p, policy_folder(p)) for n, p in zip(names, paths, strict=True)]
-    return specs, baseline_name
+    return specs, None if baseline is None else names[baseline]
 
 
 def build_scorer(cfg: EvalConfig, scorer_fn: ScorerFn | None, device: torch.device):
@@ -257,10 +267,11 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
     of `cfg.reward_model`/`cfg.scorer` (exactly one of the three). `progress` shows a progress bar.
     Returns the results; `results.json` and the other files are in `cfg.output`.
     """
-    check_eval(cfg)  # paths and hub names, in one line, before any model is loaded
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs, baseline = policy_specs(cfg)
+    # paths and hub names, in one line, before any model is loaded
+    check_eval(cfg, {s.folder: "policy" if s.path in cfg.policy else "baseline" for s in specs})
     for spec in specs:  # the first turn fits every policy (the engines check each batch as well)
         check_context(spec.folder, "policy", cfg)
     scorer = build_scorer(cfg, scorer_fn, device)

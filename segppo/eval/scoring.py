@@ -11,19 +11,21 @@ as they are (exactly PPO's path). Otherwise the response text is re-encoded with
 format, as PPO does for a bandit RM with its own tokenizer; a response that never reached its
 stop token is scored without one (`has_eos` false).
 
-Callable (`--scorer module:function`): `f(prompts, responses) -> list[float]`, where each prompt
-is the user's text when the conversation is a single user message and the message list
-(`[{"role", "content"}, ...]`, earlier turns included) otherwise, and each response is the text of
-the final turn.
+Callable (`--scorer module:function` or `--scorer path/to/file.py:function`): `f(prompts,
+responses) -> list[float]`, where each prompt is the user's text when the conversation is a
+single user message and the message list (`[{"role", "content"}, ...]`, earlier turns included)
+otherwise, and each response is the text of the final turn.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -66,13 +68,28 @@ class ScoringItem:
 # Callables
 
 
+def _import_file(spec: str, path: str):
+    """The module of the Python file `path` (a `--scorer` given as `path/to/file.py:function`)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"--scorer {spec}: no such file ({file.resolve()})")
+    module_spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_callable(spec: str) -> ScorerFn:
-    """Import `module:function` (the function may be a dotted attribute path, e.g. `Class.method`)."""
+    """Import `module:function` or `path/to/file.py:function` (the function may be a dotted
+    attribute path, e.g. `Class.method`)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"--scorer must be module:function (e.g. mypkg.rewards:score), got {spec!r}")
     try:
-        module = importlib.import_module(module_name)
+        if module_name.endswith(".py"):
+            module = _import_file(spec, module_name)
+        else:
+            module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(
             f"--scorer {spec}: cannot import module {module_name!r} ({err}); "

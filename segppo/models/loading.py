@@ -83,8 +83,8 @@ def check_not_adapter_only(folder: str | os.PathLike, label: str) -> None:
     path = Path(folder).expanduser()
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"{label}: a LoRA adapter alone (--lora-export adapter); load it onto its base with "
-            "peft.PeftModel.from_pretrained, or export it merged (the default)"
+            f"{label}: {path.resolve()} holds a LoRA adapter alone (--lora-export adapter), not a model; "
+            "load it onto its base with peft.PeftModel.from_pretrained, or export it merged (the default)"
         )
 
 

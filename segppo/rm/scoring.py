@@ -100,6 +100,11 @@ def load_scorer(
                 f"{path}: a segment-level reward model needs its segmenter, but segppo.json records none; "
                 "pass --segmenter"
             )
+        if segmenter is None and Path(name).is_absolute() and not Path(name).is_dir():
+            raise FileNotFoundError(
+                f"{path}: its segppo.json records the segmenter {name}, which is not a folder here "
+                "(moved or deleted); pass --segmenter with the model it was segmented with"
+            )
         segmenter_model = load_policy(name, dtype=dtype, trust_remote_code=trust_remote_code)
         segmenter_model.requires_grad_(False)
         segmenter_model = segmenter_model.eval().to(device)

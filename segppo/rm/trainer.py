@@ -347,6 +347,7 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         threshold=survey.threshold,  # None for token and bandit RMs: they have no threshold
         threshold_choice=survey.threshold_choice,
         segment_stats=survey.record()["segment_stats"],
+        # loaded by eval, fit-normalizer and ppo train wherever they run
         segmenter=as_recorded(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
         **ChatFormat(tokenizer, cfg.chat_template).metadata_fields(),  # template, stop ids, end of turn
         base_model=as_recorded(cfg.model),
