@@ -242,6 +242,14 @@ def test_a_resume_keeps_the_options_that_decide_the_saved_models(
         train_ppo(dataclasses.replace(more, advantage="gae"))
     with pytest.raises(ValueError, match="started with --lora-rank 0"):
         train_ppo(dataclasses.replace(more, lora_rank=4))
+    # A step's prompts are found from the step number, the prompt order (--seed) and the rollout
+    # size: other values would silently repeat some prompts and skip others.
+    with pytest.raises(
+        ValueError, match="^--resume with --rollout-batch-size 8, but the run was started with 16"
+    ):
+        train_ppo(dataclasses.replace(more, rollout_batch_size=8, train_batch_size=8))
+    with pytest.raises(ValueError, match="^--resume with --seed 1, but the run was started with 0"):
+        train_ppo(dataclasses.replace(more, seed=1))
     train_ppo(dataclasses.replace(more, advantage="grpo"))  # critic-free either way: it resumes
     assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]
 

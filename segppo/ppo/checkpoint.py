@@ -21,15 +21,23 @@ def trained_engines(models) -> dict:
     return {"actor": models.actor} | ({"critic": models.critic} if models.critic is not None else {})
 
 
+# What a resumed run keeps: a step's prompts are found from its number, the prompt order (--seed) and
+# the rollout size (`PPOTrainer.generate`); other values would repeat some prompts and skip others.
+RESUMED_AS_STARTED = (
+    "prompts", "split", "max_samples", "prompt_key", "seed", "rollout_batch_size", "n_samples_per_prompt",
+)  # fmt: skip
+
+
 def check_resume_options(cfg: PPOConfig) -> None:
-    """A resume keeps the options that decide the state's models (`check_resumed_options`): here
-    also whether there is a critic (`--advantage gae` or a critic-free estimator)."""
+    """A resume keeps the prompts and their order (`RESUMED_AS_STARTED`) and the options that decide
+    the state's models (`check_resumed_options`): here also whether there is a critic (`--advantage
+    gae` or a critic-free estimator)."""
 
     def critic_changed(started: dict) -> list[str]:
         advantage = started.get("advantage", "gae")
         return [f"--advantage {advantage}"] if needs_critic(advantage) != needs_critic(cfg.advantage) else []
 
-    check_resumed_options(cfg, changed_since=critic_changed)
+    check_resumed_options(cfg, RESUMED_AS_STARTED, changed_since=critic_changed)
 
 
 def save_state(cfg: PPOConfig, models, kl_ctl: KLController, step: int) -> None:
