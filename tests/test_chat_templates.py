@@ -436,6 +436,21 @@ def test_truncation_cuts_the_oldest_content_and_keeps_bos_and_headers():
     )
 
 
+def test_truncation_cuts_a_long_system_turn_before_the_question():
+    """The question being answered is the last thing cut: a long system turn used to be kept whole
+    while the question was emptied, and the row went on to be answered with nothing asked."""
+    tokenizer = llama3()
+    chat = ChatFormat(tokenizer)
+    system = {"role": "system", "content": "You are a careful assistant who answers briefly. " * 8}
+    question = user("Name a prime number greater than 10.")
+    whole_question = chat.prompt_ids([{"role": "system", "content": ""}, question])
+    prompt = chat.encode_prompt(PromptExample([system, question]), max_prompt_len=len(whole_question) + 6)
+    text = tokenizer.decode(prompt.prompt_ids)
+    assert prompt.truncated and len(prompt.prompt_ids) <= len(whole_question) + 6
+    assert "Name a prime number greater than 10.<|eot_id|>" in text  # the question whole
+    assert "briefly.<|eot_id|>" in text and text.count("careful") < 8  # the system turn's end kept
+
+
 # --- 5. a bandit RM with its own tokenizer ----------------------------------------------------
 
 GPT2_STYLE = (  # `Assistant: {content}`: the template's space goes into the content's first token

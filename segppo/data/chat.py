@@ -304,9 +304,10 @@ class ChatFormat:
     def truncate_prompt(self, messages: list[dict], limit: int | None) -> tuple[list[dict], list[int], bool]:
         """(messages, prompt ids, whether cut) with at most `limit` prompt ids.
 
-        Content is cut from the start of the oldest turns first (system messages last), and an
-        emptied oldest exchange (user + assistant) is dropped; never the template's own tokens
-        (BOS, headers). Raises ValueError when the template alone needs more than `limit`.
+        Content is cut from the start of the oldest turns first, then of the system messages, and
+        of the last turn (the question being answered) only when nothing else is left; an emptied
+        oldest exchange (user + assistant) is dropped; never the template's own tokens (BOS,
+        headers). Raises ValueError when the template alone needs more than `limit`.
         """
         ids = self.prompt_ids(messages)
         if limit is None or len(ids) <= limit:
@@ -317,7 +318,8 @@ class ChatFormat:
             if len(body) >= 3 and not messages[body[0]]["content"] and not messages[body[1]]["content"]:
                 del messages[body[0] : body[1] + 1]
             else:
-                order = body + [i for i, m in enumerate(messages) if m.get("role") == "system"]
+                system = [i for i, m in enumerate(messages) if m.get("role") == "system"]
+                order = body[:-1] + system + body[-1:]
                 target = next((i for i in order if messages[i]["content"]), None)
                 if target is None:
                     raise ValueError(
