@@ -605,3 +605,17 @@ def test_the_vllm_engine_without_vllm_is_one_line(tiny_lm_dir, rm_dir, data, tmp
     result = runner.invoke(app, [*args, "--max-prompt-len", "48"])
     assert result.exit_code == 2, result.output
     assert "--rollout-engine vllm needs vLLM" in " ".join(result.output.split())
+
+
+def test_a_scorer_that_fails_leaves_the_generations(tiny_lm_dir, data, tmp_path):
+    """Generation is the slow part: a scorer that raises on them must not throw them away."""
+
+    def broken(prompts, responses):
+        raise RuntimeError("the judge is down")
+
+    cfg = EvalConfig(policy=[tiny_lm_dir], name=["sft"], prompts=data["prompts"], output=str(tmp_path), **GEN)
+    with pytest.raises(RuntimeError, match="the judge is down"):
+        evaluate(cfg, scorer_fn=broken, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "responses" / "sft.jsonl").read_text().splitlines()]
+    assert len(rows) == len(PROMPTS) + 1 and all(r["score"] is None for r in rows)
+    assert all(isinstance(r["response"], str) for r in rows)

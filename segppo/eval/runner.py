@@ -6,8 +6,9 @@
 
 Steps: load the scorer (a callable first, so a bad `module:function` fails before any model
 loads), load the prompts, then for each policy in turn generate all responses (`generate_responses`,
-the model freed afterwards) and score them; then statistics, win rates against the baseline,
-exports, `responses/NAME.jsonl`, the plot and `results.json` (written last, atomically).
+the model freed afterwards), write them to `responses/NAME.jsonl` (a scorer that fails leaves them
+there, unscored) and score them; then statistics, win rates against the baseline, exports,
+`responses/NAME.jsonl` again with the scores, the plot and `results.json` (written last, atomically).
 
 Output folder:
     results.json                              everything below, summarised
@@ -339,6 +340,8 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
             close_engine(engine)
             del engine
             _free_memory()
+            responses_file = f"responses/{spec.name}.jsonl"
+            _write_responses(out / responses_file, generations)  # unscored: a failing scorer keeps them
 
             t0 = time.perf_counter()
             items = [
@@ -370,11 +373,7 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
                 or (lambda text, tok=tokenizer: len(tok.encode(text, add_special_tokens=False))),
                 seed=cfg.seed,
             )
-            responses_file = f"responses/{spec.name}.jsonl"
-            atomic_write_text(
-                out / responses_file,
-                "".join(json.dumps(g.to_dict(), ensure_ascii=False) + "\n" for g in generations),
-            )
+            _write_responses(out / responses_file, generations)
             policies[spec.name] = _summarise(
                 spec,
                 generations,
@@ -422,6 +421,10 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
     results.time_s = time.perf_counter() - start
     atomic_write_json(results.results_file, results.to_dict())
     return results
+
+
+def _write_responses(path: Path, generations: list[Generation]) -> None:
+    atomic_write_text(path, "".join(json.dumps(g.to_dict(), ensure_ascii=False) + "\n" for g in generations))
 
 
 def _choices(
