@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,14 +127,20 @@ def test_twenty_steps_raise_the_reward_of_fresh_rollouts(
         assert metrics[0]["segments"] == 1.0
 
 
-def test_policy_checkpoint_and_samples(tiny_lm_dir, reward_models, prompts_file, tmp_path):
-    cfg = ppo_config(tiny_lm_dir, reward_models["segment"], prompts_file, tmp_path / "run", save_every=1)
+def test_policy_checkpoint_and_samples(tiny_lm_dir, reward_models, prompts_file, tmp_path, monkeypatch):
+    # Given as relative paths: the policy's segppo.json must name them from any working directory.
+    monkeypatch.chdir(tmp_path)
+    relative = [os.path.relpath(p) for p in (tiny_lm_dir, reward_models["segment"], prompts_file)]
+    cfg = ppo_config(*relative, tmp_path / "run", save_every=1)
     train_ppo(cfg)
     model = AutoModelForCausalLM.from_pretrained(cfg.output_dir / "policy")
     assert model.config.vocab_size == 384
     assert (cfg.output_dir / "checkpoints" / "step-1" / "model.safetensors").exists()
     meta = SegppoMetadata.load(cfg.output_dir / "policy" / "segppo.json")
     assert meta.kind == "policy" and meta.granularity == "segment"
+    assert meta.base_model == meta.segmenter == str(Path(tiny_lm_dir).resolve())
+    assert meta.data["prompts"] == str(Path(prompts_file).resolve())
+    assert meta.data["reward_model"] == str(Path(reward_models["segment"]).resolve())
     samples = [json.loads(line) for line in (cfg.output_dir / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2}
     sample = samples[0]

@@ -9,6 +9,7 @@ import torch
 from segppo.config import PPOConfig
 from segppo.data import ChatFormat
 from segppo.distributed import full_state_dict, latest_state, load_training_state, save_training_state
+from segppo.io import as_recorded
 from segppo.models import SegppoMetadata, save_policy
 from segppo.ppo.advantages import needs_critic
 from segppo.ppo.losses import KLController
@@ -80,16 +81,16 @@ def export_policy(
             granularity=seg.granularity,
             # Only segment rewards have a threshold and take entropy from a segmenter (the reference).
             threshold=seg.threshold if seg.needs_entropy else None,
-            segmenter=(cfg.reference or cfg.policy) if seg.needs_entropy else None,
+            segmenter=as_recorded(cfg.reference or cfg.policy) if seg.needs_entropy else None,
             **chat.metadata_fields(),  # template, stop ids, end of turn: what eval and PPO read back
-            base_model=cfg.policy,
+            base_model=as_recorded(cfg.policy),
             normalizer={"params": list(shaping.normalizer), "sigma_floor": shaping.sigma_floor}
             if shaping.normalizer
             else None,
             data={
-                "prompts": cfg.prompts,
+                "prompts": as_recorded(cfg.prompts),
                 "split": cfg.split,
-                "reward_model": cfg.reward_model,
+                "reward_model": as_recorded(cfg.reward_model),
                 "steps": steps,
             },
         )
