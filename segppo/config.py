@@ -30,6 +30,7 @@ from segppo.config_fields import (  # re-exported
     check_normalizer_options,
     check_positive,
     check_schedule_options,
+    check_seed,
     load_config_file,
     normalize_keys,
     option,
@@ -154,6 +155,7 @@ class RMConfig(MemoryOptions):
     wandb_project: str | None = option(None, panel=RUN, help="Also log to this W&B project.")
 
     def __post_init__(self) -> None:
+        check_seed(self)
         check_positive(self, "max_len")
         resolve_prompt_limit(self)
         check_positive(self, "batch_size", "micro_batch_size", "max_len", "max_prompt_len", "epochs", "nproc")
@@ -301,6 +303,7 @@ class FitNormalizerConfig:
     )
 
     def __post_init__(self) -> None:
+        check_seed(self)
         check_positive(self, "max_len")
         resolve_prompt_limit(self)
         check_positive(self, "samples", "batch_size", "max_len", "max_prompt_len", "min_bin_count", "nproc")
@@ -490,6 +493,7 @@ class PPOConfig(PPOMemoryOptions):
     wandb_project: str | None = option(None, panel=RUN, help="Also log to this W&B project.")
 
     def __post_init__(self) -> None:
+        check_seed(self)
         check_positive(
             self,
             "max_prompt_len",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from segppo.config_fields import DATA, MODEL, check_positive, option, resolve_prompt_limit
+from segppo.config_fields import DATA, MODEL, check_positive, check_seed, option, resolve_prompt_limit
 
 # What a dataset is read as: preference pairs (rm train, fit-normalizer, rm eval) or prompts
 # (ppo train, eval); auto: pairs when the rows have chosen and rejected responses.
@@ -63,6 +63,7 @@ class DataInspectConfig:
     )
 
     def __post_init__(self) -> None:
+        check_seed(self)
         check_positive(self, "max_len")
         resolve_prompt_limit(self)
         check_positive(self, "max_prompt_len", "length_rows")

@@ -16,6 +16,7 @@ from segppo.config_fields import (
     SEGMENTS,
     check_normalizer_options,
     check_positive,
+    check_seed,
     option,
 )
 from segppo.kernels import GRANULARITIES
@@ -111,6 +112,7 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
+        check_seed(self)
         if isinstance(self.policy, str):
             self.policy = [self.policy]
         if isinstance(self.name, str):
@@ -196,6 +198,7 @@ class DemoConfig:
     threads: int | None = option(None, panel=MEMORY, help="torch CPU threads.")
 
     def __post_init__(self) -> None:
+        check_seed(self)
         if isinstance(self.compare, str):
             self.compare = [self.compare]
         if self.compare is not None:  # `--compare a,b` and `--compare a --compare b` both work
@@ -207,8 +210,6 @@ class DemoConfig:
                 raise ValueError(f"--compare names {granularity} twice")
         if self.seeds is not None:
             check_positive(self, "seeds")
-        if self.seed < 0:  # it seeds numpy, torch and each setting's rm train
-            raise ValueError(f"--seed must be 0 or more, got {self.seed}")
         if self.task not in DEMO_TASKS:
             raise ValueError(f"--task takes one of {DEMO_TASKS}, got {self.task!r}")
         if self.model not in DEMO_MODELS:

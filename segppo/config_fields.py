@@ -81,6 +81,13 @@ def check_schedule_options(config: Any) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
 
 
+def check_seed(config: Any) -> None:
+    """Every command's seed reaches numpy, whose seeds are 0 .. 2**32 - 1; outside that it fails late
+    with its own message, which names no option."""
+    if not 0 <= config.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {config.seed}")
+
+
 def check_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)

@@ -332,3 +332,25 @@ def test_fit_normalizer_presets_use_the_papers_fit():
 def test_compare_takes_commas_or_repeats():
     assert DemoConfig(compare=["bandit,token", "segment"]).compare == ["bandit", "token", "segment"]
     assert DemoConfig(compare="bandit, segment").compare == ["bandit", "segment"]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_numpy_cannot_take_is_refused_by_every_command(seed):
+    """Every seed reaches numpy, whose seeds are 0 .. 2**32 - 1: `rm train --seed -1` loaded the
+    data and models, then failed with numpy's "Seed must be between 0 and 2**32 - 1", naming no
+    option; now each command's options refuse it at once."""
+    from segppo.config import FitNormalizerConfig, PPOConfig, RMConfig
+    from segppo.config_data import DataInspectConfig
+    from segppo.config_eval import DemoConfig, EvalConfig
+
+    configs = [
+        (RMConfig, dict(model="m", dataset="d", output="o")),
+        (PPOConfig, dict(policy="p", reward_model="r", prompts="q", output="o")),
+        (FitNormalizerConfig, dict(reward_model="r", dataset="d")),
+        (EvalConfig, dict(policy=["p"], prompts="q", output="o", scorer="json:dumps")),
+        (DataInspectConfig, dict(dataset="d")),
+        (DemoConfig, dict()),
+    ]
+    for cls, values in configs:
+        with pytest.raises(ValueError, match=rf"^--seed must be in \[0, 2\*\*32 - 1\], got {seed}$"):
+            cls(**values, seed=seed)

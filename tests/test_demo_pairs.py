@@ -101,7 +101,7 @@ def test_a_negative_demo_seed_is_refused_before_any_training():
     """The demo's runs seed numpy, torch and rm train with --seed and the ones after it; a negative
     one stopped rm train ('Seed must be between 0 and 2**32 - 1') after the task data and SFT."""
     assert DemoConfig(seed=0).seed == 0
-    with pytest.raises(ValueError, match="--seed must be 0 or more, got -1"):
+    with pytest.raises(ValueError, match=r"--seed must be in \[0, 2\*\*32 - 1\], got -1"):
         DemoConfig(seed=-1)
 
 
