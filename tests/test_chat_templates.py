@@ -450,7 +450,11 @@ def test_truncation_cuts_the_oldest_content_and_keeps_bos_and_headers():
     last_only = chat.prompt_ids(turns[2:])
     pair = chat.encode_pair(PreferenceExample(turns, "11.", "12."), max_prompt_len=len(last_only))
     assert pair.prompt_ids == last_only and pair.prompt_truncated
-    limit = len(chat.prompt_ids([user(""), assistant(""), turns[2]])) + 5  # room for 5 old content tokens
+    # Emptying the exchange is just enough: it still goes, not left as two empty turns.
+    emptied = chat.prompt_ids([user(""), assistant(""), turns[2]])
+    exact = chat.encode_pair(PreferenceExample(turns, "11.", "12."), max_prompt_len=len(emptied))
+    assert exact.prompt_ids == last_only
+    limit = len(emptied) + 5  # room for 5 old content tokens
     cut = chat.encode_pair(PreferenceExample(turns, "11.", "12."), max_prompt_len=limit)
     text = tokenizer.decode(cut.prompt_ids)
     assert cut.prompt_ids[:2] == [bos, header] and len(cut.prompt_ids) <= limit

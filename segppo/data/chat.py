@@ -105,6 +105,12 @@ class EncodedPrompt:
     truncated: bool = False
 
 
+def _oldest_exchange_emptied(messages: list[dict], body: list[int]) -> bool:
+    """Whether the oldest user + assistant exchange before the last turn (`body`: the indices of the
+    non-system messages) holds no text. Templates trim content, so a space left by a cut counts."""
+    return len(body) >= 3 and not "".join(messages[i]["content"] for i in body[:2]).strip()
+
+
 def truncate_left(ids: list[int], limit: int | None) -> tuple[list[int], bool]:
     """Keep the last `limit` ids; (ids, whether any were dropped)."""
     if limit is None or len(ids) <= limit:
@@ -316,7 +322,7 @@ class ChatFormat:
         messages = [dict(m) for m in messages]
         while len(ids) > limit:
             body = [i for i, m in enumerate(messages) if m.get("role") != "system"]
-            if len(body) >= 3 and not messages[body[0]]["content"] and not messages[body[1]]["content"]:
+            if _oldest_exchange_emptied(messages, body):
                 del messages[body[0] : body[1] + 1]
             else:
                 system = [i for i, m in enumerate(messages) if m.get("role") == "system"]
@@ -330,6 +336,8 @@ class ChatFormat:
                 content = self._tokenize(messages[target]["content"], as_text=True)
                 content = content[min(len(content), len(ids) - limit) :]
                 messages[target]["content"] = self.tokenizer.decode(content)
+                if _oldest_exchange_emptied(messages, body):  # now, even if emptying it was enough
+                    del messages[body[0] : body[1] + 1]
             ids = self.prompt_ids(messages)
         return messages, ids, True
 
