@@ -18,9 +18,24 @@ from segppo.kernels.linear_entropy import linear_entropy_logprobs
 
 # Model types whose causal-LM forward is `logits = lm_head(last_hidden_state[:, kept])` and nothing
 # more (read in transformers' modeling files). Others (Gemma-2's softcapping, Cohere's logit_scale,
-# Granite's logits_scaling, remote code) keep the logits path.
+# Granite's logits_scaling, remote code) keep the logits path. Gemma-3 softcaps only when its config
+# sets `final_logit_softcapping` (the hub's checkpoints do not), which `_LOGIT_TRANSFORMS` checks.
 PLAIN_HEAD_MODEL_TYPES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi", "phi3", "gemma", "olmo2"}
+    {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "gpt2",
+        "gpt_neox",
+        "phi",
+        "phi3",
+        "gemma",
+        "gemma3_text",
+        "olmo2",
+        "smollm3",
+    }
 )
 # Config fields that change the logits after the head: a model that sets one keeps the logits path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")

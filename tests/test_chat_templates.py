@@ -11,6 +11,9 @@ Each fixture reproduces one structure of a real model without the network:
 - Llama-3.1: byte-level BPE, BOS `<|begin_of_text|>`, role headers, `<|eot_id|>` (the tokenizer's
   EOS), and a generation config listing `<|end_of_text|>`, `<|eom_id|>`, `<|eot_id|>`.
 - Mistral-7B-Instruct-v0.3: SentencePiece, `[INST]`, assistant turns end with EOS `</s>`.
+- Qwen3: byte-level BPE, ChatML, `<think>`/`</think>` added tokens that are *not* special; the
+  template splits an assistant message's content at `</think>` into reasoning and answer, writes
+  `<think>\n{reasoning}\n</think>\n\n{answer}` for the last turn and only the answer for older ones.
 """
 
 from __future__ import annotations
@@ -81,6 +84,20 @@ LLAMA3 = (
     "'<|eot_id|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
+QWEN3 = (  # the assistant branch of Qwen3's template, without tools
+    "{% for message in messages %}"
+    "{% if message.role == 'user' or message.role == 'system' %}"
+    "{{ '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{% elif message.role == 'assistant' %}{% set content = message.content %}{% set reasoning = '' %}"
+    "{% if '</think>' in content %}{% set content = message.content.split('</think>')[-1].lstrip('\n') %}"
+    "{% set reasoning = message.content.split('</think>')[0].rstrip('\n')"
+    ".split('<think>')[-1].lstrip('\n') %}"
+    "{% endif %}"
+    "{% if loop.last %}{{ '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + "
+    "content.lstrip('\n') }}{% else %}{{ '<|im_start|>assistant\n' + content }}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 MISTRAL = (
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + '[/INST]' }}"
@@ -143,6 +160,14 @@ def llama3():
         "<|eot_id|>",
     ]
     return build_tokenizer("bytelevel", specials, "<|eot_id|>", "<|begin_of_text|>", LLAMA3)
+
+
+def qwen3():
+    tokenizer = build_tokenizer(
+        "bytelevel", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>", None, QWEN3
+    )
+    tokenizer.add_tokens(["<think>", "</think>"])  # added, not special, as in Qwen3's tokenizer.json
+    return tokenizer
 
 
 def mistral():
@@ -425,7 +450,11 @@ def test_truncation_cuts_the_oldest_content_and_keeps_bos_and_headers():
     last_only = chat.prompt_ids(turns[2:])
     pair = chat.encode_pair(PreferenceExample(turns, "11.", "12."), max_prompt_len=len(last_only))
     assert pair.prompt_ids == last_only and pair.prompt_truncated
-    limit = len(chat.prompt_ids([user(""), assistant(""), turns[2]])) + 5  # room for 5 old content tokens
+    # Emptying the exchange is just enough: it still goes, not left as two empty turns.
+    emptied = chat.prompt_ids([user(""), assistant(""), turns[2]])
+    exact = chat.encode_pair(PreferenceExample(turns, "11.", "12."), max_prompt_len=len(emptied))
+    assert exact.prompt_ids == last_only
+    limit = len(emptied) + 5  # room for 5 old content tokens
     cut = chat.encode_pair(PreferenceExample(turns, "11.", "12."), max_prompt_len=limit)
     text = tokenizer.decode(cut.prompt_ids)
     assert cut.prompt_ids[:2] == [bos, header] and len(cut.prompt_ids) <= limit
@@ -534,3 +563,23 @@ def test_architecture_without_token_classification_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no \\*ForTokenClassification class for model_type 'gemma3_text'"):
         create_reward_model(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3_text"
+
+
+def test_qwen3_reasoning_in_content_renders_as_its_template_parses_it():
+    """Qwen3's template reads `<think>...</think>` out of the assistant's content. Marking that text
+    as control-token text hid it from the template's `split` and `strip`: a reasoning response
+    trained the reward model as `<think>\\n\\n...\\n\\n</think>\\n\\n\\n\\n` (never what the policy
+    generates) and older turns kept `\\n\\n` before their answer."""
+    tokenizer = qwen3()
+    chat = ChatFormat(tokenizer)
+    think, end_think = ids_of(tokenizer, "<think>", "</think>")
+    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    answer = tokenizer("\n\n11 is prime.", add_special_tokens=False)["input_ids"]
+    prompt = [user("Name a prime.")]
+    ids, has_eos = chat.response_ids(prompt, "<think>\nLet me see.\n</think>\n\n11 is prime.")
+    reasoning = tokenizer("Let me see.", add_special_tokens=False)["input_ids"]
+    assert has_eos and ids == [think, *nl, *reasoning, *nl, end_think, *answer, chat.end_of_turn_id]
+    # An older turn's reasoning is dropped by the template, its answer kept as written.
+    history = [*prompt, assistant("<think>\nHmm.\n</think>\n\n11 is prime."), user("Another?")]
+    text = tokenizer.decode(chat.prompt_ids(history))
+    assert "<|im_start|>assistant\n11 is prime.<|im_end|>" in text and "Hmm." not in text

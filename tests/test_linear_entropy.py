@@ -256,6 +256,9 @@ def head_path(request, monkeypatch):
         ("gpt2", {}),
         ("gpt_neox", {}),
         ("phi3", {}),
+        ("gemma3", {}),
+        ("smollm3", {}),
+        ("qwen3-moe", {}),
     ],
 )
 def test_segments_head_paths_match_the_logits_path(arch, overrides, head_path, head_calls):
@@ -337,7 +340,9 @@ class ScaledHead(torch.nn.Linear):
         return super().forward(x) * 2.0
 
 
-@pytest.mark.parametrize("which", ["gemma2 softcapping", "non-Linear head", "llama with logits_scaling"])
+@pytest.mark.parametrize(
+    "which", ["gemma2 softcapping", "gemma3 with softcapping", "non-Linear head", "llama with logits_scaling"]
+)
 def test_other_heads_keep_the_logits_path(which, monkeypatch, head_calls):
     from segppo import segments
 
@@ -345,6 +350,8 @@ def test_other_heads_keep_the_logits_path(which, monkeypatch, head_calls):
     batch = tiny_batch(384)
     if which == "gemma2 softcapping":
         model = softcapped_gemma2()
+    elif which == "gemma3 with softcapping":  # a plain model type, but this config softcaps
+        model = tiny_model("gemma3", final_logit_softcapping=2.0)
     elif which == "non-Linear head":
         model = tiny_model("llama")
         scaled = ScaledHead(32, 384, bias=False)

@@ -77,7 +77,21 @@ _ARCH = {
     "qwen2-tied": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True),
 }
 
-ARCHITECTURES = tuple(_ARCH)
+ARCHITECTURES = tuple(_ARCH)  # causal LMs that are reward-model backbones too (*ForTokenClassification)
+_ARCH.update(  # policy-only here: Gemma-3 has no *ForTokenClassification in transformers 5.24
+    {
+        # Gemma-3 1B (text only, tied like the hub checkpoint; no logit softcapping, unlike Gemma-2).
+        "gemma3": dict(model_type="gemma3_text", num_key_value_heads=2, head_dim=8, tie_word_embeddings=True),
+        "smollm3": dict(model_type="smollm3", num_key_value_heads=2),
+        "qwen3-moe": dict(
+            model_type="qwen3_moe",
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+    }
+)
 TIED_ARCHITECTURES = ("llama-tied", "qwen2-tied", "gpt2")
 
 

