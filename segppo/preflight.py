@@ -9,6 +9,7 @@ tried, and why it failed.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -215,9 +216,33 @@ def check_fit_normalizer(cfg: Any) -> None:
     )
 
 
-def check_eval(cfg: Any, policies: dict[str, str]) -> None:
-    """`policies`: each policy's model folder (a PPO run folder's policy/) by the option naming it."""
+def check_eval(cfg: Any, policies: dict[str, str], names: list[str]) -> None:
+    """`policies`: each policy's model folder (a PPO run folder's policy/) by the option naming it;
+    `names`: the names the policies' results and answer files take."""
     check_sources(cfg, models=("reward_model", "segmenter"), datasets=("prompts",), files=("normalizer",))
     check_rollout_engine(cfg)
     for folder, field in policies.items():
         check_model(folder, field)
+    out = Path(cfg.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output {cfg.output}: a file, not a folder")
+    check_earlier_eval(out / "results.json", names, cfg.turns)
+
+
+def check_earlier_eval(results: Path, names: list[str], turns: int) -> None:
+    """The same eval may run again into its folder (its files are replaced); another may not: it
+    would overwrite the earlier results and leave the earlier policies' or turns' answer files
+    beside its own (Arena-Hard's tools read every file in model_answer/)."""
+    if not results.is_file():
+        return
+    try:
+        earlier = json.loads(results.read_text())
+        earlier_names, earlier_turns = sorted(earlier["policies"]), earlier.get("turns", 1)
+    except (ValueError, KeyError, TypeError):
+        earlier_names, earlier_turns = None, None
+    if earlier_names != sorted(names) or earlier_turns != turns:
+        what = "" if earlier_names is None else f" of {', '.join(earlier_names)} ({earlier_turns} turn(s))"
+        raise FileExistsError(
+            f"--output {results.parent} holds an earlier eval{what}; its results would be replaced and "
+            "its answer files mixed with this one's: choose another --output or remove it"
+        )

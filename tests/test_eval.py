@@ -619,3 +619,24 @@ def test_a_scorer_that_fails_leaves_the_generations(tiny_lm_dir, data, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "responses" / "sft.jsonl").read_text().splitlines()]
     assert len(rows) == len(PROMPTS) + 1 and all(r["score"] is None for r in rows)
     assert all(isinstance(r["response"], str) for r in rows)
+
+
+def test_an_earlier_evals_folder_or_a_file_is_refused_before_any_work(tiny_lm_dir, data, tmp_path):
+    """Nothing saved is lost: another eval into a finished eval's folder overwrote its results.json
+    and left the first eval's other policies' answer files beside its own (Arena-Hard's tools read
+    every file in model_answer/); an --output that is a file failed with '[Errno 17] File exists'
+    after the scorer and prompts had loaded. Both are refused before anything loads; the same eval
+    may run again."""
+    import dataclasses
+
+    out = tmp_path / "o"
+    cfg = EvalConfig(policy=[tiny_lm_dir], name=["sft"], prompts=data["prompts"], output=str(out), **GEN)
+    evaluate(cfg, scorer_fn=length_scorer, progress=False)
+    first = (out / "results.json").read_text()
+    with pytest.raises(FileExistsError, match=r"^--output .*o holds an earlier eval of sft \(1 turn"):
+        evaluate(dataclasses.replace(cfg, name=["other"]), scorer_fn=length_scorer, progress=False)
+    assert (out / "results.json").read_text() == first and not (out / "responses" / "other.jsonl").exists()
+    evaluate(cfg, scorer_fn=length_scorer, progress=False)  # the same eval again replaces its own files
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"^--output .*a_file: a file, not a folder"):
+        evaluate(dataclasses.replace(cfg, output=str(tmp_path / "a_file")), scorer_fn=length_scorer)

@@ -272,7 +272,8 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     specs, baseline = policy_specs(cfg)
     # paths and hub names, in one line, before any model is loaded
-    check_eval(cfg, {s.folder: "policy" if s.path in cfg.policy else "baseline" for s in specs})
+    fields = {s.folder: "policy" if s.path in cfg.policy else "baseline" for s in specs}
+    check_eval(cfg, fields, [s.name for s in specs])
     for spec in specs:  # the first turn fits every policy (the engines check each batch as well)
         check_context(spec.folder, "policy", cfg)
     scorer = build_scorer(cfg, scorer_fn, device)
