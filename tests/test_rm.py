@@ -208,27 +208,25 @@ def test_resume_matches_an_uninterrupted_run(tiny_lm_dir, preferences_file, tmp_
 
 
 def test_resume_refuses_other_data_or_another_model(tiny_lm_dir, preferences_file, tmp_path):
-    # A resumed run goes on from its saved step on the same rows with the same segmentation; other
-    # data, a changed split of it, another granularity or threshold is a one-line error before any
-    # loading (another granularity crashed mid-run; other data trained on silently).
-    from tiny import write_preferences
-
+    # A resumed run goes on from its saved step with the same row order and segmentation; another
+    # sample of the rows, held-out share, granularity or threshold is a one-line error before any
+    # loading (another granularity crashed mid-run; another sample trained on silently).
     cfg = rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=1)
     train_reward_model(cfg)
     recorded = (cfg.output_dir / "run_config.json").read_text()
-    other = write_preferences(tmp_path / "other.jsonl", n=40, seed=7)
     for change, message in (
         (dict(granularity="token"), "--granularity token, but the run was started with segment"),
-        (dict(dataset=other), f"--dataset {other}, but the run was started with {preferences_file}"),
+        (dict(max_samples=40), "--max-samples 40, but the run was started with None"),
         (dict(eval_fraction=0.1), "--eval-fraction 0.1, but the run was started with 0.2"),
         (dict(entropy_threshold="2.0"), "--entropy-threshold 2.0, but the run was started with auto"),
     ):
         with pytest.raises(ValueError, match=f"^--resume with {re.escape(message)}"):
             train_reward_model(dataclasses.replace(cfg, resume=True, max_steps=2, **change))
     assert (cfg.output_dir / "run_config.json").read_text() == recorded
-    train_reward_model(
-        dataclasses.replace(cfg, resume=True, max_steps=2, dataset=os.path.relpath(preferences_file))
-    )
+    # The data may be a repaired copy: a run stopped by a bad row goes on from it.
+    copy = tmp_path / "repaired.jsonl"
+    copy.write_text(Path(preferences_file).read_text())
+    train_reward_model(dataclasses.replace(cfg, resume=True, max_steps=2, dataset=str(copy)))
 
 
 def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(

@@ -24,9 +24,8 @@ def trained_engines(models) -> dict:
 
 # What a resumed run keeps: a step's prompts are found from its number, the prompt order (--seed) and
 # the rollout size (`PPOTrainer.generate`); other values would repeat some prompts and skip others.
-RESUMED_AS_STARTED = (
-    "prompts", "split", "max_samples", "prompt_key", "seed", "rollout_batch_size", "n_samples_per_prompt",
-)  # fmt: skip
+# The prompts themselves may change: a run stopped by a bad prompt resumes on a repaired copy.
+RESUMED_AS_STARTED = ("seed", "max_samples", "rollout_batch_size", "n_samples_per_prompt")
 
 
 def check_resume_options(cfg: PPOConfig) -> None:

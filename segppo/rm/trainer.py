@@ -222,11 +222,12 @@ def score_pairs(
     return scores[:n], scores[n:], batch.margin
 
 
-# What a resumed run keeps: the rows and their order (a step's batch is found from the step number),
-# the backbone and the segmentation (measured once, read back on --resume).
+# What a resumed run keeps: the backbone, the segmentation (measured once, read back on --resume),
+# and what picks and orders the rows (a step's batch is found from the step number). The data itself
+# may change: a run stopped by a bad row resumes on a repaired copy.
 RESUMED_AS_STARTED = (
-    "model", "dataset", "split", "eval_split", "eval_fraction", "seed", "max_samples", "prompt_key",
-    "chosen_key", "rejected_key", "batch_size", "granularity", "entropy_threshold", "segmenter",
+    "model", "eval_split", "eval_fraction", "seed", "max_samples", "batch_size", "granularity",
+    "entropy_threshold", "segmenter",
 )  # fmt: skip
 
 
