@@ -43,6 +43,8 @@ class MemoryOptions:
     )
 
     def check_memory_options(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.lora_rank < 0:
             raise ValueError(f"--lora-rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
         if not self.lora_alpha > 0:

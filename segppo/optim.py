@@ -147,4 +147,9 @@ def training_engine(
         # a copy of all of them into flat buffers and back, for nothing. (bf16's optimizer keeps
         # it: its gradient-accumulation bookkeeping runs inside that call.)
         engine.enable_backward_allreduce = False
+    if stage == 0 and config.bf16:
+        # DeepSpeed's stage-0 bf16 optimizer steps once with zero gradients when it is built, to
+        # make the optimizer's states: Adam's step count would start at 1 and its bias correction
+        # run a step behind (the first update 0.73 × what it should be). Its states start afresh.
+        engine.optimizer.optimizer.state.clear()
     return engine, scheduler

@@ -215,14 +215,15 @@ def latest_state(state_dir: Path) -> Path | None:
 
 
 def zero_partitioned(folder: Path | None) -> bool:
-    """Whether a state (`save_training_state`'s folder) holds ZeRO's partitioned optimizer files."""
-    return folder is not None and any(Path(folder).glob("*/state/zero_pp_rank_*_optim_states.pt"))
+    """Whether a state (`save_training_state`'s folder) holds ZeRO's partitioned optimizer files
+    (`zero_pp_rank_*`, `bf16_zero_pp_rank_*` in bf16)."""
+    return folder is not None and any(Path(folder).glob("*/state/*zero_pp_rank_*_optim_states.pt"))
 
 
 def _check_zero_layout(name: str, engine: Any, folder: Path) -> None:
     """A ZeRO-partitioned state loaded into an engine without ZeRO fails inside DeepSpeed with an
     AttributeError; say why. (A change in the number of ranks is `load_training_state`'s check.)"""
-    saved = any((Path(folder) / name / "state").glob("zero_pp_rank_*_optim_states.pt"))
+    saved = any((Path(folder) / name / "state").glob("*zero_pp_rank_*_optim_states.pt"))
     if not saved or engine.zero_optimization():
         return
     recorded = Path(folder).parent.parent / "run_config.json"  # the run folder's (state/<step>/)

@@ -220,6 +220,19 @@ def test_bad_values_name_the_option(tiny_lm_dir, preferences_file, tmp_path):
     assert not (tmp_path / "o2" / "model").exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["rm", "train", "--model", "/no/model", "--dataset", "/no/d.jsonl"],
+        ["ppo", "train", "--policy", "/no/p", "--reward-model", "/no/r", "--prompts", "/no/p.jsonl"],
+    ],
+)
+def test_a_zero_stage_outside_0_to_3_is_refused_before_anything_loads(command, tmp_path):
+    result = runner.invoke(app, [*command, "--output", str(tmp_path / "o"), "--zero-stage", "4"])
+    assert result.exit_code == 2, plain(result)
+    assert "--zero-stage must be 0, 1, 2 or 3, got 4" in plain(result)
+
+
 # --------------------------------------------------------------------------------------------
 # One source of options: every config field is one option of its command, with the same default
 

@@ -272,6 +272,29 @@ def test_rm_train_with_lora_exports_the_trained_model_merged(
     )
 
 
+def test_rm_lora_in_bf16_under_zero3_trains_as_under_zero2(tiny_lm_dir, preferences_file, tmp_path):
+    """Under ZeRO-3 in bf16 the base is built in bf16 before the adapters are added; peft made them
+    float32, and DeepSpeed's stage-3 optimizer, which flattens each group in one dtype, failed
+    with a bare AssertionError."""
+    from segppo.rm.trainer import train_reward_model
+    from segppo.tracking import read_metrics
+
+    plain = tiny_rm_config(
+        tiny_lm_dir, preferences_file, tmp_path / "z2", max_steps=2, zero_stage=2, bf16=True, **LORA
+    )
+    partitioned = dataclasses.replace(plain, output=str(tmp_path / "z3"), zero_stage=3)
+    train_reward_model(plain)
+    train_reward_model(partitioned)
+    want = read_metrics(plain.output_dir, split="train")
+    got = read_metrics(partitioned.output_dir, split="train")
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-3)
+    a = load_file(plain.output_dir / "model" / "model.safetensors")
+    b = load_file(partitioned.output_dir / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-2, atol=1e-2)
+
+
 def test_rm_lora_resume_matches_an_uninterrupted_run_and_exports_the_adapter(
     tiny_lm_dir, preferences_file, tmp_path
 ):

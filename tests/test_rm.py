@@ -229,15 +229,17 @@ def test_resume_refuses_other_data_or_another_model(tiny_lm_dir, preferences_fil
     train_reward_model(dataclasses.replace(cfg, resume=True, max_steps=2, dataset=str(copy)))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
-    tiny_lm_dir, preferences_file, tmp_path, monkeypatch
+    tiny_lm_dir, preferences_file, tmp_path, monkeypatch, bf16
 ):
     """segppo once trained one rank under the ZeRO stage asked for (now stage 0, `one_rank_zero_stage`):
     a state saved so holds ZeRO's partitioned optimizer files, which a stage-0 engine cannot read.
-    A resume of such a run must rebuild the engine the state was saved by and go on as an unbroken run."""
+    A resume of such a run must rebuild the engine the state was saved by and go on as an unbroken run.
+    In bf16 DeepSpeed names those files bf16_zero_pp_rank_*."""
     import segppo.optim
 
-    base = dict(max_steps=4, save_every=2, zero_stage=2)
+    base = dict(max_steps=4, save_every=2, zero_stage=2, bf16=bf16)
     straight = rm_config(tiny_lm_dir, preferences_file, tmp_path / "straight", **base)
     train_reward_model(straight)
 
@@ -246,7 +248,7 @@ def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
     with monkeypatch.context() as m:  # the older segppo: ZeRO-2 on one rank
         m.setattr(segppo.optim, "one_rank_zero_stage", lambda stage, **_: stage)
         stop_at_step(train_reward_model, old, 3)
-    assert list((old.output_dir / "state").glob("*/reward_model/state/zero_pp_rank_0_*optim_states.pt"))
+    assert list((old.output_dir / "state").glob("*/reward_model/state/*zero_pp_rank_0_*optim_states.pt"))
     with pytest.raises(ValueError, match=r"ZeRO.*--zero-stage 2"):
         train_reward_model(dataclasses.replace(old, resume=True, zero_stage=0))
     train_reward_model(dataclasses.replace(old, resume=True))

@@ -83,7 +83,10 @@ def apply_lora(
         bias="none",
     )
     try:
-        wrapped = peft.get_peft_model(model, config)
+        # The adapters take their layer's dtype: the bf16 of a base built under ZeRO-3 (float32
+        # adapters beside it break DeepSpeed's one-dtype partitions); elsewhere the engine casts
+        # the whole model to its dtype anyway, and ZeRO keeps float32 master weights.
+        wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
     except ValueError as e:
         raise ValueError(f"LoRA targets {targets!r}: {e}") from e
     if head is not None:
