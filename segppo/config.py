@@ -127,7 +127,9 @@ class RMConfig(MemoryOptions):
     batch_size: int = option(128, panel=OPTIMISATION, help="Pairs per optimizer step over all ranks.")
     micro_batch_size: int = option(8, panel=MEMORY, help="Pairs per forward on one rank.")
     margin: bool = option(False, panel=SEGMENTS, help="Use the data's score margins in the loss.")
-    zero_stage: int = option(2, panel=MEMORY, help="DeepSpeed ZeRO stage 0-3.")
+    zero_stage: int = option(
+        2, panel=MEMORY, help="DeepSpeed ZeRO stage 0-3 (one rank trains 1 and 2 as 0: nothing to partition)."
+    )
     bf16: bool = option(False, panel=MEMORY, help="Train in bfloat16.")
     gradient_checkpointing: bool = option(
         False, panel=MEMORY, help="Recompute activations in the backward pass (less memory, slower)."
@@ -467,7 +469,9 @@ class PPOConfig(PPOMemoryOptions):
     )
     weight_decay: float = option(0.0, panel=OPTIMISATION, help="AdamW weight decay.")
     grad_clip: float = option(1.0, panel=OPTIMISATION, help="Clip the gradient norm to this.")
-    zero_stage: int = option(2, panel=MEMORY, help="DeepSpeed ZeRO stage 0-3.")
+    zero_stage: int = option(
+        2, panel=MEMORY, help="DeepSpeed ZeRO stage 0-3 (one rank trains 1 and 2 as 0: nothing to partition)."
+    )
     bf16: bool = option(False, panel=MEMORY, help="Train in bfloat16.")
     gradient_checkpointing: bool = option(
         False, panel=MEMORY, help="Recompute activations in the backward pass (less memory, slower)."
