@@ -88,6 +88,14 @@ def test_rm_eval_max_samples_must_be_positive(max_samples):
         RMEvalConfig(model="m", dataset="d", max_samples=max_samples)
 
 
+def test_rm_eval_names_the_dataset_it_could_not_read(trained_rm, tmp_path):
+    # rm eval said only "no usable preference rows: there are no rows at all", naming no file.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(empty))}: no usable preference rows"):
+        evaluate_reward_model(RMEvalConfig(model=str(trained_rm.output_dir), dataset=str(empty)))
+
+
 def test_rm_eval_reports_truncated_rows(trained_rm):
     # As rm train and fit-normalizer report them: a pair cut to --max-len is not scored as written.
     bad_rows = Path(__file__).resolve().parent / "data" / "preferences_with_bad_rows.jsonl"

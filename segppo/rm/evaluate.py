@@ -57,14 +57,17 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> dict:
     options = LayoutOptions(
         prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key
     )
-    pairs, report = encode_preferences(
-        rows,
-        scorer.tokenizer,
-        layout_options=options,
-        max_len=cfg.max_len,
-        max_prompt_len=cfg.max_prompt_len,
-        chat_template=scorer.chat.template,
-    )
+    try:
+        pairs, report = encode_preferences(
+            rows,
+            scorer.tokenizer,
+            layout_options=options,
+            max_len=cfg.max_len,
+            max_prompt_len=cfg.max_prompt_len,
+            chat_template=scorer.chat.template,
+        )
+    except ValueError as err:  # no usable layout, a --strict row: say which data
+        raise ValueError(f"{cfg.dataset}: {err}") from err
     if not pairs:
         raise ValueError(f"{cfg.dataset}: no usable preference pairs ({report})")
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=scorer.device)
