@@ -429,7 +429,11 @@ class PPOConfig(PPOMemoryOptions):
         "responses (the paper's code).",
     )
     value_clip: float | None = option(None, panel=PPO, help="Default 0.25 dense, 0.2 bandit.")
-    whiten_advantages: bool = option(True, panel=PPO, help="Whiten advantages over the rollout batch.")
+    whiten_advantages: bool = option(
+        True,
+        panel=PPO,
+        help="Whiten advantages over the rollout batch (gae, rloo; reinforce++ always does, grpo never).",
+    )
     advantage: str = option(
         "gae", panel=PPO, help="gae | rloo | grpo | reinforce++ (the last three need no critic)."
     )
