@@ -124,7 +124,7 @@ def load_policy(
 
     With a ZeRO-3 `ds_config` (the DeepSpeed config of the model's engine) the model is built
     partitioned, no rank ever holding it whole (`segppo.models.zero3`)."""
-    check_not_adapter_only(name_or_path, str(name_or_path))
+    check_not_adapter_only(name_or_path, "the causal LM")
     if is_zero3(ds_config):
         from .zero3 import from_pretrained_partitioned
 

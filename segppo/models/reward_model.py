@@ -214,7 +214,7 @@ def load_reward_model(
     folder = _local_folder(path, trust_remote_code)
     weights = _weight_index(folder)
     has_config = (folder / "config.json").is_file()
-    check_not_adapter_only(folder, str(folder))
+    check_not_adapter_only(folder, "the reward model")
     if not has_config and not weights:
         raise FileNotFoundError(f"{folder}: neither config.json nor model weights; not a model folder")
     if not has_config:
