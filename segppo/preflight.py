@@ -186,7 +186,7 @@ def check_context(model: str, field: str, cfg: Any) -> None:
     from segppo.context import model_context
     from segppo.models.loading import check_not_adapter_only
 
-    check_not_adapter_only(model, f"{_flag(field)} {model}")  # eval's policies come here first
+    check_not_adapter_only(model, f"{_flag(field)} {model}")  # before transformers reads a config it lacks
     context = model_context(model, trust_remote_code=cfg.trust_remote_code, label=_flag(field))
     if context is not None:
         context.check(
