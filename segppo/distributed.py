@@ -7,13 +7,13 @@ environment already names the rank and world size and segppo simply joins.
 
 from __future__ import annotations
 
-import gc
 import importlib
 import json
 import logging
 import os
 import random
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -229,7 +229,6 @@ def _spawned_worker(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         fn(*args)
-        _collect_left_groups()
     except BaseException as err:
         # The full traceback goes to the run folder; the parent reads the one-line record and
         # reports the rank that failed first (the others may fail after it, on a broken group).
@@ -242,17 +241,22 @@ def _spawned_worker(
         record["log"] = str(log)
         atomic_write_text(_error_record(Path(record_dir), local_rank), json.dumps(record))
         raise
+    _exit_without_teardown()
 
 
-def _collect_left_groups() -> None:
-    """Free what still holds a process group once a rank's work is done, while Python is whole.
+def _exit_without_teardown() -> None:
+    """End a spawned rank whose work is done and saved, skipping Python's teardown.
 
-    ZeRO-3 parameters keep their group in reference cycles (`ds_process_group`), so after
-    `shutdown()` gloo's threads lived on until the interpreter's teardown, where destroying them
-    raced with it: a rank that had finished aborted ("terminate called without an active
-    exception") and the run was reported as a rank killed by SIGABRT.
+    The teardown is where a finished rank could still die: DeepSpeed keeps its process groups
+    (`deepspeed.utils.groups`, and ZeRO-3 parameters in reference cycles) past `shutdown()`, so
+    gloo's threads lived into the interpreter's finalization, and destroying them there aborted the
+    rank now and then ("terminate called without an active exception", SIGABRT): a run that had
+    finished was reported as failed. The logs are flushed first; nothing else is left to do.
     """
-    gc.collect()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _libraries_quiet() -> bool:
@@ -272,7 +276,6 @@ def launch(fn: Callable, *args: Any, nproc: int = 1, log_dir: Path | None = None
         raise ValueError(f"--nproc must be at least 1, got {nproc}")
     if nproc == 1 or under_launcher():
         fn(*args)
-        _collect_left_groups()
         return
     if torch.cuda.is_available() and torch.cuda.device_count() < nproc:
         raise ValueError(

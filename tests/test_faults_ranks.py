@@ -231,6 +231,17 @@ def fail_on_rank_1_while_rank_0_waits_for_it(folder: str) -> None:
         dist.recv(torch.zeros(1), src=1)  # rank 0 waits for rank 1 in an exchange it never joins
 
 
+def finish_then_crash_in_the_teardown(folder: str) -> None:
+    import atexit
+
+    from segppo.distributed import rank_group
+
+    with rank_group() as info:
+        Path(folder, f"done{info.rank}").write_text("")
+    # A library whose teardown aborts, as gloo's threads left to finalization did now and then.
+    atexit.register(os.abort)
+
+
 LAUNCH = """
 import sys
 import test_faults_ranks
@@ -263,6 +274,16 @@ def test_a_failed_rank_leaves_at_once_so_its_error_stops_the_run(tmp_path):
     log = tmp_path / "rank1.error.log"
     assert f"ValueError: rank 1: rank one failed (traceback in {log})" in result.stderr, result.stderr[-3000:]
     assert "rank one failed" in log.read_text()
+
+
+def test_a_rank_that_finished_is_not_failed_by_a_crash_in_the_teardown(tmp_path):
+    # CI of stop 27: a 2-rank run's rank 0 finished and then died of SIGABRT in Python's teardown
+    # ("terminate called without an active exception", gloo's threads); `launch` reported it failed.
+    result = run_with_timeout(
+        [sys.executable, "-c", LAUNCH, "finish_then_crash_in_the_teardown", str(tmp_path)], 180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "done0").exists() and (tmp_path / "done1").exists()
 
 
 # --- through the command line: a full disk is one line, the previous state intact -----------------
