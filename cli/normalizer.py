@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -35,7 +34,7 @@ def fit_normalizer(
     the reward model and its segmenter, fits the mean and std of the scores against ln(k/K), and
     writes normalizer.json for PPO.
     """
-    from segppo.normalizer import StdFloorWarning, curve_sketch, fit_table, param_json_keys
+    from segppo.normalizer import StdFloorWarning, curve_sketch, fit_table, normalizer_file, param_json_keys
 
     if list_keys:
         if values["from_param_json"] is None:
@@ -47,12 +46,13 @@ def fit_normalizer(
     from segppo.fit_normalizer import run_fit_normalizer
 
     cfg = build_config(FitNormalizerConfig, values)
+    target = normalizer_file(cfg.output)  # --output may name a folder: normalizer.json goes inside
     with warnings.catch_warnings():  # the table shows a std-floor warning in its own row
         warnings.simplefilter("ignore", StdFloorWarning)
         # the run's log sits beside normalizer.json: normalizer.log
-        normalizer = run_or_exit(lambda: run_fit_normalizer(cfg), log=Path(cfg.output).with_suffix(".log"))
+        normalizer = run_or_exit(lambda: run_fit_normalizer(cfg), log=target.with_suffix(".log"))
     print_table(console, fit_table(normalizer))
     if normalizer.bins:
         console.print(Text(curve_sketch(normalizer)))
     params = ", ".join(f"{x:.6g}" for x in normalizer.params)
-    console.print(f"[a, b, c, d] = [{params}] → {cfg.output}", markup=False, highlight=False)
+    console.print(f"[a, b, c, d] = [{params}] → {target}", markup=False, highlight=False)

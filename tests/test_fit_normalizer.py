@@ -259,6 +259,18 @@ def test_param_json_import_and_list_keys(param_json, tmp_path):
     assert Normalizer.load(out).granularity == "token"
 
 
+def test_an_output_folder_gets_normalizer_json_and_the_cli_names_that_file(param_json, tmp_path):
+    # The file went inside the folder, but the last line named the folder and the run's log went
+    # beside it (FOLDER.log), not beside normalizer.json.
+    folder = tmp_path / "norm"
+    folder.mkdir()
+    key = "phi3-instruct/preference700k_60000/peak/avg/1.75"
+    result = invoke("--from-param-json", param_json, "--key", key, "--output", folder)
+    assert result.exit_code == 0, result.output
+    assert Normalizer.load(folder / "normalizer.json").threshold == 1.75
+    assert "".join(result.stdout.split()).endswith(f"→{folder / 'normalizer.json'}")  # lines wrap
+
+
 def _error(result) -> str:
     assert result.exit_code == 2, result.output
     return plain(result)

@@ -28,7 +28,14 @@ from .core import (
     StdFloorWarning,
     std_floor_violations,
 )
-from .files import NORMALIZER_FILE, import_param_json, load_normalizer, param_json_keys, save_normalizer
+from .files import (
+    NORMALIZER_FILE,
+    import_param_json,
+    load_normalizer,
+    normalizer_file,
+    param_json_keys,
+    save_normalizer,
+)
 from .fit import (
     DEFAULT_FIT_MODE,
     DEFAULT_MIN_BIN_COUNT,
@@ -68,6 +75,7 @@ __all__ = [
     "huber_line",
     "import_param_json",
     "load_normalizer",
+    "normalizer_file",
     "param_json_keys",
     "save_normalizer",
     "save_plot",

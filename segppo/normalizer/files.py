@@ -33,18 +33,19 @@ def save_normalizer(normalizer: Normalizer, path: str | os.PathLike) -> Path:
     The JSON text is made before anything is written, and the file goes to a temporary
     sibling renamed over the target, so a failure leaves any previous file untouched.
     """
-    path = _normalizer_path(path)
+    path = normalizer_file(path)
     atomic_write_text(path, normalizer_json(normalizer))
     return path
 
 
 def load_normalizer(path: str | os.PathLike) -> Normalizer:
     """Read and validate a `normalizer.json` (or a folder holding one)."""
-    path = _normalizer_path(path)
+    path = normalizer_file(path)
     return Normalizer.from_dict(_read_json(path), where=str(path))
 
 
-def _normalizer_path(path: str | os.PathLike) -> Path:
+def normalizer_file(path: str | os.PathLike) -> Path:
+    """The file a normalizer `path` names: `path/normalizer.json` for a folder, else `path` itself."""
     path = Path(path)
     return path / NORMALIZER_FILE if path.is_dir() else path
 
