@@ -95,6 +95,13 @@ def replace_folder(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output_folder(path: str | os.PathLike, flag: str = "--output") -> None:
+    """An output folder that exists as a file is an error naming the option, said before any work
+    (not "[Errno 17] File exists" from the first write into it)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise NotADirectoryError(f"{flag} {path}: a file, not a folder")
+
+
 def as_recorded(name_or_path: str) -> str:
     """A local path as an absolute path (the record outlives the working directory); a hub name as is."""
     path = Path(name_or_path).expanduser()

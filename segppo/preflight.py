@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from segppo.io import check_output_folder
+
 HUB_TIMEOUT_S = 10.0
 
 # Suffixes that mark a source as a file the user meant, rather than a hub name.
@@ -224,8 +226,7 @@ def check_eval(cfg: Any, policies: dict[str, str], names: list[str]) -> None:
     for folder, field in policies.items():
         check_model(folder, field)
     out = Path(cfg.output).expanduser()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--output {cfg.output}: a file, not a folder")
+    check_output_folder(out)
     check_earlier_eval(out / "results.json", names, cfg.turns)
 
 

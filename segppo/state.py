@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from segppo.io import atomic_write_text, replace_folder, same_source
+from segppo.io import atomic_write_text, check_output_folder, replace_folder, same_source
 
 
 class NoSpaceError(OSError):
@@ -161,8 +161,7 @@ def save_training_state(
 
 def check_run_folder(output_dir: Path, *, resume: bool) -> None:
     """A new run needs a fresh folder; `--resume` needs a saved state. Nothing saved is overwritten."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"--output {output_dir} is a file, not a run folder")
+    check_output_folder(output_dir)
     if resume:
         if latest_state(output_dir / "state") is None:
             raise FileNotFoundError(f"--resume: no training state in {output_dir / 'state'} to resume from")

@@ -311,7 +311,7 @@ def test_resume_without_state_is_an_error(tiny_lm_dir, preferences_file, tmp_pat
 def test_output_that_is_a_file_is_an_error(tiny_lm_dir, preferences_file, tmp_path, resume):
     # Said before the data and models are loaded, naming the option, not as "[Errno 17] File exists".
     (tmp_path / "out").write_text("notes")
-    with pytest.raises(NotADirectoryError, match=r"^--output .*out is a file, not a run folder$"):
+    with pytest.raises(NotADirectoryError, match=r"^--output .*out: a file, not a folder$"):
         train_reward_model(rm_config(tiny_lm_dir, preferences_file, tmp_path / "out", resume=resume))
 
 

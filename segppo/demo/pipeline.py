@@ -24,7 +24,7 @@ import torch
 from segppo.config import DemoConfig, EvalConfig, FitNormalizerConfig, PPOConfig, RMConfig
 from segppo.eval import evaluate
 from segppo.fit_normalizer import run_fit_normalizer
-from segppo.io import atomic_write_json
+from segppo.io import atomic_write_json, check_output_folder
 from segppo.ppo.trainer import train_ppo
 from segppo.rm.trainer import train_reward_model
 from segppo.state import check_run_folder
@@ -285,8 +285,7 @@ def run_setting(
 def check_fresh_output(out: Path, folders: list[Path]) -> None:
     """Each setting trains into `folder/rm` and `folder/ppo`, which rm train and ppo train refuse
     when they hold a run: an earlier demo's is refused here, before minutes of data and SFT."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--output {out}: a file, not a folder")
+    check_output_folder(out)
     for folder in folders:
         for run in (folder / "rm", folder / "ppo"):
             try:
