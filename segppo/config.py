@@ -27,6 +27,7 @@ from segppo.config_fields import (  # re-exported
     PROMPT_SHARE,
     RUN,
     SEGMENTS,
+    check_max_samples,
     check_normalizer_options,
     check_positive,
     check_schedule_options,
@@ -161,8 +162,7 @@ class RMConfig(MemoryOptions):
         check_positive(self, "max_len")
         resolve_prompt_limit(self)
         check_positive(self, "batch_size", "micro_batch_size", "max_len", "max_prompt_len", "epochs", "nproc")
-        if self.max_samples is not None:
-            check_positive(self, "max_samples")
+        check_max_samples(self)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         self.entropy_threshold = parse_threshold(self.entropy_threshold)
@@ -231,8 +231,7 @@ class RMEvalConfig:
         check_positive(self, "max_len")
         resolve_prompt_limit(self)
         check_positive(self, "batch_size", "max_len", "max_prompt_len")
-        if self.max_samples is not None:
-            check_positive(self, "max_samples")
+        check_max_samples(self)
 
 
 @dataclass
@@ -516,8 +515,7 @@ class PPOConfig(PPOMemoryOptions):
             "n_samples_per_prompt",
             "kl_horizon",
         )
-        if self.max_samples is not None:
-            check_positive(self, "max_samples")
+        check_max_samples(self)
         if self.reward_granularity is not None and self.reward_granularity not in GRANULARITIES:
             raise ValueError(
                 f"--reward-granularity must be one of {GRANULARITIES}, got {self.reward_granularity!r}"

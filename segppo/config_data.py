@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from segppo.config_fields import DATA, MODEL, check_positive, check_seed, option, resolve_prompt_limit
+from segppo.config_fields import (
+    DATA,
+    MODEL,
+    check_max_samples,
+    check_positive,
+    check_seed,
+    option,
+    resolve_prompt_limit,
+)
 
 # What a dataset is read as: preference pairs (rm train, fit-normalizer, rm eval) or prompts
 # (ppo train, eval); auto: pairs when the rows have chosen and rejected responses.
@@ -71,7 +79,6 @@ class DataInspectConfig:
             raise ValueError(f"--kind must be one of {DATA_KINDS}, got {self.kind!r}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.max_samples is not None:
-            check_positive(self, "max_samples")
+        check_max_samples(self)
         if self.row is not None and self.row < 0:
             raise ValueError(f"--row must be >= 0, got {self.row}")

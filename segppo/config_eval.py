@@ -14,6 +14,7 @@ from segppo.config_fields import (
     MODEL,
     RUN,
     SEGMENTS,
+    check_max_samples,
     check_normalizer_options,
     check_positive,
     check_seed,
@@ -149,8 +150,7 @@ class EvalConfig:
             raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.threshold is not None and self.threshold < 0:
             raise ValueError(f"--threshold must be >= 0, got {self.threshold}")
-        if self.max_samples is not None and self.max_samples < 1:
-            raise ValueError(f"--max-samples must be at least 1, got {self.max_samples}")
+        check_max_samples(self)
 
     @property
     def output_dir(self) -> Path:

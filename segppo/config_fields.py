@@ -88,6 +88,12 @@ def check_seed(config: Any) -> None:
         raise ValueError(f"--seed must be in [0, 2**32 - 1], got {config.seed}")
 
 
+def check_max_samples(config: Any) -> None:
+    """`--max-samples` is unset (every row) or a positive count."""
+    if config.max_samples is not None:
+        check_positive(config, "max_samples")
+
+
 def check_positive(config: Any, *names: str) -> None:
     for name in names:
         value = getattr(config, name)

@@ -367,3 +367,21 @@ def test_a_seed_numpy_cannot_take_is_refused_by_every_command(seed):
     for cls, values in configs:
         with pytest.raises(ValueError, match=rf"^--seed must be in \[0, 2\*\*32 - 1\], got {seed}$"):
             cls(**values, seed=seed)
+
+
+def test_max_samples_is_checked_alike_by_every_command_that_takes_it():
+    from segppo.config import PPOConfig, RMConfig, RMEvalConfig
+    from segppo.config_data import DataInspectConfig
+    from segppo.config_eval import EvalConfig
+
+    configs = [
+        (RMConfig, dict(model="m", dataset="d", output="o")),
+        (PPOConfig, dict(policy="p", reward_model="r", prompts="q", output="o")),
+        (RMEvalConfig, dict(model="r", dataset="d")),
+        (EvalConfig, dict(policy=["p"], prompts="q", output="o", scorer="json:dumps")),
+        (DataInspectConfig, dict(dataset="d")),
+    ]
+    for cls, values in configs:
+        assert cls(**values, max_samples=None).max_samples is None  # every row
+        with pytest.raises(ValueError, match=r"^--max-samples must be a positive integer, got 0$"):
+            cls(**values, max_samples=0)
