@@ -386,11 +386,14 @@ def test_truncation_cuts_the_prompt_first_then_the_response(tokenizer, chat):
 
     # Without max_prompt_len the prompt still leaves room for a response token under max_len.
     template_only = len(chat.prompt_ids([user("")]))
-    pair = chat.encode_pair(example, max_len=template_only + 1)
-    assert len(pair.prompt_ids) == template_only and len(pair.chosen_ids) == 1 and not pair.chosen_has_eos
-    # no room for the template itself; the options to raise, as rm train, ppo train and eval name them
-    with pytest.raises(ValueError, match=r"chat template alone.*raise --max-prompt-len \(or --max-len\)"):
-        chat.encode_pair(example, max_len=template_only)
+    pair = chat.encode_pair(example, max_len=template_only + 2)
+    assert len(pair.prompt_ids) == template_only + 1 and len(pair.chosen_ids) == 1 and not pair.chosen_has_eos
+    assert text(tokenizer, pair.prompt_ids) == "<|im_start|>user\n.<|im_end|>\n<|im_start|>assistant\n"
+    # no room for a token of the question (it was emptied, and the pair trained on with nothing
+    # asked), or for the template itself; the options to raise, as rm train, ppo train and eval name them
+    for max_len in (template_only + 1, template_only):
+        with pytest.raises(ValueError, match=r"chat template alone.*raise --max-prompt-len \(or --max-len\)"):
+            chat.encode_pair(example, max_len=max_len)
     with pytest.raises(ValueError, match="max_len"):
         chat.encode_pair(example, max_len=1)
 

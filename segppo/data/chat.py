@@ -314,7 +314,7 @@ class ChatFormat:
         Content is cut from the start of the oldest turns first, then of the system messages, and
         of the last turn (the question being answered) only when nothing else is left; an emptied
         oldest exchange (user + assistant) is dropped; never the template's own tokens (BOS,
-        headers). Raises ValueError when the template alone needs more than `limit`.
+        headers). Raises ValueError when the template alone leaves no room for a token of the question.
         """
         ids = self.prompt_ids(messages)
         if limit is None or len(ids) <= limit:
@@ -334,7 +334,15 @@ class ChatFormat:
                         f"emptied, more than the {limit} allowed; raise --max-prompt-len (or --max-len)"
                     )
                 content = self._tokenize(messages[target]["content"], as_text=True)
-                content = content[min(len(content), len(ids) - limit) :]
+                if target == body[-1] and len(ids) - limit >= len(content):
+                    # A prompt that asks nothing would still be answered (and scored): refuse it.
+                    emptied = [{**m, "content": ""} if i == target else m for i, m in enumerate(messages)]
+                    raise ValueError(
+                        f"the chat template alone takes {len(self.prompt_ids(emptied))} prompt tokens with "
+                        f"every message emptied, leaving nothing of the question within the {limit} allowed; "
+                        "raise --max-prompt-len (or --max-len)"
+                    )
+                content = content[len(ids) - limit :]
                 messages[target]["content"] = self.tokenizer.decode(content)
                 if _oldest_exchange_emptied(messages, body):  # now, even if emptying it was enough
                     del messages[body[0] : body[1] + 1]
