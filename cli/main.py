@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from . import data, demo, normalizer, ppo, rm
@@ -48,4 +50,15 @@ app.command("eval", cls=GroupedHelpCommand)(eval_cli.eval_command)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as end:
+        # One rank of an outer launcher's (torchrun, deepspeed): a command that finished leaves as
+        # `launch`'s ranks do, without Python's teardown, where a rank can still abort and fail
+        # the job it finished. (The check on WORLD_SIZE keeps torch out of a plain `--help`.)
+        if end.code in (0, None) and "WORLD_SIZE" in os.environ:
+            from segppo.distributed import exit_without_teardown, one_of_several_ranks
+
+            if one_of_several_ranks():
+                exit_without_teardown()
+        raise

@@ -74,6 +74,11 @@ def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def one_of_several_ranks() -> bool:
+    """True in a process that is one rank of several (an outer launcher's or `launch`'s)."""
+    return under_launcher() and int(os.environ["WORLD_SIZE"]) > 1
+
+
 def _quiet_deepspeed() -> None:
     import deepspeed  # noqa: F401  (configures its logger on import)
 
@@ -241,11 +246,12 @@ def _spawned_worker(
         record["log"] = str(log)
         atomic_write_text(_error_record(Path(record_dir), local_rank), json.dumps(record))
         raise
-    _exit_without_teardown()
+    exit_without_teardown()
 
 
-def _exit_without_teardown() -> None:
-    """End a spawned rank whose work is done and saved, skipping Python's teardown.
+def exit_without_teardown() -> None:
+    """End a rank whose work is done and saved (spawned by `launch`, or a command under an outer
+    launcher's ranks), skipping Python's teardown.
 
     The teardown is where a finished rank could still die: DeepSpeed keeps its process groups
     (`deepspeed.utils.groups`, and ZeRO-3 parameters in reference cycles) past `shutdown()`, so

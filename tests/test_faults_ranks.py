@@ -33,11 +33,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_with_timeout(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run `args` in a session of its own; past `timeout` the whole group (spawned ranks too) is
-    killed and the test fails, so a deadlocked run cannot hang the test session."""
+def run_with_timeout(args: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `args` in a session of its own (`_env()` updated with `env`); past `timeout` the whole
+    group (spawned ranks too) is killed and the test fails, so a deadlocked run cannot hang the
+    test session."""
     process = subprocess.Popen(
-        args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        args,
+        env={**_env(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, err = process.communicate(timeout=timeout)
@@ -284,6 +290,19 @@ def test_a_rank_that_finished_is_not_failed_by_a_crash_in_the_teardown(tmp_path)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "done0").exists() and (tmp_path / "done1").exists()
+
+
+def test_a_command_under_an_outer_launcher_is_not_failed_by_a_crash_in_the_teardown(tmp_path):
+    # The same teardown, in a command that runs as one of torchrun's (or deepspeed's) ranks.
+    param_json = tmp_path / "param.json"
+    param_json.write_text(json.dumps({"llama": {"prefs": {"peak": {"avg": {"2.0": [-0.5, 0.2, 0.1, 1.3]}}}}}))
+    command = "import atexit, os; atexit.register(os.abort); from segppo.cli.main import main; main()"
+    args = ["fit-normalizer", "--from-param-json", param_json, "--key", "llama/prefs/peak/avg/2.0"]
+    args += ["--output", tmp_path / "normalizer.json"]
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    result = run_with_timeout([sys.executable, "-c", command, *map(str, args)], 120, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "normalizer.json").exists()
 
 
 # --- through the command line: a full disk is one line, the previous state intact -----------------
