@@ -535,8 +535,11 @@ class PPOConfig(PPOMemoryOptions):
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
-        if self.temperature <= 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if not self.temperature > 0:  # NaN too
+            raise ValueError(
+                f"--temperature must be positive, got {self.temperature}: PPO takes its log-probs, ratios "
+                "and KL at the sampling temperature, and greedy decoding (0, as in `segppo eval`) has none"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.advantage in GROUP_ESTIMATORS and self.n_samples_per_prompt < 2:

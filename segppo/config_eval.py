@@ -75,8 +75,10 @@ class EvalConfig:
     max_prompt_len: int = option(1024, panel=DATA, help="Prompt tokens (see --long-prompts).")
     long_prompts: str = option("error", panel=DATA, help="error | truncate: prompts over --max-prompt-len.")
     max_new_tokens: int = option(1024, panel=GENERATION, help="Generation limit per response (per turn).")
-    temperature: float = option(1.0, panel=GENERATION, help="Sampling temperature.")
-    top_p: float = option(1.0, panel=GENERATION, help="Nucleus sampling mass.")
+    temperature: float = option(1.0, panel=GENERATION, help="Sampling temperature; 0 decodes greedily.")
+    top_p: float = option(
+        1.0, panel=GENERATION, help="Nucleus sampling mass (not applied at --temperature 0)."
+    )
     stop_token: list[str] | None = option(None, panel=GENERATION, help="Extra stop token (repeatable).")
     batch_size: int = option(
         16, panel=MEMORY, help="Prompts per generate call and responses per scoring forward."
@@ -137,8 +139,14 @@ class EvalConfig:
             raise ValueError(f"--rollout-engine must be hf or vllm, got {self.rollout_engine!r}")
         if self.long_prompts not in ("error", "truncate"):
             raise ValueError(f"--long-prompts must be error or truncate, got {self.long_prompts!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if not self.temperature >= 0:  # NaN too
+            raise ValueError(f"--temperature must be >= 0 (0 decodes greedily), got {self.temperature}")
+        if self.greedy and self.num_samples > 1:
+            raise ValueError(
+                f"--num-samples {self.num_samples} with --temperature 0: greedy decoding would give "
+                f"{self.num_samples} identical responses per prompt; use --num-samples 1 or a positive "
+                "--temperature"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.name is not None and len(self.name) != len(self.policy):
@@ -155,6 +163,11 @@ class EvalConfig:
     @property
     def output_dir(self) -> Path:
         return Path(self.output)
+
+    @property
+    def greedy(self) -> bool:
+        """--temperature 0: greedy decoding, as `segppo.generation.SamplingConfig.greedy` (no top-p)."""
+        return self.temperature == 0
 
 
 # The demo's gold tasks (`segppo.demo.task`): one-token decisions | phrases right or wrong as a whole.

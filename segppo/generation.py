@@ -21,6 +21,11 @@ Two ways to draw:
   hash of (row seed, step, token id), so it needs no RNG state and is a pure function of those
   three numbers. `SeededSampling` does the perturbation inside Hugging Face `generate` (a logits
   processor; greedy decoding takes the argmax).
+
+Temperature 0 is greedy decoding (`SamplingConfig.greedy`), as in Hugging Face's do_sample=False
+and vLLM's temperature 0: the argmax of the model's logits at each step, in either way of drawing
+(there is nothing to draw, so the seeds change nothing) and whatever top_p. There is no distribution
+to take log-probs of, so `generate_scored` (PPO) refuses it.
 """
 
 from __future__ import annotations
@@ -46,16 +51,27 @@ from segppo.data import EncodedPrompt, ResponseBatch, collate_prompts, collate_r
 @dataclass
 class SamplingConfig:
     max_new_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy decoding (see `greedy`)
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     synced_gpus: bool = False  # ZeRO-3 on several ranks: every rank steps until all are done
 
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # NaN too: it would sample from NaN scores
+            raise ValueError(f"temperature must be >= 0 (0: greedy decoding), got {self.temperature}")
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0: the argmax at each step, no draw (top_p does not apply)."""
+        return self.temperature == 0
+
     def describe(self) -> dict:
-        """What a run records of its sampling (run_config.json): the whole distribution drawn from."""
+        """What a run records of its sampling (run_config.json, eval's results.json): the whole
+        distribution drawn from, or that decoding was greedy (then no top-p was applied)."""
         return {
+            "decoding": "greedy" if self.greedy else "sampling",
             "temperature": self.temperature,
-            "top_p": self.top_p,
+            "top_p": None if self.greedy else self.top_p,
             "top_k": None,  # no top-k
             "max_new_tokens": self.max_new_tokens,
             "stop_token_ids": list(self.stop_token_ids),
@@ -150,6 +166,11 @@ class DrawnTokenScores(LogitsProcessor):
     """
 
     def __init__(self, temperature: float):
+        if not temperature > 0:
+            raise ValueError(
+                f"no log-probs at temperature {temperature}: greedy decoding draws from no distribution "
+                "(PPO's log-probs, ratios and KL are taken at a positive sampling temperature)"
+            )
         self.inv_temp = 1.0 / temperature
         self.logprobs: list[torch.Tensor] = []  # [B] per step, of the token drawn at that step
         self.entropy: list[torch.Tensor] = []  # [B] per step
@@ -211,11 +232,13 @@ class HFEngine:
         check_fits_context(config_context(module.config, name), prompt_ids, sampling)
         batch = collate_prompts(prompt_ids, self.pad_token_id).to(self.device)
         width = batch.input_ids.shape[1]
-        if seeds is None:
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+        if sampling.greedy:  # nothing is drawn: the seeds, like the global RNG, change nothing
+            draw = dict(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+        elif seeds is None:
             draw = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         else:
-            if len(seeds) != len(prompt_ids):
-                raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
             processor = SeededSampling(
                 torch.as_tensor(list(seeds), dtype=torch.int64, device=self.device),
                 prompt_width=width,
@@ -342,19 +365,24 @@ class SeededSampling(LogitsProcessor):
     """Temperature, top-p, then Gumbel noise keyed by each row's seed; greedy decoding samples.
 
     `prompt_width` is the padded prompt width of the batch, so that `input_ids.shape[1] −
-    prompt_width` is the number of tokens generated so far (the step).
+    prompt_width` is the number of tokens generated so far (the step). At temperature 0 it changes
+    nothing (no noise, no division): the argmax is greedy decoding's (`sample_token`; `HFEngine`
+    decodes greedily without it).
     """
 
     def __init__(self, seeds: torch.Tensor, prompt_width: int, temperature: float = 1.0, top_p: float = 1.0):
         self.seeds = seeds
         self.prompt_width = prompt_width
+        self.greedy = temperature == 0  # the argmax, whatever top_p: the top token is in every nucleus
         self.warpers = []
-        if temperature != 1.0:
+        if not self.greedy and temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(temperature))
-        if top_p < 1.0:
+        if not self.greedy and top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.greedy:
+            return scores
         for warper in self.warpers:
             scores = warper(input_ids, scores)
         step = input_ids.shape[1] - self.prompt_width

@@ -11,7 +11,9 @@ EOS is not added, so the stop set is exactly the HF path's), and its token lists
 Seeds: every prompt is one vLLM request with its own `SamplingParams.seed`. With `seeds=None` (PPO)
 the request seeds are drawn from the global torch RNG, which PPO seeds per micro-rollout, so a run
 is reproducible; per-row `seeds` (evaluation) are used as they are: common random numbers across
-policies *within this engine* (vLLM's draws are not the HF engine's Gumbel hash).
+policies *within this engine* (vLLM's draws are not the HF engine's Gumbel hash). Temperature 0
+is vLLM's greedy decoding (top_p set aside, the seed unused): the argmax at each step, as the HF
+engine decodes at temperature 0.
 
 Log-probs: `generate(..., return_logprobs=True)` also gives vLLM's log-prob of each sampled token
 `[B, T]`, after temperature (and top-p renormalisation when top_p < 1), for comparison with the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -213,7 +214,69 @@ def test_generations_do_not_depend_on_the_batch_size(tiny_lm_dir, data):
     assert len({tuple(g.response_ids) for g in runs[0] if g.prompt.id == 100}) == 2
 
 
+def test_seeded_sampling_at_temperature_0_takes_the_argmax():
+    """Temperature 0 adds no noise (and divides by nothing): every seed and step draws the argmax,
+    top-p or not."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    seeds = torch.tensor([row_seed(7, i) for i in range(64)])
+    for step, top_p in ((0, 1.0), (5, 0.3)):
+        draws = sample_token(logits, seeds, step=step, temperature=0.0, top_p=top_p)
+        assert draws.tolist() == logits.argmax(-1).tolist()
+
+
 # -- end to end --------------------------------------------------------------------------------
+
+
+def _argmax_continuation(model, prompt_ids: list[int], stops, max_new_tokens: int) -> list[int]:
+    """Greedy decoding one token at a time on the unpadded prompt, up to the first stop token."""
+    ids = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(token)
+        if token in stops:
+            break
+    return ids[len(prompt_ids) :]
+
+
+def test_eval_at_temperature_0_gives_the_argmax_continuation_for_any_seed(tiny_lm_dir, data, tmp_path):
+    """`--temperature 0` decodes greedily: each response is the step-by-step argmax of its prompt
+    (left padding and batching change nothing), the seed changes nothing, and the report says
+    greedy rather than claiming a top-p it did not apply."""
+    from segppo.data import ChatFormat
+    from segppo.generation import stop_token_ids
+    from segppo.models import load_policy, load_tokenizer
+
+    runs = []
+    for seed in (1, 2):
+        cfg = EvalConfig(
+            policy=[tiny_lm_dir],
+            name=["sft"],
+            prompts=data["prompts"],
+            output=str(tmp_path / f"seed{seed}"),
+            temperature=0.0,
+            top_p=0.9,
+            seed=seed,
+            plot=False,
+            **GEN,
+        )
+        runs.append(evaluate(cfg, scorer_fn=length_scorer, progress=False))
+    first, second = (run.policies["sft"].generations for run in runs)
+    assert [g.response_ids for g in first] == [g.response_ids for g in second]
+
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    stops = set(stop_token_ids(ChatFormat(tokenizer), tokenizer, None))
+    model = load_policy(tiny_lm_dir).eval()
+    for g in first:
+        assert g.response_ids == _argmax_continuation(model, g.prompt_ids, stops, GEN["max_new_tokens"])
+    assert len({tuple(g.response_ids) for g in first}) > 1  # the prompts are answered, not ignored
+
+    saved = json.loads((tmp_path / "seed1" / "results.json").read_text())
+    assert saved["config"]["temperature"] == 0.0
+    sampling = saved["policies"]["sft"]["sampling"]
+    assert sampling["decoding"] == "greedy" and sampling["temperature"] == 0.0 and sampling["top_p"] is None
+    assert "--top-p 0.9 was not applied: --temperature 0 decodes greedily" in saved["notes"]
+    assert "greedy" in runs[0].table().title
 
 
 def test_eval_with_a_reward_model(tiny_lm_dir, other_policy, rm_dir, data, tmp_path):
@@ -246,6 +309,7 @@ def test_eval_with_a_reward_model(tiny_lm_dir, other_policy, rm_dir, data, tmp_p
         assert low <= p["response_length"]["mean"] <= high <= GEN["max_new_tokens"]
         assert 0 <= p["eos_fraction"] <= 1 and p["segments"] >= 1 and p["segment_length"] >= 1
         assert p["chat_template_source"] == "reward model" and p["scored_as_generated"] is True
+        assert p["sampling"]["decoding"] == "sampling" and p["sampling"]["top_p"] == 1.0
     assert saved["policies"]["sft"]["win_rate"] is None  # the baseline itself
     again = saved["policies"]["sft_again"]["win_rate"]
     assert again["rate"] == 0.5 and again["ties"] == again["n"] == 10 and again["se"] == 0.0
@@ -423,6 +487,24 @@ def test_markdown_counts_skip_code_blocks():
 # -- names, configs and errors -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(temperature=-0.5), "--temperature must be >= 0 (0 decodes greedily), got -0.5"),
+        (dict(temperature=float("nan")), "--temperature must be >= 0"),
+        (dict(temperature=0.0, num_samples=3), "--num-samples 3 with --temperature 0: greedy decoding"),
+    ],
+)
+def test_temperatures_that_cannot_work_are_refused(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EvalConfig(policy=["p"], prompts="x", output="o", **options)
+
+
+def test_temperature_0_is_accepted_with_one_sample():
+    cfg = EvalConfig(policy=["p"], prompts="x", output="o", temperature=0.0, top_p=0.5)
+    assert cfg.temperature == 0.0 and cfg.num_samples == 1
+
+
 def test_policy_names_and_baseline(tmp_path):
     def specs(**kw):
         values = dict(prompts="p.jsonl", output="o", scorer="m:f") | kw
@@ -485,6 +567,7 @@ def test_note_when_a_policy_was_trained_on_the_eval_prompts(tiny_lm_dir, data, t
         (["--scorer", "my_scorers_bad:not_numbers"], "want a number"),
         (["--scorer", "json:dumps", "--turns", "2"], "needs rows with a `turns` list"),
         (["--scorer", "json:dumps", "--max-prompt-len", "8"], "raise --max-prompt-len or pass"),
+        (["--scorer", "json:dumps", "--temperature", "0", "--num-samples", "2"], "identical responses"),
     ],
 )
 def test_cli_errors(tiny_lm_dir, data, tmp_path, monkeypatch, extra, message):

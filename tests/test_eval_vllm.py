@@ -28,16 +28,14 @@ def length_scorer(prompts, responses):
     return [float(len(r)) for r in responses]
 
 
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    """A tiny Llama with head_dim 32 (the CPU attention backend's minimum) that stops now and then.
+def _tiny_llama32(folder, *, raise_stops: bool) -> str:
+    """A tiny Llama with head_dim 32 (the CPU attention backend's minimum), saved in `folder`.
 
-    A random model's next token is nearly uniform over 384 (a stop ~1 in 200 tokens). Every token
-    embedding gets a shared direction `u`, which the final hidden state then carries, and the stop
-    tokens' output rows point along `u`: their logits rise by a few nats, so that some responses
-    stop within MAX_NEW tokens and others run to the limit.
+    A random model's next token is nearly uniform over 384 (a stop ~1 in 200 tokens). With
+    `raise_stops` every token embedding gets a shared direction `u`, which the final hidden state
+    then carries, and the stop tokens' output rows point along `u`: their logits rise by a few
+    nats, so that some sampled responses stop within MAX_NEW tokens and others run to the limit.
     """
-    folder = tmp_path_factory.mktemp("eval_policy32")
     torch.manual_seed(0)
     cfg = tiny_config(
         "llama", hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2
@@ -45,14 +43,28 @@ def policy(tmp_path_factory):
     model = AutoModelForCausalLM.from_config(cfg).float()
     tokenizer = tiny_tokenizer()
     stops = list(stop_token_ids(ChatFormat(tokenizer), tokenizer, None))
-    with torch.no_grad():
-        embed = model.model.embed_tokens.weight
-        u = torch.nn.functional.normalize(torch.randn(embed.shape[1]), dim=0)
-        embed.add_(u * embed.norm(dim=1).mean())
-        model.lm_head.weight[stops] = 0.8 * u  # about 7% of the next-token mass
+    if raise_stops:
+        with torch.no_grad():
+            embed = model.model.embed_tokens.weight
+            u = torch.nn.functional.normalize(torch.randn(embed.shape[1]), dim=0)
+            embed.add_(u * embed.norm(dim=1).mean())
+            model.lm_head.weight[stops] = 0.8 * u  # about 7% of the next-token mass
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A policy that stops now and then when sampled."""
+    return _tiny_llama32(tmp_path_factory.mktemp("eval_policy32"), raise_stops=True)
+
+
+@pytest.fixture(scope="module")
+def greedy_policy(tmp_path_factory):
+    """A policy whose argmax is not a stop token at once (`policy`'s raised stops are the argmax of
+    every step: greedy decoding there answers every prompt with the one stop token)."""
+    return _tiny_llama32(tmp_path_factory.mktemp("greedy_policy32"), raise_stops=False)
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +76,15 @@ def prompts_file(tmp_path_factory):
     return str(path)
 
 
-def _eval(policy, prompts, output, engine: str):
+def _eval(policy, prompts, output, engine: str, **options):
+    settings = dict(num_samples=4, max_new_tokens=MAX_NEW, max_prompt_len=48, batch_size=8, seed=5)
     cfg = EvalConfig(
         policy=[policy],
         prompts=prompts,
         output=str(output),
-        num_samples=4,
-        max_new_tokens=MAX_NEW,
-        max_prompt_len=48,
-        batch_size=8,
-        seed=5,
         rollout_engine=engine,
         plot=False,
+        **{**settings, **options},
     )
     return evaluate(cfg, scorer_fn=length_scorer, progress=False)
 
@@ -116,3 +125,20 @@ def test_vllm_eval_has_the_hf_layout_reruns_identically_and_writes_the_report(po
     assert summary["eos_fraction"] == pytest.approx(sum(eos) / len(eos))
     rows = (tmp_path / "a" / summary["responses_file"]).read_text().splitlines()
     assert [json.loads(r)["response"] for r in rows] == [g.response for g in result.generations]
+
+
+def test_vllm_greedy_eval_gives_the_hf_engine_s_responses(greedy_policy, prompts_file, tmp_path):
+    """--temperature 0 is greedy decoding on both engines (vLLM's own temperature 0): the argmax at
+    each step, so the same responses as the hf engine's, whatever the seed."""
+    greedy = dict(temperature=0.0, num_samples=1)
+    vllm = _eval(greedy_policy, prompts_file, tmp_path / "vllm", "vllm", **greedy)
+    other_seed = _eval(greedy_policy, prompts_file, tmp_path / "vllm7", "vllm", seed=7, **greedy)
+    hf = _eval(greedy_policy, prompts_file, tmp_path / "hf", "hf", **greedy)
+    (result,) = vllm.policies.values()
+    (rerun,) = other_seed.policies.values()
+    (hf_result,) = hf.policies.values()
+    responses = [g.response_ids for g in result.generations]
+    assert responses == [g.response_ids for g in hf_result.generations]
+    assert responses == [g.response_ids for g in rerun.generations]
+    assert len(set(map(tuple, responses))) > 1  # the prompts are answered, not ignored
+    assert result.sampling["decoding"] == "greedy" and result.sampling["top_p"] is None

@@ -124,3 +124,57 @@ def test_sampled_scores_are_what_a_forward_pass_gives(tiny_lm_dir, temperature, 
     mask = batch.response_mask
     torch.testing.assert_close(scores.logprobs, torch.where(mask, logprobs, 0.0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(scores.entropy, torch.where(mask, entropy, 0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_temperature_0_decodes_greedily_in_both_draws(tiny_lm_dir):
+    """Temperature 0 is greedy decoding: Hugging Face's do_sample=False (the argmax at each step)
+    whatever the draw (global RNG or per-row seeds, any seeds) and whatever top_p."""
+    from segppo.data import collate_prompts
+    from segppo.generation import responses_batch
+
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    chat = ChatFormat(tokenizer)
+    model = load_policy(tiny_lm_dir).eval()
+    engine = HFEngine(model, chat.pad_token_id, "cpu")
+    texts = ("Name the capital.", "What is the capital of France?", "a b")
+    prompts = [chat.encode_prompt(PromptExample([{"role": "user", "content": t}])) for t in texts]
+    stops = tuple(chat.stop_token_ids)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0.0, top_p=0.5, stop_token_ids=stops)
+    torch.manual_seed(0)
+    drawn = [engine.generate(prompts, sampling, seeds) for seeds in (None, [1, 2, 3], [7, 7, 9])]
+    prompt_ids = [p.prompt_ids for p in prompts]
+    batch = collate_prompts(prompt_ids, chat.pad_token_id)
+    width = batch.input_ids.shape[1]
+    plain = model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        do_sample=False,
+        max_new_tokens=8,
+        eos_token_id=list(stops),
+        pad_token_id=chat.pad_token_id,
+    )
+    expected = responses_batch(prompt_ids, plain[:, width:], sampling, chat.pad_token_id)
+    for got in drawn:
+        assert torch.equal(got.input_ids, expected.input_ids)
+    assert len({tuple(row) for row in expected.response_ids.tolist()}) == len(texts)  # not one answer
+
+
+def test_sampling_at_temperature_0_is_recorded_as_greedy_and_has_no_log_probs(tiny_lm_dir):
+    """Greedy decoding draws from no distribution: its record says greedy (top-p does not apply),
+    and the log-probs PPO takes at the sampling temperature are refused rather than divided by 0."""
+    greedy = SamplingConfig(max_new_tokens=4, temperature=0.0, top_p=0.9)
+    assert greedy.greedy and not SamplingConfig(max_new_tokens=4).greedy
+    described = greedy.describe()
+    assert described["decoding"] == "greedy" and described["temperature"] == 0.0
+    assert described["top_p"] is None and described["top_k"] is None
+    assert SamplingConfig(max_new_tokens=4, top_p=0.9).describe()["decoding"] == "sampling"
+    for temperature in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be >= 0"):
+            SamplingConfig(max_new_tokens=4, temperature=temperature)
+
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    chat = ChatFormat(tokenizer)
+    engine = HFEngine(load_policy(tiny_lm_dir).eval(), chat.pad_token_id, "cpu")
+    prompts = [chat.encode_prompt(PromptExample([{"role": "user", "content": "a b"}]))]
+    with pytest.raises(ValueError, match="no log-probs at temperature 0"):
+        engine.generate_scored(prompts, greedy)

@@ -407,6 +407,14 @@ def test_adaptive_kl_options_that_cannot_work_are_refused(options, message):
         PPOConfig(policy="p", reward_model="r", prompts="x", output="o", **options)
 
 
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_a_temperature_that_is_not_positive_is_refused_saying_why(temperature):
+    """PPO takes log-probs, ratios and KL at its sampling temperature; greedy decoding (temperature
+    0, which `segppo eval` accepts) has none, so PPO keeps refusing it, and says why."""
+    with pytest.raises(ValueError, match=r"--temperature must be positive, got .*: PPO takes its log-probs"):
+        PPOConfig(policy="p", reward_model="r", prompts="x", output="o", temperature=temperature)
+
+
 def test_an_entropy_threshold_that_would_segment_nothing_is_refused(tiny_lm_dir, reward_models, tmp_path):
     """--entropy-threshold sets where segment-level rewards cut; with a bandit RM (or
     --reward-granularity token|bandit) nothing is segmented, and the run went on without it."""

@@ -207,6 +207,7 @@ def test_ppo_records(tiny_lm_dir, segment_run, prompts_file, tmp_path):
         "policy segppo.json",
     )
     sampling = {
+        "decoding": "sampling",  # PPO refuses temperature 0 (greedy)
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
         "top_k": None,

@@ -77,9 +77,10 @@ def load_engine(
     draws the same numbers per prompt, so any batching gives the same responses. vllm: an
     in-process vLLM engine (`segppo.vllm_engine`; float32 unless `bf16`) where each row is one
     request seeded with its `row_seed`: a rerun gives the same responses, but vLLM's sampler does not
-    draw the hf engine's Gumbel noise, so its samples are not hf's. `max_len` (prompt plus response
-    tokens, capped at the model's context: `segppo.context`) bounds vLLM's sequences; call
-    `close_engine` when done.
+    draw the hf engine's Gumbel noise, so its samples are not hf's. At temperature 0 both decode
+    greedily (the argmax at each step): the same responses, but where two tokens' logits are within
+    float error of each other. `max_len` (prompt plus response tokens, capped at the model's
+    context: `segppo.context`) bounds vLLM's sequences; call `close_engine` when done.
     """
     if rollout_engine == "hf":
         from segppo.models import load_policy

@@ -38,6 +38,7 @@ class PolicyResult:
     win_rate_normalized: WinRate | None = None
     chat_template_source: str = ""
     scored_as_generated: bool | None = None  # RM read the policy's ids as they are
+    sampling: dict[str, Any] = field(default_factory=dict)  # `SamplingConfig.describe()`: greedy or how drawn
     truncated_prompts: int = 0
     exports: dict[str, str] = field(default_factory=dict)
     responses_file: str | None = None
@@ -66,6 +67,7 @@ class PolicyResult:
             "segment_length": self.segment_length,
             "chat_template_source": self.chat_template_source,
             "scored_as_generated": self.scored_as_generated,
+            "sampling": self.sampling,
             "truncated_prompts": self.truncated_prompts,
             "exports": self.exports,
             "responses_file": self.responses_file,
@@ -114,7 +116,11 @@ class EvalResults:
         from rich.table import Table
 
         rm = self.scorer.get("kind") == "reward_model"
-        title = f"segppo eval: {self.prompts.get('count')} prompts × {self.config.num_samples} sample(s)"
+        count = self.prompts.get("count")
+        if self.config.greedy:
+            title = f"segppo eval: {count} prompts, greedy decoding"
+        else:
+            title = f"segppo eval: {count} prompts × {self.config.num_samples} sample(s)"
         table = Table(title=title)
         table.add_column("policy")
         table.add_column("RM score (95% CI)" if rm else "score (95% CI)", justify="right")

@@ -291,6 +291,8 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
             "the reward model has no normalizer: normalized_reward is the sum of raw segment rewards "
             "(fit one with `segppo fit-normalizer` and pass --normalizer)"
         )
+    if cfg.greedy and cfg.top_p < 1:  # the argmax is in every nucleus
+        notes.append(f"--top-p {cfg.top_p} was not applied: --temperature 0 decodes greedily")
     counter = tiktoken_counter()
     token_len_counter = "tiktoken gpt-3.5-turbo" if counter is not None else "policy tokenizer"
 
@@ -381,6 +383,7 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
                 rm,
                 chat_template_source=source,
                 scored_as_generated=direct,
+                sampling=sampling.describe(),
                 exports=exports,
                 responses_file=responses_file,
                 time_generation_s=time_generation,
