@@ -648,3 +648,60 @@ def test_segppo_json_records_the_template_kwargs_and_from_metadata_renders_with_
     assert ChatFormat.from_metadata(qwen3(), old).prompt_ids(prompt) == ChatFormat(qwen3()).prompt_ids(prompt)
     with pytest.raises(Exception, match="field 'chat_template_kwargs' must be an object or null"):
         SegppoMetadata.from_dict({**values, "chat_template_kwargs": "enable_thinking=false"})
+
+
+@needs_templates_keeping_control_text
+def test_rm_training_records_the_template_kwargs_and_rm_eval_and_fit_normalizer_use_them(
+    tmp_path, monkeypatch
+):
+    import segppo.fit_normalizer
+    import segppo.rm.evaluate
+    from segppo.config import FitNormalizerConfig, RMEvalConfig
+    from segppo.rm.scoring import load_scorer
+    from segppo.rm.trainer import prepare_preferences, train_reward_model
+
+    tokenizer = qwen3()
+    folder = tmp_path / "qwen3-shaped"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = write_preferences(tmp_path / "prefs.jsonl", n=40)
+    cfg = tiny_rm_config(
+        str(folder),
+        data,
+        tmp_path / "run",
+        granularity="bandit",
+        max_steps=1,
+        chat_template_kwargs=NO_THINKING,
+    )
+    pair = prepare_preferences(cfg, tokenizer).train[0]  # what it trains on
+    assert tokenizer.decode(pair.prompt_ids).endswith("<think>\n\n</think>\n\n")
+    train_reward_model(cfg)
+    meta = SegppoMetadata.load(cfg.output_dir / "model" / "segppo.json")
+    assert meta.chat_template_kwargs == NO_THINKING
+    scorer = load_scorer(str(cfg.output_dir / "model"))
+    assert scorer.chat.template_kwargs == NO_THINKING
+    assert scorer.chat.prompt_ids([user("Hi.")]) == ChatFormat(
+        tokenizer, template_kwargs=NO_THINKING
+    ).prompt_ids([user("Hi.")])
+    # rm eval and fit-normalizer encode their pairs as the RM was trained.
+    seen = []
+    for module in (segppo.rm.evaluate, segppo.fit_normalizer):
+        encode = module.encode_preferences
+
+        def spy(*args, encode=encode, **kwargs):
+            seen.append(kwargs.get("template_kwargs"))
+            return encode(*args, **kwargs)
+
+        monkeypatch.setattr(module, "encode_preferences", spy)
+    model = str(cfg.output_dir / "model")
+    segppo.rm.evaluate.evaluate_reward_model(
+        RMEvalConfig(model=model, dataset=data, max_len=64, batch_size=8)
+    )
+    out = tmp_path / "normalizer.json"
+    segppo.fit_normalizer.fit_normalizer_from_rm(
+        FitNormalizerConfig(
+            reward_model=model, dataset=data, output=str(out), samples=8, min_bin_count=1, max_len=64
+        )
+    )
+    assert seen == [NO_THINKING, NO_THINKING]
