@@ -368,6 +368,9 @@ class PPOConfig(PPOMemoryOptions):
     chat_template: str | None = option(
         None, panel=DATA, help="Jinja template (default: the one the RM was trained with)."
     )
+    chat_template_kwargs: dict[str, Any] | None = option(
+        None, panel=DATA, help=f"{CHAT_TEMPLATE_KWARGS_HELP} (default: the ones the RM was trained with)."
+    )
     max_prompt_len: int = option(1024, panel=DATA, help="Prompt tokens (see --long-prompts).")
     long_prompts: str = option("error", panel=DATA, help="error | truncate: prompts over --max-prompt-len.")
     strict: bool = option(
@@ -523,6 +526,7 @@ class PPOConfig(PPOMemoryOptions):
             "kl_horizon",
         )
         check_max_samples(self)
+        parse_json_objects(self, "chat_template_kwargs")
         if self.reward_granularity is not None and self.reward_granularity not in GRANULARITIES:
             raise ValueError(
                 f"--reward-granularity must be one of {GRANULARITIES}, got {self.reward_granularity!r}"

@@ -389,6 +389,8 @@ def test_max_samples_is_checked_alike_by_every_command_that_takes_it():
 
 TEMPLATED = [
     (RMConfig, dict(model="m", dataset="d", output="o")),
+    (PPOConfig, dict(policy="p", reward_model="r", prompts="q", output="o")),
+    (EvalConfig, dict(policy=["p"], prompts="q", output="o", scorer="json:dumps")),
 ]
 
 
