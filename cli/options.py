@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from segppo.config import load_config_file
-from segppo.config_fields import RUN
+from segppo.config_fields import RUN, takes_json_object
 from segppo.presets import preset_values
 from segppo.run_log import library_warnings_to
 
@@ -65,10 +65,18 @@ def config_options(config_cls: type, presets: dict[str, dict[str, Any]] | None =
 def _field_parameter(f: dataclasses.Field, annotation: Any) -> inspect.Parameter:
     # The field's panel is its option's `--help` panel (`segppo.cli.help`); a plain field has none.
     info = dict(help=f.metadata.get("help"), rich_help_panel=f.metadata.get("panel"))
+    if takes_json_object(annotation):
+        # Typer has no dict type: JSON text from the command line and a mapping from a YAML config
+        # reach the config as given, which parses and checks both (`parse_json_objects`).
+        info.update(parser=_as_given, metavar="<json>")
     argument = f.metadata.get("argument")
     option = typer.Argument(metavar=argument, **info) if argument else typer.Option(**info)
     default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
     return _keyword(f.name, Annotated[annotation, option], default)
+
+
+def _as_given(value: Any) -> Any:
+    return value
 
 
 def _keyword(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from segppo.config_data import DATA_KINDS, DataInspectConfig  # re-exported
 from segppo.config_eval import DEMO_TASKS, DemoConfig, EvalConfig  # re-exported
 from segppo.config_fields import (  # re-exported
+    CHAT_TEMPLATE_KWARGS_HELP,
     DATA,
     GENERATION,
     MEMORY,
@@ -35,6 +37,7 @@ from segppo.config_fields import (  # re-exported
     load_config_file,
     normalize_keys,
     option,
+    parse_json_objects,
     resolve_prompt_limit,
 )
 from segppo.config_memory import MemoryOptions, PPOMemoryOptions  # re-exported
@@ -106,6 +109,9 @@ class RMConfig(MemoryOptions):
         False, panel=DATA, help="A malformed data row is an error naming it (default: skip and count)."
     )
     chat_template: str | None = option(None, panel=DATA, help="Jinja chat template (string or file).")
+    chat_template_kwargs: dict[str, Any] | None = option(
+        None, panel=DATA, help=f"{CHAT_TEMPLATE_KWARGS_HELP} (recorded in segppo.json)."
+    )
     max_len: int = option(2048, panel=DATA, help="Prompt + response tokens.")
     max_prompt_len: int | None = option(
         None,
@@ -163,6 +169,7 @@ class RMConfig(MemoryOptions):
         resolve_prompt_limit(self)
         check_positive(self, "batch_size", "micro_batch_size", "max_len", "max_prompt_len", "epochs", "nproc")
         check_max_samples(self)
+        parse_json_objects(self, "chat_template_kwargs")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"--granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         self.entropy_threshold = parse_threshold(self.entropy_threshold)
@@ -361,6 +368,9 @@ class PPOConfig(PPOMemoryOptions):
     chat_template: str | None = option(
         None, panel=DATA, help="Jinja template (default: the one the RM was trained with)."
     )
+    chat_template_kwargs: dict[str, Any] | None = option(
+        None, panel=DATA, help=f"{CHAT_TEMPLATE_KWARGS_HELP} (default: the ones the RM was trained with)."
+    )
     max_prompt_len: int = option(1024, panel=DATA, help="Prompt tokens (see --long-prompts).")
     long_prompts: str = option("error", panel=DATA, help="error | truncate: prompts over --max-prompt-len.")
     strict: bool = option(
@@ -516,6 +526,7 @@ class PPOConfig(PPOMemoryOptions):
             "kl_horizon",
         )
         check_max_samples(self)
+        parse_json_objects(self, "chat_template_kwargs")
         if self.reward_granularity is not None and self.reward_granularity not in GRANULARITIES:
             raise ValueError(
                 f"--reward-granularity must be one of {GRANULARITIES}, got {self.reward_granularity!r}"

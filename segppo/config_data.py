@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from segppo.config_fields import (
+    CHAT_TEMPLATE_KWARGS_HELP,
     DATA,
     MODEL,
     check_max_samples,
     check_positive,
     check_seed,
     option,
+    parse_json_objects,
     resolve_prompt_limit,
 )
 
@@ -54,6 +57,9 @@ class DataInspectConfig:
     chosen_key: str | None = option(None, panel=DATA, help="Column of the chosen response.")
     rejected_key: str | None = option(None, panel=DATA, help="Column of the rejected response.")
     chat_template: str | None = option(None, panel=DATA, help="Jinja chat template (string or file).")
+    chat_template_kwargs: dict[str, Any] | None = option(
+        None, panel=DATA, help=f"{CHAT_TEMPLATE_KWARGS_HELP}."
+    )
     max_len: int = option(2048, panel=DATA, help="Prompt + response tokens (preference data).")
     max_prompt_len: int | None = option(
         None,
@@ -80,5 +86,6 @@ class DataInspectConfig:
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         check_max_samples(self)
+        parse_json_objects(self, "chat_template_kwargs")
         if self.row is not None and self.row < 0:
             raise ValueError(f"--row must be >= 0, got {self.row}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from segppo.config_fields import (
+    CHAT_TEMPLATE_KWARGS_HELP,
     DATA,
     DEMO,
     EVALUATION,
@@ -19,6 +21,7 @@ from segppo.config_fields import (
     check_positive,
     check_seed,
     option,
+    parse_json_objects,
 )
 from segppo.kernels import GRANULARITIES
 
@@ -72,6 +75,11 @@ class EvalConfig:
     chat_template: str | None = option(
         None, panel=DATA, help="Jinja template (default: the RM's when it shares the policy's tokenizer)."
     )
+    chat_template_kwargs: dict[str, Any] | None = option(
+        None,
+        panel=DATA,
+        help=f"{CHAT_TEMPLATE_KWARGS_HELP} (default: the RM's when it shares the policy's tokenizer).",
+    )
     max_prompt_len: int = option(1024, panel=DATA, help="Prompt tokens (see --long-prompts).")
     long_prompts: str = option("error", panel=DATA, help="error | truncate: prompts over --max-prompt-len.")
     max_new_tokens: int = option(1024, panel=GENERATION, help="Generation limit per response (per turn).")
@@ -122,6 +130,7 @@ class EvalConfig:
             self.name = [self.name]
         if isinstance(self.stop_token, str):
             self.stop_token = [self.stop_token]
+        parse_json_objects(self, "chat_template_kwargs")
         if not self.policy:
             raise ValueError("--policy is required (repeat it to compare several policies)")
         check_positive(self, "num_samples", "max_prompt_len", "max_new_tokens", "batch_size")

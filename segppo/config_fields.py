@@ -4,6 +4,7 @@ files; `segppo.config` re-exports every name here."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -44,6 +45,12 @@ def option(
         raise ValueError(f"unknown help panel {panel!r}; one of {PANELS}")
     return dataclasses.field(default=default, metadata={"help": help, "panel": panel, "argument": argument})
 
+
+# `--chat-template-kwargs` of every command that takes `--chat-template`; each adds its default.
+CHAT_TEMPLATE_KWARGS_HELP = (
+    "Chat template variables, a JSON object; '{\"enable_thinking\": false}' "
+    "makes Qwen3 answer without reasoning"
+)
 
 # The paper's prompt budget: 1728 of 2048 tokens, the rest for the response.
 PROMPT_SHARE = 1728 / 2048
@@ -99,6 +106,28 @@ def check_positive(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if value is None or value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+def parse_json_objects(config: Any, *names: str) -> None:
+    """Options that take a JSON object: JSON text on the command line (`'{"enable_thinking": false}'`),
+    a mapping in a YAML config or from Python; each becomes a dict, or stays None when not given."""
+    for name in names:
+        value = getattr(config, name)
+        option_name = f"--{name.replace('_', '-')}"
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{option_name} is not valid JSON ({err}): {value!r}") from None
+        if value is not None and not (isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+            raise ValueError(f'{option_name} must be a JSON object ({{"name": value, ...}}), got {value!r}')
+        setattr(config, name, None if value is None else dict(value))
+
+
+def takes_json_object(hint: Any) -> bool:
+    """Whether a field's type is a dict (an option given as a JSON object), alone or in a `| None`."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return any(typing.get_origin(arg) is dict for arg in (typing.get_args(hint) if union else (hint,)))
 
 
 def _repeatable(hint: Any) -> bool:

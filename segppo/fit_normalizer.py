@@ -250,6 +250,7 @@ def _fit_on_rank(cfg: FitNormalizerConfig, info: DistInfo) -> None:
             max_len=cfg.max_len,
             max_prompt_len=cfg.max_prompt_len,
             chat_template=scorer.chat.template,
+            template_kwargs=scorer.chat.template_kwargs,
         )
     num_batches = -(-len(pairs) // cfg.batch_size)
     with LiveProgress(num_batches, "scoring segments", enabled=info.is_main, unit="batches") as progress:

@@ -13,7 +13,9 @@ Each fixture reproduces one structure of a real model without the network:
 - Mistral-7B-Instruct-v0.3: SentencePiece, `[INST]`, assistant turns end with EOS `</s>`.
 - Qwen3: byte-level BPE, ChatML, `<think>`/`</think>` added tokens that are *not* special; the
   template splits an assistant message's content at `</think>` into reasoning and answer, writes
-  `<think>\n{reasoning}\n</think>\n\n{answer}` for the last turn and only the answer for older ones.
+  `<think>\n{reasoning}\n</think>\n\n{answer}` for the last turn and only the answer for older ones;
+  given the template variable `enable_thinking=false`, its generation prompt ends with an empty
+  `<think>\n\n</think>\n\n`, so the model answers without reasoning.
 """
 
 from __future__ import annotations
@@ -96,7 +98,10 @@ QWEN3 = (  # the assistant branch of Qwen3's template, without tools
     "{% if loop.last %}{{ '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + "
     "content.lstrip('\n') }}{% else %}{{ '<|im_start|>assistant\n' + content }}{% endif %}"
     "{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{% endif %}"
 )
 MISTRAL = (
     "{{ bos_token }}{% for message in messages %}"
@@ -583,3 +588,120 @@ def test_qwen3_reasoning_in_content_renders_as_its_template_parses_it():
     history = [*prompt, assistant("<think>\nHmm.\n</think>\n\n11 is prime."), user("Another?")]
     text = tokenizer.decode(chat.prompt_ids(history))
     assert "<|im_start|>assistant\n11 is prime.<|im_end|>" in text and "Hmm." not in text
+
+
+# --- 8. template variables (`--chat-template-kwargs`) -------------------------------------------
+
+NO_THINKING = {"enable_thinking": False}
+
+
+def test_template_kwargs_reach_the_template_so_qwen3_answers_without_thinking():
+    """Without `enable_thinking=false` Qwen3's prompt ends at `<|im_start|>assistant\\n` and the model
+    spends its token budget reasoning; with it, the prompt closes an empty think block."""
+    tokenizer = qwen3()
+    prompt = [user("Name a prime.")]
+    thinking, answering = ChatFormat(tokenizer), ChatFormat(tokenizer, template_kwargs=NO_THINKING)
+    assert tokenizer.decode(thinking.prompt_ids(prompt)).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(answering.prompt_ids(prompt)).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    # The empty think block belongs to the prompt: the response is the answer alone, and back.
+    ids, has_eos = answering.response_ids(prompt, "11 is prime.")
+    assert has_eos and tokenizer.decode(ids) == "11 is prime.<|im_end|>"
+    assert answering.response_text(prompt, ids, has_eos) == "11 is prime."
+    ids, _ = thinking.response_ids(prompt, "11 is prime.")
+    assert tokenizer.decode(ids) == "<think>\n\n</think>\n\n11 is prime.<|im_end|>"
+
+
+def test_the_probes_render_with_the_template_kwargs():
+    """A template that needs a variable: the probes ChatFormat runs at construction (system
+    handling, end of turn) render with the kwargs too, or they fail or misread the template."""
+    tokenizer = qwen3()
+    needs_persona = "{% if persona is not defined %}{{ raise_exception('persona is undefined') }}{% endif %}"
+    template = needs_persona + QWEN3
+    with pytest.raises(Exception, match="persona is undefined"):
+        ChatFormat(tokenizer, template)
+    chat = ChatFormat(tokenizer, template, template_kwargs={"persona": "a pirate"})
+    assert chat.system_handling == "keep"  # the system probe did not raise for want of `persona`
+    assert chat.end_of_turn_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with pytest.raises(ValueError, match=r"name apply_chat_template's own arguments \('tokenize'\)"):
+        ChatFormat(tokenizer, template_kwargs={"tokenize": False, "enable_thinking": False})
+
+
+def test_segppo_json_records_the_template_kwargs_and_from_metadata_renders_with_them(tmp_path):
+    prompt = [user("Name a prime.")]
+    chat = ChatFormat(qwen3(), template_kwargs=NO_THINKING)
+    path = tmp_path / "segppo.json"
+    SegppoMetadata(kind="reward_model", granularity="bandit", **chat.metadata_fields()).save(path)
+    meta = SegppoMetadata.load(path)
+    assert meta.chat_template_kwargs == NO_THINKING
+    again = ChatFormat.from_metadata(qwen3(), meta)
+    assert again.template_kwargs == NO_THINKING and again.prompt_ids(prompt) == chat.prompt_ids(prompt)
+    # A command's own kwargs win over the recorded ones.
+    own = ChatFormat.from_metadata(qwen3(), meta, template_kwargs={"enable_thinking": True})
+    assert own.prompt_ids(prompt) == ChatFormat(qwen3()).prompt_ids(prompt)
+    # A segppo.json written before kwargs were recorded renders without any.
+    values = json.loads(path.read_text())
+    del values["chat_template_kwargs"]
+    old = SegppoMetadata.from_dict(values)
+    assert old.chat_template_kwargs is None
+    assert ChatFormat.from_metadata(qwen3(), old).prompt_ids(prompt) == ChatFormat(qwen3()).prompt_ids(prompt)
+    with pytest.raises(Exception, match="field 'chat_template_kwargs' must be an object or null"):
+        SegppoMetadata.from_dict({**values, "chat_template_kwargs": "enable_thinking=false"})
+
+
+@needs_templates_keeping_control_text
+def test_rm_training_records_the_template_kwargs_and_rm_eval_and_fit_normalizer_use_them(
+    tmp_path, monkeypatch
+):
+    import segppo.fit_normalizer
+    import segppo.rm.evaluate
+    from segppo.config import FitNormalizerConfig, RMEvalConfig
+    from segppo.rm.scoring import load_scorer
+    from segppo.rm.trainer import prepare_preferences, train_reward_model
+
+    tokenizer = qwen3()
+    folder = tmp_path / "qwen3-shaped"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = write_preferences(tmp_path / "prefs.jsonl", n=40)
+    cfg = tiny_rm_config(
+        str(folder),
+        data,
+        tmp_path / "run",
+        granularity="bandit",
+        max_steps=1,
+        chat_template_kwargs=NO_THINKING,
+    )
+    pair = prepare_preferences(cfg, tokenizer).train[0]  # what it trains on
+    assert tokenizer.decode(pair.prompt_ids).endswith("<think>\n\n</think>\n\n")
+    train_reward_model(cfg)
+    meta = SegppoMetadata.load(cfg.output_dir / "model" / "segppo.json")
+    assert meta.chat_template_kwargs == NO_THINKING
+    scorer = load_scorer(str(cfg.output_dir / "model"))
+    assert scorer.chat.template_kwargs == NO_THINKING
+    assert scorer.chat.prompt_ids([user("Hi.")]) == ChatFormat(
+        tokenizer, template_kwargs=NO_THINKING
+    ).prompt_ids([user("Hi.")])
+    # rm eval and fit-normalizer encode their pairs as the RM was trained.
+    seen = []
+    for module in (segppo.rm.evaluate, segppo.fit_normalizer):
+        encode = module.encode_preferences
+
+        def spy(*args, encode=encode, **kwargs):
+            seen.append(kwargs.get("template_kwargs"))
+            return encode(*args, **kwargs)
+
+        monkeypatch.setattr(module, "encode_preferences", spy)
+    model = str(cfg.output_dir / "model")
+    segppo.rm.evaluate.evaluate_reward_model(
+        RMEvalConfig(model=model, dataset=data, max_len=64, batch_size=8)
+    )
+    out = tmp_path / "normalizer.json"
+    segppo.fit_normalizer.fit_normalizer_from_rm(
+        FitNormalizerConfig(
+            reward_model=model, dataset=data, output=str(out), samples=8, min_bin_count=1, max_len=64
+        )
+    )
+    assert seen == [NO_THINKING, NO_THINKING]

@@ -385,3 +385,50 @@ def test_max_samples_is_checked_alike_by_every_command_that_takes_it():
         assert cls(**values, max_samples=None).max_samples is None  # every row
         with pytest.raises(ValueError, match=r"^--max-samples must be a positive integer, got 0$"):
             cls(**values, max_samples=0)
+
+
+TEMPLATED = [
+    (RMConfig, dict(model="m", dataset="d", output="o")),
+    (PPOConfig, dict(policy="p", reward_model="r", prompts="q", output="o")),
+    (EvalConfig, dict(policy=["p"], prompts="q", output="o", scorer="json:dumps")),
+]
+
+
+def test_chat_template_kwargs_are_a_json_object_for_every_command_with_a_chat_template():
+    from segppo.config_data import DataInspectConfig
+
+    for cls, values in [*TEMPLATED, (DataInspectConfig, dict(dataset="d"))]:
+        assert "chat_template_kwargs" in {f.name for f in dataclasses.fields(cls)}, cls.__name__
+        assert cls(**values).chat_template_kwargs is None
+        given = cls(**values, chat_template_kwargs='{"enable_thinking": false}')
+        assert given.chat_template_kwargs == {"enable_thinking": False}
+        assert cls(**values, chat_template_kwargs={"enable_thinking": False}).chat_template_kwargs == {
+            "enable_thinking": False
+        }
+        with pytest.raises(ValueError, match=r"^--chat-template-kwargs is not valid JSON \(Expecting"):
+            cls(**values, chat_template_kwargs="{enable_thinking: false}")
+        with pytest.raises(
+            ValueError, match=r"^--chat-template-kwargs must be a JSON object .*, got \['enable_thinking'\]$"
+        ):
+            cls(**values, chat_template_kwargs='["enable_thinking"]')
+
+
+def test_chat_template_kwargs_on_the_command_line_and_in_a_config_file(tmp_path, monkeypatch):
+    import segppo.rm.trainer as trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train_reward_model", lambda cfg: seen.setdefault("cfg", cfg))
+    given = ["rm", "train", "--model", "m", "--dataset", "d", "--output", "o"]
+    result = invoke(*given, "--chat-template-kwargs", '{"enable_thinking": false}')
+    assert result.exit_code == 0, result.output
+    assert seen.pop("cfg").chat_template_kwargs == {"enable_thinking": False}
+    # A YAML config gives a mapping.
+    config = tmp_path / "c.yaml"
+    config.write_text("chat_template_kwargs:\n  enable_thinking: false\n")
+    result = invoke(*given, "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert seen.pop("cfg").chat_template_kwargs == {"enable_thinking": False}
+    # Malformed JSON is a usage error naming the option, on one line.
+    result = runner.invoke(app, [*given, "--chat-template-kwargs", "enable_thinking=false"])
+    assert result.exit_code == 2 and "--chat-template-kwargs is not valid JSON" in plain(result)
+    assert not seen

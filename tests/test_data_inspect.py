@@ -154,3 +154,31 @@ def test_system_prompts_a_template_rejects_are_shown_folded(tiny_lm_dir, tmp_pat
         "1 system prompts folded into the first user turn (the template has no system role)"
     ]
     assert "<|im_start|>user\nBe brief.\n\nHi?<|im_end|>" in report.example.prompt.text
+
+
+def test_chat_template_kwargs_render_the_example_as_rm_train_does(tiny_lm_dir):
+    from tiny import CHATML_TEMPLATE
+
+    # Qwen3's switch: given enable_thinking=false, the generation prompt closes an empty think block.
+    switch = (
+        "{% if enable_thinking is defined and enable_thinking is false %}"
+        "{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    )
+    template = CHATML_TEMPLATE.replace("{% endif %}", switch + "{% endif %}")
+    args = ["data", "inspect", str(DATA), "--model", tiny_lm_dir, "--eval-fraction", "0.25", "--seed", "3"]
+    args += ["--chat-template", template]
+    closed = "<|im_start|>assistant↵\n<think>↵\n↵\n</think>↵\n↵\n"
+    result = runner.invoke(app, args, env={"COLUMNS": "80"}, catch_exceptions=False)
+    assert result.exit_code == 0 and closed not in result.output, result.output
+    result = runner.invoke(
+        app, [*args, "--chat-template-kwargs", '{"enable_thinking": false}'], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 0 and closed in result.output, result.output
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    given = dict(chat_template=template, chat_template_kwargs={"enable_thinking": False}, **SPLIT)
+    shown = inspect_data(DataInspectConfig(dataset=str(DATA), **given), tokenizer).example
+    first = prepare_preferences(
+        RMConfig(model=tiny_lm_dir, dataset=str(DATA), output="unused", **given), tokenizer
+    )
+    assert shown.prompt.text == tokenizer.decode(first.train[0].prompt_ids, skip_special_tokens=False)
+    assert shown.prompt.text.endswith("<think>\n\n</think>\n\n")

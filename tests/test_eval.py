@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -723,3 +724,43 @@ def test_an_earlier_evals_folder_or_a_file_is_refused_before_any_work(tiny_lm_di
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(NotADirectoryError, match=r"^--output .*a_file: a file, not a folder"):
         evaluate(dataclasses.replace(cfg, output=str(tmp_path / "a_file")), scorer_fn=length_scorer)
+
+
+def test_chat_template_kwargs_render_the_policys_prompts(tiny_lm_dir, rm_dir, data, tmp_path):
+    from tiny import CHATML_TEMPLATE
+
+    from segppo.data import ChatFormat
+    from segppo.eval.runner import chat_template_kwargs_for
+    from segppo.eval.scoring import RewardModelScorer
+    from segppo.rm.scoring import load_scorer
+
+    no_thinking = {"enable_thinking": False}
+    switch = (  # Qwen3's: given enable_thinking=false, the generation prompt closes an empty think block
+        "{% if enable_thinking is defined and enable_thinking is false %}"
+        "{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    )
+    cfg = EvalConfig(
+        policy=[tiny_lm_dir],
+        prompts=data["prompts"],
+        output=str(tmp_path),
+        reward_model=rm_dir,
+        chat_template=CHATML_TEMPLATE.replace("{% endif %}", switch + "{% endif %}"),
+        chat_template_kwargs=no_thinking,
+        **{**GEN, "max_prompt_len": 64},  # the empty think block's tokens too
+    )
+    (result,) = evaluate(cfg, progress=False).policies.values()
+    scorer = RewardModelScorer(load_scorer(rm_dir), normalize=False)
+    tokenizer = scorer.scorer.tokenizer
+    assert tokenizer.decode(result.generations[0].prompt_ids).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    # Without the option: the RM's recorded kwargs (none here). The policy's ids are scored as they
+    # are only when they were rendered with the RM's template and kwargs alike.
+    assert chat_template_kwargs_for(cfg, tokenizer, scorer) == no_thinking
+    assert (
+        chat_template_kwargs_for(dataclasses.replace(cfg, chat_template_kwargs=None), tokenizer, scorer) == {}
+    )
+    assert scorer.reads_policy_ids(tokenizer, ChatFormat(tokenizer, scorer.chat.template))
+    assert not scorer.reads_policy_ids(
+        tokenizer, ChatFormat(tokenizer, scorer.chat.template, template_kwargs=no_thinking)
+    )

@@ -336,3 +336,40 @@ def test_reference_with_another_tokenizer_is_refused(phi3_run, tiny_lm_dir, tmp_
     policy, rm, prompts = phi3_run
     with pytest.raises(ValueError, match="--reference .* uses a different tokenizer from the policy"):
         ppo(policy, rm, prompts, tmp_path / "run", reference=tiny_lm_dir)
+
+
+def test_ppo_renders_prompts_with_the_rms_template_kwargs_and_refuses_others(tmp_path):
+    """With a shared tokenizer the policy's prompts are rendered as the RM's training prompts were:
+    its recorded template variables (Qwen3's enable_thinking=false), and no others."""
+    from types import SimpleNamespace
+
+    from test_chat_templates import NO_THINKING, qwen3
+
+    from segppo.config import PPOConfig
+    from segppo.ppo.setup import load_prompts, policy_chat_format, resolve_chat_template_kwargs
+
+    meta = SegppoMetadata(
+        kind="reward_model",
+        granularity="bandit",
+        **ChatFormat(qwen3(), template_kwargs=NO_THINKING).metadata_fields(),
+    )
+    reward = SimpleNamespace(metadata=meta, shares_tokenizer=True)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name a prime."}\n')
+    cfg = PPOConfig(policy="p", reward_model="r", prompts=str(prompts), output="o", max_prompt_len=64)
+    chat = policy_chat_format(reward, qwen3(), None, resolve_chat_template_kwargs(cfg, reward))
+    (prompt,) = load_prompts(cfg, chat)
+    assert chat.tokenizer.decode(prompt.prompt_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    given = PPOConfig(**{**vars(cfg), "chat_template_kwargs": NO_THINKING})
+    assert resolve_chat_template_kwargs(given, reward) == NO_THINKING
+    other = PPOConfig(**{**vars(cfg), "chat_template_kwargs": '{"enable_thinking": true}'})
+    with pytest.raises(
+        ValueError,
+        match=r'^--chat-template-kwargs \{"enable_thinking": true\} differ from the ones the reward model '
+        r'was trained with \(\{"enable_thinking": false\}, segppo.json\)',
+    ):
+        resolve_chat_template_kwargs(other, reward)
+    # A foreign bandit RM reads text in its own format: the policy's variables are the option's.
+    assert resolve_chat_template_kwargs(other, SimpleNamespace(metadata=meta, shares_tokenizer=False)) == {
+        "enable_thinking": True
+    }

@@ -15,6 +15,10 @@ preference data the end-of-turn token is appended when the template adds none, s
 untruncated response has `has_eos` true. `metadata_fields()` is what `segppo.json` records, and
 `ChatFormat.from_metadata` rebuilds the recorded format at PPO and eval time.
 
+Template variables (`--chat-template-kwargs`, e.g. Qwen3's `enable_thinking=false`, whose
+generation prompt then closes an empty think block) are passed to every rendering: the prompts, the
+responses' suffixes and the probes above, so that all of them see the same template output.
+
 Message content is text: control tokens written literally in a message (`</s>`, `<|eot_id|>`,
 `<|end|>` in code or chat-about-chat data) are encoded as ordinary text tokens
 (`sanitize_control_tokens`); only the template's own structure produces special tokens. Added
@@ -74,10 +78,9 @@ from .templates import (  # names marked noqa stay importable from here (segppo.
 
 logger = logging.getLogger(__name__)
 
+_APPLY_CHAT_TEMPLATE_PARAMETERS = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
 # transformers >= 5.20 encodes control-token text in message content as text (sanitize_control_tokens)
-TEMPLATES_KEEP_CONTROL_TEXT = (
-    "sanitize_control_tokens" in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
-)
+TEMPLATES_KEEP_CONTROL_TEXT = "sanitize_control_tokens" in _APPLY_CHAT_TEMPLATE_PARAMETERS
 
 ON_LONG_PROMPT = ("truncate", "error")
 
@@ -111,6 +114,19 @@ def _oldest_exchange_emptied(messages: list[dict], body: list[int]) -> bool:
     return len(body) >= 3 and not "".join(messages[i]["content"] for i in body[:2]).strip()
 
 
+def _template_variables(template_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`template_kwargs` as a dict; a name that is an argument of `apply_chat_template` (which
+    ChatFormat sets itself, e.g. `tokenize`) is refused, not passed twice."""
+    variables = dict(template_kwargs or {})
+    taken = sorted(name for name in variables if name in _APPLY_CHAT_TEMPLATE_PARAMETERS)
+    if taken:
+        raise ValueError(
+            f"chat template kwargs name apply_chat_template's own arguments ({', '.join(map(repr, taken))}), "
+            "not template variables"
+        )
+    return variables
+
+
 def truncate_left(ids: list[int], limit: int | None) -> tuple[list[int], bool]:
     """Keep the last `limit` ids; (ids, whether any were dropped)."""
     if limit is None or len(ids) <= limit:
@@ -132,7 +148,8 @@ class ChatFormat:
     (appended to responses that lack one); `stop_token_ids` end a response: the explicit
     `stop_token_ids`, or the tokenizer's EOS and the generation config's, plus the end of turn.
     `system_handling` is "keep", or "fold" when the template rejects system messages or renders
-    without them (`probe_system_handling`).
+    without them (`probe_system_handling`). `template_kwargs` are variables every rendering gives
+    the template (`{"enable_thinking": False}`).
     """
 
     def __init__(
@@ -141,9 +158,11 @@ class ChatFormat:
         chat_template: str | Path | None = None,
         stop_token_ids: Sequence[int] | None = None,
         generation_config: Any = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ):
         self.tokenizer = tokenizer
         self.template = resolve_chat_template(tokenizer, chat_template)
+        self.template_kwargs = _template_variables(template_kwargs)
         if stop_token_ids is not None:
             stops = [int(i) for i in stop_token_ids]
         else:
@@ -151,7 +170,9 @@ class ChatFormat:
         if not stops:
             raise ValueError("stop_token_ids is empty")
         self._warned: set[str] = set()  # fallbacks are reported once, not once per row
-        self.system_handling, self._system_fold_reason = probe_system_handling(tokenizer, self.template)
+        self.system_handling, self._system_fold_reason = probe_system_handling(
+            tokenizer, self.template, self.template_kwargs
+        )
         self._content_control_tokens = content_control_tokens(tokenizer, self.template)
         self.end_of_turn_id = self._find_end_of_turn(stops)
         if self.end_of_turn_id not in stops:
@@ -164,16 +185,25 @@ class ChatFormat:
 
     @classmethod
     def from_metadata(
-        cls, tokenizer: Any, metadata: Any, chat_template: str | Path | None = None
+        cls,
+        tokenizer: Any,
+        metadata: Any,
+        chat_template: str | Path | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> ChatFormat:
         """The chat format a reward model was trained with, from its `segppo.json` (PPO and eval).
 
-        Uses the recorded template (unless `chat_template` is given) and the recorded stop ids;
-        folders written before stop ids were recorded get the ones derived from `tokenizer`.
+        Uses the recorded template and template variables (unless `chat_template`, `template_kwargs`
+        are given) and the recorded stop ids; folders written before stop ids or variables were
+        recorded get the stop ids derived from `tokenizer` and no variables.
         Raises when `tokenizer`'s end of turn under that template is not the recorded one.
         """
         template = chat_template if chat_template is not None else metadata.chat_template
-        chat = cls(tokenizer, template, stop_token_ids=metadata.stop_token_ids)
+        if template_kwargs is None:
+            template_kwargs = metadata.chat_template_kwargs
+        chat = cls(
+            tokenizer, template, stop_token_ids=metadata.stop_token_ids, template_kwargs=template_kwargs
+        )
         recorded = metadata.end_of_turn_id
         if recorded is not None and chat.end_of_turn_id != recorded:
             names = tokenizer.convert_ids_to_tokens([chat.end_of_turn_id, recorded])
@@ -184,9 +214,11 @@ class ChatFormat:
         return chat
 
     def metadata_fields(self) -> dict[str, Any]:
-        """What `segppo.json` records of this format: template, stop ids and end-of-turn id."""
+        """What `segppo.json` records of this format: template, its variables (null when none), stop
+        ids and end-of-turn id."""
         return {
             "chat_template": self.template,
+            "chat_template_kwargs": dict(self.template_kwargs) or None,
             "stop_token_ids": list(self.stop_token_ids),
             "end_of_turn_id": self.end_of_turn_id,
         }
@@ -205,6 +237,7 @@ class ChatFormat:
                 return_dict=False,
                 # Control tokens written in message content are encoded as text.
                 sanitize_control_tokens=True,
+                **self.template_kwargs,
             )
         return _as_ids(encoded)
 
@@ -214,6 +247,7 @@ class ChatFormat:
             chat_template=self.template,
             add_generation_prompt=add_generation_prompt,
             tokenize=False,
+            **self.template_kwargs,
         )
 
     def _tokenize(self, text: str, as_text: bool = False) -> list[int]:
@@ -466,10 +500,11 @@ def encode_preferences(
     max_prompt_len: int | None = None,
     chat_template: str | Path | None = None,
     stop_token_ids: Sequence[int] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[list[EncodedPair], SkipReport]:
     """Convert and tokenize a preference dataset; the report counts skipped and truncated rows."""
     examples, report = to_preference_examples(dataset, layout_options)
-    chat = ChatFormat(tokenizer, chat_template, stop_token_ids)
+    chat = ChatFormat(tokenizer, chat_template, stop_token_ids, template_kwargs=template_kwargs)
     pairs = []
     for example in examples:
         pair = chat.encode_pair(example, max_len=max_len, max_prompt_len=max_prompt_len)
@@ -488,10 +523,11 @@ def encode_prompts(
     on_long_prompt: str = "truncate",
     chat_template: str | Path | None = None,
     stop_token_ids: Sequence[int] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[list[EncodedPrompt], SkipReport]:
     """Convert and tokenize a prompt dataset for generation (PPO rollouts, eval)."""
     examples, report = to_prompt_examples(dataset, layout_options)
-    chat = ChatFormat(tokenizer, chat_template, stop_token_ids)
+    chat = ChatFormat(tokenizer, chat_template, stop_token_ids, template_kwargs=template_kwargs)
     prompts = []
     for example in examples:
         prompt = chat.encode_prompt(example, max_prompt_len=max_prompt_len, on_long_prompt=on_long_prompt)

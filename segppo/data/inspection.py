@@ -264,7 +264,7 @@ def inspect_data(cfg: DataInspectConfig, tokenizer: Any = None) -> DataInspectio
     if tokenizer is None:
         result.example = _example(cfg, kind, main, None)
         return result
-    chat = ChatFormat(tokenizer, cfg.chat_template)
+    chat = ChatFormat(tokenizer, cfg.chat_template, template_kwargs=cfg.chat_template_kwargs)
     result.stop_tokens = tokenizer.convert_ids_to_tokens(list(chat.stop_token_ids))
     result.example = _example(cfg, kind, main, chat)
     measured = main.examples[: cfg.length_rows]

@@ -97,16 +97,23 @@ _SYSTEM_PROBE_TEXT = "Answer in one word."
 _PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
 
 
-def probe_system_handling(tokenizer: Any, template: str) -> tuple[str, str | None]:
+def probe_system_handling(
+    tokenizer: Any, template: str, template_kwargs: Mapping[str, Any] | None = None
+) -> tuple[str, str | None]:
     """("keep", None), or ("fold", why) when the template does not render a system message: it
     raises on one (Gemma-2: "System role not supported") or renders without it (Phi-3-mini, April
-    2024: no branch for the role). Either way its text belongs in the first user turn."""
+    2024: no branch for the role). Either way its text belongs in the first user turn. The probe
+    renders with the template variables the conversations will get (`template_kwargs`)."""
     from jinja2 import TemplateError
 
     probe = [{"role": "system", "content": _SYSTEM_PROBE_TEXT}, _PROBE[0]]
     try:
         text = tokenizer.apply_chat_template(
-            probe, chat_template=template, add_generation_prompt=True, tokenize=False
+            probe,
+            chat_template=template,
+            add_generation_prompt=True,
+            tokenize=False,
+            **(template_kwargs or {}),
         )
     except TemplateError:
         return "fold", "rejects system messages"

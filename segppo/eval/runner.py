@@ -187,6 +187,16 @@ def chat_template_for(cfg: EvalConfig, tokenizer, scorer) -> tuple[str | None, s
     return None, "policy tokenizer"
 
 
+def chat_template_kwargs_for(cfg: EvalConfig, tokenizer, scorer) -> dict | None:
+    """The template variables: `--chat-template-kwargs`, else the RM's recorded ones when the RM
+    shares the policy's tokenizer (they belong to that tokenizer's model family), else none."""
+    if cfg.chat_template_kwargs is not None:
+        return cfg.chat_template_kwargs
+    if isinstance(scorer, RewardModelScorer) and scorer.shares_tokenizer(tokenizer):
+        return scorer.chat.template_kwargs
+    return None
+
+
 def _summarise(spec: PolicySpec, generations: list[Generation], rm: bool, **extra) -> PolicyResult:
     groups = [g.prompt.index for g in generations]
     segments = length = None
@@ -306,7 +316,9 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
                 notes.append(note)
             tokenizer = load_tokenizer(spec.folder, trust_remote_code=cfg.trust_remote_code)
             template, source = chat_template_for(cfg, tokenizer, scorer)
-            chat = ChatFormat(tokenizer, template)
+            chat = ChatFormat(
+                tokenizer, template, template_kwargs=chat_template_kwargs_for(cfg, tokenizer, scorer)
+            )
             sampling = SamplingConfig(
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,

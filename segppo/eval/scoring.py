@@ -199,8 +199,13 @@ class RewardModelScorer:
         return self.scorer.chat
 
     def reads_policy_ids(self, tokenizer, chat: ChatFormat) -> bool:
-        """Whether the policy's token ids are what the RM would read (same vocabulary and template)."""
-        return same_vocabulary(tokenizer, self.scorer.tokenizer) and chat.template == self.chat.template
+        """Whether the policy's token ids are what the RM would read (same vocabulary, template and
+        template variables)."""
+        return (
+            same_vocabulary(tokenizer, self.scorer.tokenizer)
+            and chat.template == self.chat.template
+            and chat.template_kwargs == self.chat.template_kwargs
+        )
 
     def shares_tokenizer(self, tokenizer) -> bool:
         return same_vocabulary(tokenizer, self.scorer.tokenizer)

@@ -41,8 +41,9 @@ class SegppoMetadata:
     statistics, i.e. the normalizer `[0, 0, mean, std]` of a bandit RM. `data` is free-form:
     dataset name or path, split, sample counts. Keys this version does not know are kept in
     `extra` and written back, so an older segppo does not drop what a newer one recorded.
-    `chat_template`, `stop_token_ids` and `end_of_turn_id` are the chat format a reward model was
-    trained with (`ChatFormat.metadata_fields()`); `ChatFormat.from_metadata` reads them back.
+    `chat_template`, `chat_template_kwargs` (its variables, null when none and in files written
+    before they were recorded), `stop_token_ids` and `end_of_turn_id` are the chat format a reward
+    model was trained with (`ChatFormat.metadata_fields()`); `ChatFormat.from_metadata` reads them back.
     `threshold_choice` says how a segment RM's threshold was chosen (`{"rule": "given"}`, or `auto`
     with its target length and quantile) and `segment_stats` how its training responses segment
     (`segppo.segment_stats.SegmentStats`, with the sample it was measured on).
@@ -58,6 +59,7 @@ class SegppoMetadata:
     score_mean: float | None = None
     score_std: float | None = None
     chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     stop_token_ids: list[int] | None = None
     end_of_turn_id: int | None = None
     data: dict[str, Any] | None = None
@@ -103,7 +105,7 @@ class SegppoMetadata:
         )
         _check_number("score_mean", self.score_mean)
         _check_number("score_std", self.score_std, minimum=0.0, strict=True)
-        for name in ("data", "normalizer", "threshold_choice", "segment_stats"):
+        for name in ("data", "normalizer", "threshold_choice", "segment_stats", "chat_template_kwargs"):
             value = getattr(self, name)
             _check(value is None or isinstance(value, dict), name, "must be an object or null", value)
         _check(isinstance(self.extra, dict), "extra", "must be a dict", self.extra)

@@ -5,6 +5,7 @@ Everything here runs once per run, before the first step; `segppo.ppo.trainer` t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,13 +140,34 @@ def resolve_chat_template(cfg: PPOConfig, reward: RewardModelSpec) -> str | None
     return cfg.chat_template or recorded
 
 
-def policy_chat_format(reward: RewardModelSpec, tokenizer, template: str | None) -> ChatFormat:
+def resolve_chat_template_kwargs(cfg: PPOConfig, reward: RewardModelSpec) -> dict | None:
+    """`--chat-template-kwargs`, held to the RM's recorded ones as the template is (DESIGN.md §3.6):
+    with a shared tokenizer, other variables are refused, and None leaves the recorded ones to
+    `policy_chat_format`; a foreign bandit RM reads text, so the policy's are the option's."""
+    recorded = reward.metadata.chat_template_kwargs
+    if not reward.shares_tokenizer or cfg.chat_template_kwargs is None:
+        return cfg.chat_template_kwargs
+    if (cfg.chat_template_kwargs or None) != (recorded or None):
+        raise ValueError(
+            f"--chat-template-kwargs {json.dumps(cfg.chat_template_kwargs)} differ from the ones the reward "
+            f"model was trained with ({json.dumps(recorded) if recorded else 'none'}, segppo.json); the RM "
+            "would read PPO's prompts in another format than its training data"
+        )
+    return cfg.chat_template_kwargs
+
+
+def policy_chat_format(
+    reward: RewardModelSpec, tokenizer, template: str | None, template_kwargs: dict | None = None
+) -> ChatFormat:
     """The policy's chat format: with a shared tokenizer, the RM's recorded stop ids and end of turn
-    (segppo.json), so PPO's responses end where the RM's training responses ended; a foreign bandit
-    RM's stop ids are ids of another vocabulary, so the policy's own tokenizer decides them."""
+    (segppo.json), so PPO's responses end where the RM's training responses ended, and its template
+    variables unless `template_kwargs` are given; a foreign bandit RM's stop ids are ids of another
+    vocabulary, so the policy's own tokenizer decides them."""
     if reward.shares_tokenizer:
-        return ChatFormat.from_metadata(tokenizer, reward.metadata, chat_template=template)
-    return ChatFormat(tokenizer, template)
+        return ChatFormat.from_metadata(
+            tokenizer, reward.metadata, chat_template=template, template_kwargs=template_kwargs
+        )
+    return ChatFormat(tokenizer, template, template_kwargs=template_kwargs)
 
 
 def load_prompts(cfg: PPOConfig, chat: ChatFormat) -> list[EncodedPrompt]:
@@ -160,6 +182,7 @@ def load_prompts(cfg: PPOConfig, chat: ChatFormat) -> list[EncodedPrompt]:
         on_long_prompt=cfg.long_prompts,
         chat_template=chat.template,
         stop_token_ids=chat.stop_token_ids,
+        template_kwargs=chat.template_kwargs,
     )
     if not prompts:
         raise ValueError(f"{cfg.prompts}: the prompt set is empty ({report})")

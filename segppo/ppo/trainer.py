@@ -66,6 +66,7 @@ from segppo.ppo.setup import (
     load_reward,
     policy_chat_format,
     resolve_chat_template,
+    resolve_chat_template_kwargs,
     reward_shaping,
     warn_on_segmenter_mismatch,
 )
@@ -116,7 +117,12 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
         self.reward = load_reward(cfg, self.tokenizer)
         warn_on_segmenter_mismatch(cfg, self.reward)
-        self.chat = policy_chat_format(self.reward, self.tokenizer, resolve_chat_template(cfg, self.reward))
+        self.chat = policy_chat_format(
+            self.reward,
+            self.tokenizer,
+            resolve_chat_template(cfg, self.reward),
+            resolve_chat_template_kwargs(cfg, self.reward),
+        )
         self.prompts = load_prompts(cfg, self.chat)
         self.per_rank, self.grad_accum = cfg.batch_layout(info.world_size)
         self.steps_per_episode = len(self.prompts) // cfg.rollout_batch_size

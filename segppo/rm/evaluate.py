@@ -65,6 +65,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> dict:
             max_len=cfg.max_len,
             max_prompt_len=cfg.max_prompt_len,
             chat_template=scorer.chat.template,
+            template_kwargs=scorer.chat.template_kwargs,
         )
     except ValueError as err:  # no usable layout, a --strict row: say which data
         raise ValueError(f"{cfg.dataset}: {err}") from err

@@ -105,6 +105,7 @@ def prepare_preferences(cfg: RMConfig, tokenizer) -> PreferenceData:
         max_len=cfg.max_len,
         max_prompt_len=cfg.max_prompt_len,
         chat_template=cfg.chat_template,
+        template_kwargs=cfg.chat_template_kwargs,
     )
     train, train_report = encode_preferences(train_rows, **encode)
     evaluation, eval_report = encode_preferences(eval_rows, **encode)
@@ -350,7 +351,10 @@ def _train_on_rank(cfg: RMConfig, info: DistInfo, step_callback: StepCallback | 
         segment_stats=survey.record()["segment_stats"],
         # loaded by eval, fit-normalizer and ppo train wherever they run
         segmenter=as_recorded(cfg.segmenter or cfg.model) if segmentation.needs_entropy else None,
-        **ChatFormat(tokenizer, cfg.chat_template).metadata_fields(),  # template, stop ids, end of turn
+        # template, its variables, stop ids, end of turn
+        **ChatFormat(
+            tokenizer, cfg.chat_template, template_kwargs=cfg.chat_template_kwargs
+        ).metadata_fields(),
         base_model=as_recorded(cfg.model),
         data={
             "dataset": as_recorded(cfg.dataset),
