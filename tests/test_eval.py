@@ -310,6 +310,7 @@ def test_eval_with_a_reward_model(tiny_lm_dir, other_policy, rm_dir, data, tmp_p
         assert low <= p["response_length"]["mean"] <= high <= GEN["max_new_tokens"]
         assert 0 <= p["eos_fraction"] <= 1 and p["segments"] >= 1 and p["segment_length"] >= 1
         assert p["chat_template_source"] == "reward model" and p["scored_as_generated"] is True
+        assert p["chat_template_kwargs"] is None
         assert p["sampling"]["decoding"] == "sampling" and p["sampling"]["top_p"] == 1.0
     assert saved["policies"]["sft"]["win_rate"] is None  # the baseline itself
     again = saved["policies"]["sft_again"]["win_rate"]
@@ -748,7 +749,9 @@ def test_chat_template_kwargs_render_the_policys_prompts(tiny_lm_dir, rm_dir, da
         chat_template_kwargs=no_thinking,
         **{**GEN, "max_prompt_len": 64},  # the empty think block's tokens too
     )
-    (result,) = evaluate(cfg, progress=False).policies.values()
+    results = evaluate(cfg, progress=False)
+    (result,) = results.policies.values()
+    assert results.to_dict()["policies"][result.name]["chat_template_kwargs"] == no_thinking  # recorded
     scorer = RewardModelScorer(load_scorer(rm_dir), normalize=False)
     tokenizer = scorer.scorer.tokenizer
     assert tokenizer.decode(result.generations[0].prompt_ids).endswith(

@@ -37,6 +37,7 @@ class PolicyResult:
     win_rate: WinRate | None = None
     win_rate_normalized: WinRate | None = None
     chat_template_source: str = ""
+    chat_template_kwargs: dict[str, Any] | None = None  # the template variables the prompts had
     scored_as_generated: bool | None = None  # RM read the policy's ids as they are
     sampling: dict[str, Any] = field(default_factory=dict)  # `SamplingConfig.describe()`: greedy or how drawn
     truncated_prompts: int = 0
@@ -66,6 +67,7 @@ class PolicyResult:
             "segments": self.segments,
             "segment_length": self.segment_length,
             "chat_template_source": self.chat_template_source,
+            "chat_template_kwargs": self.chat_template_kwargs,
             "scored_as_generated": self.scored_as_generated,
             "sampling": self.sampling,
             "truncated_prompts": self.truncated_prompts,

@@ -394,6 +394,7 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
                 generations,
                 rm,
                 chat_template_source=source,
+                chat_template_kwargs=chat.template_kwargs or None,
                 scored_as_generated=direct,
                 sampling=sampling.describe(),
                 exports=exports,
