@@ -347,41 +347,39 @@ def test_compare_takes_commas_or_repeats():
     assert DemoConfig(compare="bandit, segment").compare == ["bandit", "segment"]
 
 
-@pytest.mark.parametrize("seed", [-1, 2**32])
-def test_a_seed_numpy_cannot_take_is_refused_by_every_command(seed):
-    """Every seed reaches numpy, whose seeds are 0 .. 2**32 - 1: `rm train --seed -1` loaded the
-    data and models, then failed with numpy's "Seed must be between 0 and 2**32 - 1", naming no
-    option; now each command's options refuse it at once."""
-    from segppo.config import FitNormalizerConfig, PPOConfig, RMConfig
+def _every_command_config() -> list[tuple[type, dict]]:
+    """Each command's config class with the least values it is built from."""
+    from segppo.config import FitNormalizerConfig, PPOConfig, RMConfig, RMEvalConfig
     from segppo.config_data import DataInspectConfig
     from segppo.config_eval import DemoConfig, EvalConfig
 
-    configs = [
+    return [
         (RMConfig, dict(model="m", dataset="d", output="o")),
+        (RMEvalConfig, dict(model="r", dataset="d")),
         (PPOConfig, dict(policy="p", reward_model="r", prompts="q", output="o")),
         (FitNormalizerConfig, dict(reward_model="r", dataset="d")),
         (EvalConfig, dict(policy=["p"], prompts="q", output="o", scorer="json:dumps")),
         (DataInspectConfig, dict(dataset="d")),
         (DemoConfig, dict()),
     ]
-    for cls, values in configs:
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_numpy_cannot_take_is_refused_by_every_command(seed):
+    """Every seed reaches numpy, whose seeds are 0 .. 2**32 - 1: `rm train --seed -1` loaded the
+    data and models, then failed with numpy's "Seed must be between 0 and 2**32 - 1", naming no
+    option; now each command's options refuse it at once."""
+    seeded = [(cls, values) for cls, values in _every_command_config() if "seed" in cls.__dataclass_fields__]
+    assert len(seeded) == 6  # all but rm eval
+    for cls, values in seeded:
         with pytest.raises(ValueError, match=rf"^--seed must be in \[0, 2\*\*32 - 1\], got {seed}$"):
             cls(**values, seed=seed)
 
 
 def test_max_samples_is_checked_alike_by_every_command_that_takes_it():
-    from segppo.config import PPOConfig, RMConfig, RMEvalConfig
-    from segppo.config_data import DataInspectConfig
-    from segppo.config_eval import EvalConfig
-
-    configs = [
-        (RMConfig, dict(model="m", dataset="d", output="o")),
-        (PPOConfig, dict(policy="p", reward_model="r", prompts="q", output="o")),
-        (RMEvalConfig, dict(model="r", dataset="d")),
-        (EvalConfig, dict(policy=["p"], prompts="q", output="o", scorer="json:dumps")),
-        (DataInspectConfig, dict(dataset="d")),
-    ]
-    for cls, values in configs:
+    sampled = [(c, v) for c, v in _every_command_config() if "max_samples" in c.__dataclass_fields__]
+    assert len(sampled) == 5  # rm train and eval, ppo train, eval, data inspect
+    for cls, values in sampled:
         assert cls(**values, max_samples=None).max_samples is None  # every row
         with pytest.raises(ValueError, match=r"^--max-samples must be a positive integer, got 0$"):
             cls(**values, max_samples=0)
