@@ -99,9 +99,11 @@ def config_option(config_cls: type):
             _refresh_default_map(ctx)
         return value
 
+    reads_others = hasattr(config_cls, "config_file_values")  # `load_config_file`
+    also = "; a training command's file too (its data options)" if reads_others else ""
     return typer.Option(
         "--config",
-        help="YAML file whose keys are option names; explicit flags win.",
+        help=f"YAML file whose keys are option names{also}; explicit flags win.",
         rich_help_panel=RUN,
         is_eager=True,
         callback=callback,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,9 @@ from segppo.config_fields import (
     parse_json_objects,
     resolve_prompt_limit,
 )
+
+# ppo train's names for the data and the tokenizer, as `data inspect` names them.
+PPO_NAMES = {"prompts": "dataset", "policy": "model"}
 
 # What a dataset is read as: preference pairs (rm train, fit-normalizer, rm eval) or prompts
 # (ppo train, eval); auto: pairs when the rows have chosen and rejected responses.
@@ -75,6 +79,30 @@ class DataInspectConfig:
     trust_remote_code: bool = option(
         False, panel=MODEL, help="Allow tokenizer code from the hub (off by default)."
     )
+
+    @classmethod
+    def config_file_values(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A config file's values: this command's own, or a training command's (`--config rm.yaml`),
+        whose data and tokenizer options apply (ppo train's prompts and policy as the dataset, read
+        as prompts, and the tokenizer) and whose other options (learning rates, output, ...) are
+        left out. A key no command knows is kept, for the usual error (a typo)."""
+        from segppo.config import FitNormalizerConfig, PPOConfig, RMConfig, RMEvalConfig  # imports this
+
+        own = {f.name for f in dataclasses.fields(cls)}
+        training = {
+            f.name
+            for c in (RMConfig, RMEvalConfig, FitNormalizerConfig, PPOConfig)
+            for f in dataclasses.fields(c)
+        }
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            name = str(key).lstrip("-").replace("-", "_")
+            name = name if name in own else PPO_NAMES.get(name, name)
+            if name in own or name not in training:
+                out[name] = value
+        if "prompts" in {str(k).replace("-", "_") for k in values}:
+            out.setdefault("kind", "prompt")  # ppo train reads its prompts as prompts, pairs or not
+        return out
 
     def __post_init__(self) -> None:
         check_seed(self)

@@ -164,4 +164,6 @@ def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
         raise ValueError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    if hasattr(config_cls, "config_file_values"):  # a command that reads other commands' files
+        data = config_cls.config_file_values(data)
     return normalize_keys(data, config_cls, str(path))

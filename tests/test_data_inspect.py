@@ -182,3 +182,34 @@ def test_chat_template_kwargs_render_the_example_as_rm_train_does(tiny_lm_dir):
     )
     assert shown.prompt.text == tokenizer.decode(first.train[0].prompt_ids, skip_special_tokens=False)
     assert shown.prompt.text.endswith("<think>\n\n</think>\n\n")
+
+
+def test_a_training_commands_config_file_shows_the_data_that_run_reads(tiny_lm_dir, tmp_path):
+    # `data inspect --config rm.yaml` refused the run's training keys ("unknown option 'lr'"), and
+    # ppo train names its data and tokenizer --prompts and --policy.
+    rm_yaml = tmp_path / "rm.yaml"
+    rm_yaml.write_text(
+        f"model: {tiny_lm_dir}\ndataset: {DATA}\noutput: {tmp_path / 'rm'}\nlr: 1.0e-5\nbatch_size: 8\n"
+        "eval_fraction: 0.25\nseed: 3\nmax_len: 64\nzero_stage: 2\n"
+    )
+    result = runner.invoke(app, ["data", "inspect", "--config", str(rm_yaml)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"data {DATA}" in flat(result.output) and "preference pairs" in result.output
+    # the run's held-out rows, and its tokenizer's view against its --max-len
+    assert "held out of split 'train' (--eval-fraction 0.25, --seed 3): 2 rows" in flat(result.output)
+    assert "Name the capital.<|im_end|>" in result.output and "0 > 64" in flat(result.output)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name the capital of France, please."}\n')
+    ppo_yaml = tmp_path / "ppo.yaml"
+    ppo_yaml.write_text(
+        f"policy: {tiny_lm_dir}\nreward_model: {tmp_path / 'rm'}\nprompts: {prompts}\n"
+        f"output: {tmp_path / 'ppo'}\nactor_lr: 1.0e-6\nmax_prompt_len: 18\nlong_prompts: truncate\n"
+    )
+    result = runner.invoke(app, ["data", "inspect", "--config", str(ppo_yaml)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"data {prompts}" in flat(result.output) and "read as prompts" in flat(result.output)
+    assert "1 > 18" in flat(result.output) and "limits: --max-prompt-len 18" in flat(result.output)
+    # A key no command knows is still a typo.
+    rm_yaml.write_text(f"datset: {DATA}\n")
+    result = runner.invoke(app, ["data", "inspect", "--config", str(rm_yaml)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "unknown option 'datset'" in flat(result.output)
