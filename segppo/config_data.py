@@ -84,8 +84,9 @@ class DataInspectConfig:
     def config_file_values(cls, values: dict[str, Any]) -> dict[str, Any]:
         """A config file's values: this command's own, or a training command's (`--config rm.yaml`),
         whose data and tokenizer options apply (ppo train's prompts and policy as the dataset, read
-        as prompts, and the tokenizer) and whose other options (learning rates, output, ...) are
-        left out. A key no command knows is kept, for the usual error (a typo)."""
+        as prompts, and the tokenizer; its own default --max-prompt-len) and whose other options
+        (learning rates, output, ...) are left out. A key no command knows is kept, for the usual
+        error (a typo)."""
         from segppo.config import FitNormalizerConfig, PPOConfig, RMConfig, RMEvalConfig  # imports this
 
         own = {f.name for f in dataclasses.fields(cls)}
@@ -102,6 +103,8 @@ class DataInspectConfig:
                 out[name] = value
         if "prompts" in {str(k).replace("-", "_") for k in values}:
             out.setdefault("kind", "prompt")  # ppo train reads its prompts as prompts, pairs or not
+            # and holds them to its own default limit, not 27/32 of --max-len
+            out.setdefault("max_prompt_len", PPOConfig.__dataclass_fields__["max_prompt_len"].default)
         return out
 
     def __post_init__(self) -> None:

@@ -213,3 +213,23 @@ def test_a_training_commands_config_file_shows_the_data_that_run_reads(tiny_lm_d
     rm_yaml.write_text(f"datset: {DATA}\n")
     result = runner.invoke(app, ["data", "inspect", "--config", str(rm_yaml)], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "unknown option 'datset'" in flat(result.output)
+
+
+def test_a_ppo_config_file_without_a_prompt_limit_shows_ppo_trains_own(tiny_lm_dir, tmp_path):
+    # ppo.yaml without max_prompt_len: ppo train holds prompts to its default 1024 tokens, but
+    # `data inspect --config ppo.yaml` measured them against its own default, 27/32 of --max-len (1728).
+    from segppo.config import PPOConfig
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name the capital of France, please."}\n')
+    ppo_yaml = tmp_path / "ppo.yaml"
+    ppo_yaml.write_text(f"policy: {tiny_lm_dir}\nreward_model: rm\nprompts: {prompts}\noutput: ppo\n")
+    result = runner.invoke(app, ["data", "inspect", "--config", str(ppo_yaml)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    ppo_limit = PPOConfig(policy="p", reward_model="r", prompts="q", output="o").max_prompt_len
+    assert f"limits: --max-prompt-len {ppo_limit}" in flat(result.output)
+    # an explicit flag still wins
+    result = runner.invoke(
+        app, ["data", "inspect", "--config", str(ppo_yaml), "--max-prompt-len", "20"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0 and "limits: --max-prompt-len 20" in flat(result.output), result.output
