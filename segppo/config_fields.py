@@ -153,13 +153,28 @@ def normalize_keys(values: dict[str, Any], config_cls: type, source: str) -> dic
     return out
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML's) but for its integers in base 8 (`042` is 34) and base 60 (`1:30` is 90):
+    those stay the text written, which the option's type then reads (`seed: 042` is 42, `split: 042`
+    the split "042"), as on the command line."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        digits = str(self.construct_scalar(node)).lstrip("+-").replace("_", "")
+        if ":" in digits or (len(digits) > 1 and digits.startswith("0") and digits.isdigit()):
+            return str(self.construct_scalar(node))
+        return super().construct_yaml_int(node)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+
+
 def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
     """Read a YAML config whose keys are option names."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_ConfigLoader) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):

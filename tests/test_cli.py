@@ -166,6 +166,27 @@ def test_a_config_file_may_give_a_repeatable_option_one_value(tmp_path, monkeypa
     assert seen["cfg"].stop_token == ["###", "<|x|>"]
 
 
+def test_a_config_file_reads_numbers_with_a_leading_zero_as_written(tmp_path, monkeypatch):
+    """YAML 1.1 (PyYAML) reads `seed: 042` as the octal 34 and `max_steps: 1:30` as the base-60 90,
+    which silently ran another seed or step count than the one written; a str option got "34"."""
+    import segppo.rm.trainer as trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train_reward_model", lambda cfg: seen.setdefault("cfg", cfg))
+    config = tmp_path / "c.yaml"
+    config.write_text("seed: 042\nmax_steps: 0010\nprompt_key: 042\nlr: 1e-5\nbatch_size: 0x20\n")
+    result = invoke("rm", "train", "--model", "m", "--dataset", "d", "--output", "o", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert (cfg.seed, cfg.max_steps, cfg.prompt_key) == (42, 10, "042")
+    assert cfg.lr == 1e-5 and cfg.batch_size == 32  # YAML 1.1's string 1e-5 is a float; hex stays hex
+    config.write_text("max_steps: 1:30\n")
+    result = runner.invoke(
+        app, ["rm", "train", "--model", "m", "--dataset", "d", "--output", "o", "--config", str(config)]
+    )
+    assert result.exit_code == 2 and "--max-steps" in plain(result), result.output
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [("lr: [1, 2\n", "not valid YAML"), ("learning_rate: 1\n", "unknown option"), ("- a\n", "mapping")],
