@@ -31,6 +31,7 @@ from segppo.config_fields import (  # re-exported
     SEGMENTS,
     check_max_samples,
     check_normalizer_options,
+    check_not_nan,
     check_positive,
     check_schedule_options,
     check_seed,
@@ -164,6 +165,7 @@ class RMConfig(MemoryOptions):
     wandb_project: str | None = option(None, panel=RUN, help="Also log to this W&B project.")
 
     def __post_init__(self) -> None:
+        check_not_nan(self)
         check_seed(self)
         check_positive(self, "max_len")
         resolve_prompt_limit(self)
@@ -235,6 +237,7 @@ class RMEvalConfig:
     )
 
     def __post_init__(self) -> None:
+        check_not_nan(self)
         check_positive(self, "max_len")
         resolve_prompt_limit(self)
         check_positive(self, "batch_size", "max_len", "max_prompt_len")
@@ -311,6 +314,7 @@ class FitNormalizerConfig:
     )
 
     def __post_init__(self) -> None:
+        check_not_nan(self)
         check_seed(self)
         check_positive(self, "max_len")
         resolve_prompt_limit(self)
@@ -510,6 +514,7 @@ class PPOConfig(PPOMemoryOptions):
     wandb_project: str | None = option(None, panel=RUN, help="Also log to this W&B project.")
 
     def __post_init__(self) -> None:
+        check_not_nan(self)
         check_seed(self)
         check_positive(
             self,

@@ -11,6 +11,7 @@ from segppo.config_fields import (
     DATA,
     MODEL,
     check_max_samples,
+    check_not_nan,
     check_positive,
     check_seed,
     option,
@@ -108,6 +109,7 @@ class DataInspectConfig:
         return out
 
     def __post_init__(self) -> None:
+        check_not_nan(self)
         check_seed(self)
         check_positive(self, "max_len")
         resolve_prompt_limit(self)

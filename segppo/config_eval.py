@@ -18,6 +18,7 @@ from segppo.config_fields import (
     SEGMENTS,
     check_max_samples,
     check_normalizer_options,
+    check_not_nan,
     check_positive,
     check_seed,
     option,
@@ -123,6 +124,7 @@ class EvalConfig:
     )
 
     def __post_init__(self) -> None:
+        check_not_nan(self)
         check_seed(self)
         if isinstance(self.policy, str):
             self.policy = [self.policy]
@@ -220,6 +222,7 @@ class DemoConfig:
     threads: int | None = option(None, panel=MEMORY, help="torch CPU threads.")
 
     def __post_init__(self) -> None:
+        check_not_nan(self)
         check_seed(self)
         if isinstance(self.compare, str):
             self.compare = [self.compare]

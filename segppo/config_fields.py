@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -86,6 +87,15 @@ def check_schedule_options(config: Any) -> None:
     for name in ("weight_decay", "save_every"):
         if getattr(config, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+
+
+def check_not_nan(config: Any) -> None:
+    """A float option given NaN (`--lr nan`, `lr: .nan` in a config) passes every check that compares
+    it (`nan <= 0` is false) and would reach the run; every command's config refuses it first."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"--{field.name.replace('_', '-')} must be a number, got nan")
 
 
 def check_seed(config: Any) -> None:

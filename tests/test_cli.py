@@ -385,6 +385,30 @@ def _every_command_config() -> list[tuple[type, dict]]:
     ]
 
 
+def test_nan_is_refused_by_every_float_option_of_every_command():
+    """NaN passes every comparison (`nan <= 0` is false): `rm train --lr nan` (or `lr: .nan` in a
+    config) loaded the data and model and trained to NaN weights; `--kl-coef nan`, `--actor-lr nan`,
+    ... likewise. Each command's options refuse it at once, naming the option."""
+    import typing
+
+    accepted, refused = [], {}
+    for cls, values in _every_command_config():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if "float" not in str(hints[f.name]):
+                continue
+            try:
+                cls(**values, **{f.name: float("nan")})
+            except ValueError as err:
+                refused[f"{cls.__name__}.{f.name}"] = (str(err), f"--{f.name.replace('_', '-')}")
+            else:
+                accepted.append(f"{cls.__name__}.{f.name}")
+    assert not accepted
+    assert {"RMConfig.lr", "PPOConfig.kl_coef", "PPOConfig.critic_lr", "EvalConfig.threshold"} <= set(refused)
+    for message, flag in refused.values():
+        assert message == f"{flag} must be a number, got nan"
+
+
 @pytest.mark.parametrize("seed", [-1, 2**32])
 def test_a_seed_numpy_cannot_take_is_refused_by_every_command(seed):
     """Every seed reaches numpy, whose seeds are 0 .. 2**32 - 1: `rm train --seed -1` loaded the

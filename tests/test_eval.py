@@ -493,7 +493,7 @@ def test_markdown_counts_skip_code_blocks():
     ("options", "message"),
     [
         (dict(temperature=-0.5), "--temperature must be >= 0 (0 decodes greedily), got -0.5"),
-        (dict(temperature=float("nan")), "--temperature must be >= 0"),
+        (dict(temperature=float("nan")), "--temperature must be a number, got nan"),
         (dict(temperature=0.0, num_samples=3), "--num-samples 3 with --temperature 0: greedy decoding"),
     ],
 )
