@@ -628,6 +628,29 @@ def test_the_probes_render_with_the_template_kwargs():
         ChatFormat(tokenizer, template_kwargs={"tokenize": False, "enable_thinking": False})
 
 
+def test_template_kwargs_the_template_never_reads_are_reported(caplog):
+    """Jinja ignores a variable no expression names: `{"enable_thinkng": false}` (a typo), or
+    Qwen3's variable given to a template without it, rendered every prompt as if none were given,
+    was recorded in segppo.json and said nothing. Such names are now a warning."""
+    tokenizer = qwen3()
+    with caplog.at_level(logging.WARNING, logger="segppo.data.chat"):
+        ChatFormat(tokenizer, template_kwargs=NO_THINKING)
+        ChatFormat(tokenizer, template_kwargs={"persona": "a pirate"}, chat_template="{{ persona }}" + QWEN3)
+    assert not caplog.records  # both are read
+    with caplog.at_level(logging.WARNING, logger="segppo.data.chat"):
+        chat = ChatFormat(tokenizer, template_kwargs={"enable_thinkng": False, "enable_thinking": False})
+        ChatFormat(
+            tokenizer, template_kwargs={"enable_thinkng": False, "enable_thinking": False}
+        )  # said once
+    assert [r.getMessage() for r in caplog.records] == [
+        "the chat template reads no variable 'enable_thinkng' (chat template kwargs): it has no effect"
+    ]
+    assert chat.template_kwargs == {
+        "enable_thinkng": False,
+        "enable_thinking": False,
+    }  # still recorded as given
+
+
 def test_segppo_json_records_the_template_kwargs_and_from_metadata_renders_with_them(tmp_path):
     prompt = [user("Name a prime.")]
     chat = ChatFormat(qwen3(), template_kwargs=NO_THINKING)

@@ -45,6 +45,7 @@ losing its end-of-turn token, so its `has_eos` is false.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -74,6 +75,7 @@ from .templates import (  # names marked noqa stay importable from here (segppo.
     generation_config_of,
     probe_system_handling,
     resolve_chat_template,
+    unread_template_variables,
 )
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,16 @@ def _template_variables(template_kwargs: Mapping[str, Any] | None) -> dict[str, 
     return variables
 
 
+@functools.cache
+def _warn_unread_variables(template: str, names: tuple[str, ...]) -> None:
+    """Template variables the template never reads, said once a process (a command builds several
+    ChatFormats of one template: the data's, the segment survey's, the scorer's)."""
+    for name in unread_template_variables(template, names):
+        logger.warning(
+            "the chat template reads no variable %r (chat template kwargs): it has no effect", name
+        )
+
+
 def truncate_left(ids: list[int], limit: int | None) -> tuple[list[int], bool]:
     """Keep the last `limit` ids; (ids, whether any were dropped)."""
     if limit is None or len(ids) <= limit:
@@ -163,6 +175,7 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.template = resolve_chat_template(tokenizer, chat_template)
         self.template_kwargs = _template_variables(template_kwargs)
+        _warn_unread_variables(self.template, tuple(self.template_kwargs))
         if stop_token_ids is not None:
             stops = [int(i) for i in stop_token_ids]
         else:

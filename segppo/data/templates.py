@@ -10,7 +10,7 @@ overrides either. Stop tokens default to the tokenizer's EOS and the generation 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,20 @@ def probe_system_handling(
     if _SYSTEM_PROBE_TEXT in text:
         return "keep", None
     return "fold", "renders without system messages"
+
+
+def unread_template_variables(template: str, names: Iterable[str]) -> list[str]:
+    """The names of `names` that `template` never reads: Jinja renders a variable no expression
+    names as if it were not given (a typo, or another model family's variable). A template plain
+    Jinja cannot parse (an extension's tags) reads them all, as far as this says."""
+    from jinja2 import Environment, TemplateSyntaxError, meta
+
+    try:
+        parsed = Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except TemplateSyntaxError:
+        return []
+    read = meta.find_undeclared_variables(parsed)
+    return [name for name in names if name not in read]
 
 
 # A string literal the template looks for in a value: `'</think>' in content`, `.split('</think>')`,
