@@ -164,9 +164,10 @@ def normalize_keys(values: dict[str, Any], config_cls: type, source: str) -> dic
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """YAML 1.1 (PyYAML's) but for its integers in base 8 (`042` is 34) and base 60 (`1:30` is 90):
-    those stay the text written, which the option's type then reads (`seed: 042` is 42, `split: 042`
-    the split "042"), as on the command line."""
+    """YAML 1.1 (PyYAML's) but for its integers in base 8 (`042` is 34) and base 60 (`1:30` is 90),
+    and its dates (`2024-06-01` a datetime.date, which no JSON file of a run can hold): those stay
+    the text written, which the option's type then reads (`seed: 042` is 42, `split: 042` the split
+    "042", a template variable `date_string: 2024-06-01` the text), as on the command line."""
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
         digits = str(self.construct_scalar(node)).lstrip("+-").replace("_", "")
@@ -176,6 +177,7 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 _ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:timestamp", _ConfigLoader.construct_yaml_str)
 
 
 def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:

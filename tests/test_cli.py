@@ -471,6 +471,14 @@ def test_chat_template_kwargs_on_the_command_line_and_in_a_config_file(tmp_path,
     result = invoke(*given, "--config", str(config))
     assert result.exit_code == 0, result.output
     assert seen.pop("cfg").chat_template_kwargs == {"enable_thinking": False}
+    # A date, as Llama 3.1's template takes one, is the text written: YAML made it a datetime.date,
+    # which passed the checks and stopped the run after loading the model, in a traceback (TypeError:
+    # Object of type date is not JSON serializable) where run_config.json is written.
+    config.write_text("chat_template_kwargs:\n  date_string: 2024-06-01\n")
+    result = invoke(*given, "--config", str(config))
+    assert result.exit_code == 0, result.output
+    kwargs = seen.pop("cfg").chat_template_kwargs
+    assert kwargs == {"date_string": "2024-06-01"} and json.loads(json.dumps(kwargs)) == kwargs
     # Malformed JSON is a usage error naming the option, on one line.
     result = runner.invoke(app, [*given, "--chat-template-kwargs", "enable_thinking=false"])
     assert result.exit_code == 2 and "--chat-template-kwargs is not valid JSON" in plain(result)
