@@ -227,6 +227,15 @@ def test_resume_refuses_other_data_or_another_model(tiny_lm_dir, preferences_fil
         (dict(max_samples=40), "--max-samples 40, but the run was started with None"),
         (dict(eval_fraction=0.1), "--eval-fraction 0.1, but the run was started with 0.2"),
         (dict(entropy_threshold="2.0"), "--entropy-threshold 2.0, but the run was started with auto"),
+        # the format its pairs are rendered in, which segppo.json records for PPO and eval
+        (
+            dict(chat_template_kwargs={"enable_thinking": False}),
+            "--chat-template-kwargs {'enable_thinking': False}, but the run was started with None",
+        ),
+        (
+            dict(chat_template="{{ messages[0]['content'] }}"),
+            "--chat-template {{ messages[0]['content'] }}, but",
+        ),
     ):
         with pytest.raises(ValueError, match=f"^--resume with {re.escape(message)}"):
             train_reward_model(dataclasses.replace(cfg, resume=True, max_steps=2, **change))

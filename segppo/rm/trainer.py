@@ -224,11 +224,12 @@ def score_pairs(
 
 
 # What a resumed run keeps: the backbone, the segmentation (measured once, read back on --resume),
-# and what picks and orders the rows (a step's batch is found from the step number). The data itself
-# may change: a run stopped by a bad row resumes on a repaired copy.
+# what picks and orders the rows (a step's batch is found from the step number), and the chat format
+# they are rendered in (segppo.json records one for PPO and eval). The data itself may change: a run
+# stopped by a bad row resumes on a repaired copy.
 RESUMED_AS_STARTED = (
     "model", "eval_split", "eval_fraction", "seed", "max_samples", "batch_size", "granularity",
-    "entropy_threshold", "segmenter",
+    "entropy_threshold", "segmenter", "chat_template", "chat_template_kwargs",
 )  # fmt: skip
 
 
