@@ -149,7 +149,9 @@ def _repeatable(hint: Any) -> bool:
 def normalize_keys(values: dict[str, Any], config_cls: type, source: str) -> dict[str, Any]:
     """Map option names (`max-len` or `max_len`) to field names; unknown keys are an error. A
     repeatable option given one value (`stop_token: "###"`, as once on the command line) is a list
-    of one."""
+    of one; a list or mapping given to a one-value option is an error (click would take its Python
+    text, `"['q_proj', 'v_proj']"`), as a mapping is for a repeatable one. JSON-object options take
+    a mapping (or JSON text) and check it themselves (`parse_json_objects`)."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
     hints = typing.get_type_hints(config_cls)
     out = {}
@@ -157,7 +159,13 @@ def normalize_keys(values: dict[str, Any], config_cls: type, source: str) -> dic
         name = str(key).lstrip("-").replace("-", "_")
         if name not in fields:
             raise ValueError(f"{source}: unknown option {key!r} (known: {', '.join(sorted(fields))})")
-        if _repeatable(hints[name]) and value is not None and not isinstance(value, (list, tuple, dict)):
+        repeatable = _repeatable(hints[name])
+        if not takes_json_object(hints[name]) and (
+            isinstance(value, dict) or (isinstance(value, (list, tuple)) and not repeatable)
+        ):
+            takes = "a value or a list of values" if repeatable else "one value"
+            raise ValueError(f"{source}: option {key!r} takes {takes}, got {value!r}")
+        if repeatable and value is not None and not isinstance(value, (list, tuple)):
             value = [value]
         out[name] = value
     return out

@@ -189,6 +189,31 @@ def test_a_config_file_reads_numbers_with_a_leading_zero_as_written(tmp_path, mo
 
 @pytest.mark.parametrize(
     ("content", "message"),
+    [
+        (
+            "lora_targets: [q_proj, v_proj]\n",
+            "option 'lora_targets' takes one value, got ['q_proj', 'v_proj']",
+        ),
+        ("dataset: {path: d}\n", "option 'dataset' takes one value, got {'path': 'd'}"),
+    ],
+)
+def test_a_list_or_mapping_for_a_one_value_option_is_a_usage_error(tmp_path, monkeypatch, content, message):
+    """A list or mapping given to a one-value option became its Python text, found wrong only after
+    the model loaded: lora_targets "['q_proj', 'v_proj']" (split at the comma, no module matched), a
+    --dataset path "{'path': 'd'}"."""
+    import segppo.rm.trainer as trainer
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train_reward_model", lambda cfg: seen.setdefault("cfg", cfg))
+    config = tmp_path / "c.yaml"
+    config.write_text("model: m\ndataset: d\n" + content)
+    result = runner.invoke(app, ["rm", "train", "--config", str(config), "--output", "o"])
+    assert result.exit_code == 2 and message in plain(result), result.output
+    assert not seen
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
     [("lr: [1, 2\n", "not valid YAML"), ("learning_rate: 1\n", "unknown option"), ("- a\n", "mapping")],
 )
 def test_bad_config_files_are_usage_errors(tmp_path, content, message):
