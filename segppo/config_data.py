@@ -102,10 +102,17 @@ class DataInspectConfig:
             name = name if name in own else PPO_NAMES.get(name, name)
             if name in own or name not in training:
                 out[name] = value
-        if "prompts" in {str(k).replace("-", "_") for k in values}:
+        given = {str(k).lstrip("-").replace("-", "_"): v for k, v in values.items()}
+        if "prompts" in given:
+            ppo = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
             out.setdefault("kind", "prompt")  # ppo train reads its prompts as prompts, pairs or not
             # and holds them to its own default limit, not 27/32 of --max-len
-            out.setdefault("max_prompt_len", PPOConfig.__dataclass_fields__["max_prompt_len"].default)
+            if out.get("max_prompt_len") is None:
+                out["max_prompt_len"] = ppo["max_prompt_len"]
+            # its context is the prompt and --max-new-tokens, whatever the prompt limit
+            tokens = given.get("max_new_tokens") or ppo["max_new_tokens"]
+            if isinstance(out["max_prompt_len"], int) and isinstance(tokens, int):
+                out.setdefault("max_len", out["max_prompt_len"] + tokens)
         return out
 
     def __post_init__(self) -> None:

@@ -233,3 +233,17 @@ def test_a_ppo_config_file_without_a_prompt_limit_shows_ppo_trains_own(tiny_lm_d
         app, ["data", "inspect", "--config", str(ppo_yaml), "--max-prompt-len", "20"], env={"COLUMNS": "200"}
     )
     assert result.exit_code == 0 and "limits: --max-prompt-len 20" in flat(result.output), result.output
+
+
+def test_a_ppo_config_file_with_a_long_prompt_limit_is_read(tiny_lm_dir, tmp_path):
+    # ppo train takes any --max-prompt-len (its context is prompt + --max-new-tokens); data inspect
+    # refused a ppo.yaml with max_prompt_len 3000 as not below its own --max-len default (2048).
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Name the capital of France, please."}\n')
+    ppo_yaml = tmp_path / "ppo.yaml"
+    ppo_yaml.write_text(
+        f"policy: {tiny_lm_dir}\nreward_model: rm\nprompts: {prompts}\noutput: ppo\nmax_prompt_len: 3000\n"
+    )
+    result = runner.invoke(app, ["data", "inspect", "--config", str(ppo_yaml)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "limits: --max-prompt-len 3000" in flat(result.output)
