@@ -81,6 +81,20 @@ def _save(
         else:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp, metadata.chat_template)
         (tmp / METADATA_FILE).write_text(text, encoding="utf-8")
     return Path(out_dir)
+
+
+def _save_tokenizer(tokenizer, folder: Path, chat_template: str | None) -> None:
+    """Save `tokenizer` with the chat template the model was trained in (a base model's tokenizer
+    has none, or another one, when the run was given `--chat-template`), so that plain transformers'
+    `apply_chat_template` on the folder renders what the model saw. The caller's tokenizer is unchanged."""
+    own = tokenizer.chat_template
+    named = own.values() if isinstance(own, dict) else [own]
+    if chat_template is not None and chat_template not in named:  # (named templates are kept whole)
+        tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.chat_template = own
