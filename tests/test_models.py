@@ -14,6 +14,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
+    GenerationConfig,
 )
 
 from segppo.data import ChatFormat
@@ -396,6 +397,11 @@ def test_a_saved_policy_s_tokenizer_has_the_template_it_was_trained_in(tmp_path)
     folder = _save_templated_policy(tmp_path)
     assert AutoTokenizer.from_pretrained(folder).chat_template == CHATML_TEMPLATE
     assert load_tokenizer(tmp_path / "lm").chat_template is None  # the run's tokenizer is unchanged
+
+
+def test_a_saved_policy_s_generate_stops_where_its_rollouts_stopped(tmp_path):
+    folder = _save_templated_policy(tmp_path)
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == [1, 3]
 
 
 def test_tokenizer_pad_falls_back_to_eos(tmp_path):
