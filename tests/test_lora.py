@@ -155,6 +155,24 @@ def test_adapter_only_export_reloads_onto_the_base(tmp_path):
     torch.testing.assert_close(_values(reloaded), _values(rm), rtol=0, atol=0)
 
 
+def test_an_adapter_export_names_its_base_from_any_working_directory(tmp_path, monkeypatch):
+    """peft records the base as the policy was given (`--policy sft`); `AutoPeftModelForCausalLM`
+    reads it back to load the base, from wherever the user is then."""
+    from segppo.models import load_policy
+
+    monkeypatch.chdir(tmp_path)
+    _lm().save_pretrained("sft")
+    lm = apply_lora(load_policy("sft"), rank=2, alpha=4)
+    with torch.no_grad():  # adapters that change the logits (peft starts B at zero)
+        for name, param in lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    export_lora(lm, "adapter", merged=False)
+    monkeypatch.chdir(tmp_path / "adapter")
+    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(lm), rtol=0, atol=0)
+
+
 def test_bad_lora_settings_are_refused():
     with pytest.raises(ValueError, match="rank"):
         apply_lora(_lm(), rank=0, alpha=8)

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from segppo.io import as_recorded
+
 from .reward_model import HEAD_NAMES
 
 try:
@@ -258,4 +260,9 @@ def save_lora(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, *,
         # requires_grad is not saved; the folder loads like any other transformers model.
         inner.get_base_model().save_pretrained(folder, state_dict=merged_state_dict(inner, state))
     else:
+        # peft records the base as it was given; a relative path would name it only from the run's
+        # working directory (AutoPeftModelForCausalLM loads the base from this record).
+        config = inner.peft_config["default"]
+        if config.base_model_name_or_path:
+            config.base_model_name_or_path = as_recorded(config.base_model_name_or_path)
         inner.save_pretrained(folder, state_dict=state)
