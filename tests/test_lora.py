@@ -173,6 +173,20 @@ def test_an_adapter_export_names_its_base_from_any_working_directory(tmp_path, m
     torch.testing.assert_close(_logits(reloaded), _logits(lm), rtol=0, atol=0)
 
 
+def test_an_export_replaces_the_folder_s_earlier_export_whole(tmp_path):
+    """A merged export then an adapter export into one folder: the earlier weights must not stay
+    beside the adapter (transformers would load the stale full model, or the adapter onto it)."""
+    lm = apply_lora(_lm(), rank=2, alpha=4)
+    export_lora(lm, tmp_path / "export")
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    export_lora(lm, tmp_path / "export", merged=False)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir() if p.suffix != ".md") == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder left
+
+
 def test_bad_lora_settings_are_refused():
     with pytest.raises(ValueError, match="rank"):
         apply_lora(_lm(), rank=0, alpha=8)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segppo.io import as_recorded
+from segppo.io import as_recorded, atomic_folder
 
 from .reward_model import HEAD_NAMES
 
@@ -241,15 +241,16 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
 
 def export_lora(model: nn.Module, folder: str | os.PathLike, *, merged: bool = True) -> Path:
     """Save `model`'s weights to `folder`: merged into the base weights (a plain transformers
-    model) or, with `merged=False`, the adapter (and trained head) alone. `model` is unchanged."""
+    model) or, with `merged=False`, the adapter (and trained head) alone. `model` is unchanged.
+    The folder is written atomically and replaces an earlier one whole: no weights of an earlier
+    export stay beside the new ones."""
     inner = getattr(model, "module", model)
     if not isinstance(inner, peft.PeftModel):
         raise ValueError(f"{type(inner).__name__} has no LoRA adapters to export")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach() for k, v in inner.state_dict().items()}
-    save_lora(inner, state, folder, merged=merged)
-    return folder
+    with atomic_folder(folder) as tmp:
+        save_lora(inner, state, tmp, merged=merged)
+    return Path(folder)
 
 
 def save_lora(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, *, merged: bool) -> None:
