@@ -315,7 +315,7 @@ def _fit_and_save(cfg: FitNormalizerConfig, scorer: RewardScorer, parts: list[di
         "truncated_responses": truncated[1],
         "max_len": cfg.max_len,
         "max_prompt_len": cfg.max_prompt_len,
-        "segmenter": scorer.metadata.segmenter if cfg.segmenter is None else cfg.segmenter,
+        "segmenter": scorer.segmenter_name,
     }
     reasons = [reason for part in parts for reason in part["reasons"]][:5]  # the ranks' shares in order
     console.print(
