@@ -367,16 +367,12 @@ def _into_rm_metadata(reward_model: str, normalizer: Normalizer) -> tuple[Path, 
     """The RM folder's `segppo.json` and what it holds, once `normalizer` is found to fit that RM."""
     file = _metadata_file_for_into_rm(reward_model)
     metadata = SegppoMetadata.load(file)
-    if normalizer.granularity is not None and metadata.granularity is not None:
-        same = normalizer.granularity == metadata.granularity and (
-            normalizer.granularity != "segment" or normalizer.threshold == metadata.threshold
+    if not normalizer.fits(metadata.granularity, metadata.threshold):
+        raise ValueError(
+            f"--into-rm: the normalizer is for {normalizer.granularity} "
+            f"(threshold {normalizer.threshold}) but {file} records {metadata.granularity} "
+            f"(threshold {metadata.threshold})"
         )
-        if not same:
-            raise ValueError(
-                f"--into-rm: the normalizer is for {normalizer.granularity} "
-                f"(threshold {normalizer.threshold}) but {file} records {metadata.granularity} "
-                f"(threshold {metadata.threshold})"
-            )
     return file, metadata
 
 

@@ -175,6 +175,12 @@ def resolve_normalizer(
         return NormalizerChoice(None, floor(), None)
     if normalizer:
         fitted = Normalizer.load(normalizer)
+        if not fitted.fits(granularity, metadata.threshold):  # as `fit-normalizer --into-rm` refuses it
+            raise ValueError(
+                f"--normalizer {normalizer} is fitted for {fitted.granularity} rewards (threshold "
+                f"{fitted.threshold}), but the reward model gives {granularity} rewards (threshold "
+                f"{metadata.threshold}): it would scale rewards of other segments than it was fitted on"
+            )
         return NormalizerChoice(fitted.as_kernel_params(), floor(fitted.sigma_floor), str(normalizer))
     if reward_mean is not None or reward_std is not None:
         if reward_mean is None or reward_std is None:
