@@ -404,6 +404,18 @@ def test_a_saved_policy_s_generate_stops_where_its_rollouts_stopped(tmp_path):
     assert GenerationConfig.from_pretrained(folder).eos_token_id == [1, 3]
 
 
+def test_a_reward_model_folder_is_not_loaded_as_a_causal_lm(tmp_path):
+    """`--policy`, `--reference`, `--segmenter` or eval's `--policy` given a reward model folder:
+    AutoModelForCausalLM loaded its backbone and gave it a new random LM head, and PPO trained it."""
+    _save_causal_lm("llama", tmp_path / "lm")
+    save_reward_model(create_reward_model(tmp_path / "lm"), None, tmp_path / "rm", _metadata())
+    with pytest.raises(
+        ValueError, match=r"rm: a LlamaForTokenClassification \(a reward model\), not a causal LM"
+    ):
+        load_policy(tmp_path / "rm")
+    assert load_policy(tmp_path / "lm") is not None
+
+
 def test_tokenizer_pad_falls_back_to_eos(tmp_path):
     tokenizer = tiny_tokenizer()
     tokenizer.pad_token = None
