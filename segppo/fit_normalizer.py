@@ -315,7 +315,7 @@ def _fit_and_save(cfg: FitNormalizerConfig, scorer: RewardScorer, parts: list[di
         "truncated_responses": truncated[1],
         "max_len": cfg.max_len,
         "max_prompt_len": cfg.max_prompt_len,
-        "segmenter": scorer.metadata.segmenter if cfg.segmenter is None else cfg.segmenter,
+        "segmenter": scorer.segmenter_name,
     }
     reasons = [reason for part in parts for reason in part["reasons"]][:5]  # the ranks' shares in order
     console.print(
@@ -367,16 +367,12 @@ def _into_rm_metadata(reward_model: str, normalizer: Normalizer) -> tuple[Path, 
     """The RM folder's `segppo.json` and what it holds, once `normalizer` is found to fit that RM."""
     file = _metadata_file_for_into_rm(reward_model)
     metadata = SegppoMetadata.load(file)
-    if normalizer.granularity is not None and metadata.granularity is not None:
-        same = normalizer.granularity == metadata.granularity and (
-            normalizer.granularity != "segment" or normalizer.threshold == metadata.threshold
+    if not normalizer.fits(metadata.granularity, metadata.threshold):
+        raise ValueError(
+            f"--into-rm: the normalizer is for {normalizer.granularity} "
+            f"(threshold {normalizer.threshold}) but {file} records {metadata.granularity} "
+            f"(threshold {metadata.threshold})"
         )
-        if not same:
-            raise ValueError(
-                f"--into-rm: the normalizer is for {normalizer.granularity} "
-                f"(threshold {normalizer.threshold}) but {file} records {metadata.granularity} "
-                f"(threshold {metadata.threshold})"
-            )
     return file, metadata
 
 

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,25 @@ def test_eval_with_a_reward_model(tiny_lm_dir, other_policy, rm_dir, data, tmp_p
     from test_cli_tables import assert_whole, rendered
 
     assert_whole(table, rendered(table))
+
+
+def test_results_name_the_segmenter_that_segmented(tiny_lm_dir, rm_dir, data, tmp_path, monkeypatch):
+    """--segmenter replaces the one the RM's segppo.json records (moved, or another copy): the
+    scorer's record in results.json names the model that gave the segments, not the recorded one."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_lm_dir, tmp_path / "segmenter")
+    cfg = EvalConfig(
+        policy=[tiny_lm_dir],
+        prompts=data["prompts"],
+        output="out",
+        reward_model=rm_dir,
+        segmenter="segmenter",
+        max_samples=2,
+        **GEN,
+    )
+    evaluate(cfg, progress=False)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["scorer"]["segmenter"] == str(tmp_path / "segmenter")
 
 
 def test_a_policy_in_another_format_is_re_encoded_for_the_reward_model(tiny_lm_dir, rm_dir, data, tmp_path):

@@ -125,6 +125,22 @@ def test_fit_end_to_end_and_the_kernels_read_it(segment_rm, preferences_file, tm
     assert rewards[batch.response_mask].abs().sum() > 0
 
 
+def test_the_file_names_its_segmenter_from_any_working_directory(
+    segment_rm, segmenter_dir, preferences_file, tmp_path, monkeypatch
+):
+    """A --segmenter given as a relative path (the recorded one moved) is recorded absolute, as the
+    reward model and the dataset are: normalizer.json outlives the working directory."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(segmenter_dir, tmp_path / "moved")
+    result = invoke(
+        "--reward-model", segment_rm, "--dataset", preferences_file, "--segmenter", "moved",
+        "--samples", 8, "--min-bin-count", 2, *SMALL,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "normalizer.json").read_text())
+    assert saved["data"]["segmenter"] == str(tmp_path / "moved")
+
+
 def test_into_rm_updates_segppo_json_only(rm_copy, preferences_file, tmp_path):
     before = json.loads((rm_copy / "segppo.json").read_text())
     out = tmp_path / "normalizer.json"

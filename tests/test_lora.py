@@ -155,6 +155,38 @@ def test_adapter_only_export_reloads_onto_the_base(tmp_path):
     torch.testing.assert_close(_values(reloaded), _values(rm), rtol=0, atol=0)
 
 
+def test_an_adapter_export_names_its_base_from_any_working_directory(tmp_path, monkeypatch):
+    """peft records the base as the policy was given (`--policy sft`); `AutoPeftModelForCausalLM`
+    reads it back to load the base, from wherever the user is then."""
+    from segppo.models import load_policy
+
+    monkeypatch.chdir(tmp_path)
+    _lm().save_pretrained("sft")
+    lm = apply_lora(load_policy("sft"), rank=2, alpha=4)
+    with torch.no_grad():  # adapters that change the logits (peft starts B at zero)
+        for name, param in lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    export_lora(lm, "adapter", merged=False)
+    monkeypatch.chdir(tmp_path / "adapter")
+    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(lm), rtol=0, atol=0)
+
+
+def test_an_export_replaces_the_folder_s_earlier_export_whole(tmp_path):
+    """A merged export then an adapter export into one folder: the earlier weights must not stay
+    beside the adapter (transformers would load the stale full model, or the adapter onto it)."""
+    lm = apply_lora(_lm(), rank=2, alpha=4)
+    export_lora(lm, tmp_path / "export")
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    export_lora(lm, tmp_path / "export", merged=False)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir() if p.suffix != ".md") == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder left
+
+
 def test_bad_lora_settings_are_refused():
     with pytest.raises(ValueError, match="rank"):
         apply_lora(_lm(), rank=0, alpha=8)

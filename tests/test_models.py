@@ -8,13 +8,16 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import ARCHITECTURES, tiny_config, tiny_tokenizer
+from tiny import ARCHITECTURES, CHATML_TEMPLATE, tiny_config, tiny_tokenizer
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    AutoTokenizer,
+    GenerationConfig,
 )
 
+from segppo.data import ChatFormat
 from segppo.models import (
     MetadataError,
     SegppoMetadata,
@@ -374,6 +377,43 @@ def test_save_policy_loads_with_plain_transformers(tmp_path):
     assert metadata.kind == "policy" and metadata.chat_template is not None
     with pytest.raises(MetadataError, match="kind"):
         save_policy(policy, None, tmp_path / "x", _metadata())
+
+
+def _save_templated_policy(tmp_path):
+    """A base model (its tokenizer has no template) saved as a policy trained in ChatML: the run
+    gave the template (--chat-template, or the reward model's segppo.json) and stopped its
+    rollouts at the template's end of turn as well as at the tokenizer's EOS."""
+    _save_causal_lm("llama", tmp_path / "lm")
+    (tmp_path / "lm" / "chat_template.jinja").unlink()
+    tiny_tokenizer(chat_template=False).save_pretrained(tmp_path / "lm")
+    chat = ChatFormat(load_tokenizer(tmp_path / "lm"), CHATML_TEMPLATE)
+    assert chat.stop_token_ids == [1, 3]  # the tokenizer's EOS, then the template's <|im_end|>
+    metadata = SegppoMetadata(kind="policy", **chat.metadata_fields())
+    save_policy(load_policy(tmp_path / "lm"), chat.tokenizer, tmp_path / "policy", metadata)
+    return tmp_path / "policy"
+
+
+def test_a_saved_policy_s_tokenizer_has_the_template_it_was_trained_in(tmp_path):
+    folder = _save_templated_policy(tmp_path)
+    assert AutoTokenizer.from_pretrained(folder).chat_template == CHATML_TEMPLATE
+    assert load_tokenizer(tmp_path / "lm").chat_template is None  # the run's tokenizer is unchanged
+
+
+def test_a_saved_policy_s_generate_stops_where_its_rollouts_stopped(tmp_path):
+    folder = _save_templated_policy(tmp_path)
+    assert GenerationConfig.from_pretrained(folder).eos_token_id == [1, 3]
+
+
+def test_a_reward_model_folder_is_not_loaded_as_a_causal_lm(tmp_path):
+    """`--policy`, `--reference`, `--segmenter` or eval's `--policy` given a reward model folder:
+    AutoModelForCausalLM loaded its backbone and gave it a new random LM head, and PPO trained it."""
+    _save_causal_lm("llama", tmp_path / "lm")
+    save_reward_model(create_reward_model(tmp_path / "lm"), None, tmp_path / "rm", _metadata())
+    with pytest.raises(
+        ValueError, match=r"rm: a LlamaForTokenClassification \(a reward model\), not a causal LM"
+    ):
+        load_policy(tmp_path / "rm")
+    assert load_policy(tmp_path / "lm") is not None
 
 
 def test_tokenizer_pad_falls_back_to_eos(tmp_path):

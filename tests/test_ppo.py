@@ -141,6 +141,9 @@ def test_policy_checkpoint_and_samples(tiny_lm_dir, reward_models, prompts_file,
     assert meta.base_model == meta.segmenter == str(Path(tiny_lm_dir).resolve())
     assert meta.data["prompts"] == str(Path(prompts_file).resolve())
     assert meta.data["reward_model"] == str(Path(reward_models["segment"]).resolve())
+    assert meta.data["steps"] == 2
+    checkpoint = SegppoMetadata.load(cfg.output_dir / "checkpoints" / "step-1" / "segppo.json")
+    assert checkpoint.data["steps"] == 1  # the steps that checkpoint has had, not the run's total
     samples = [json.loads(line) for line in (cfg.output_dir / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2}
     sample = samples[0]

@@ -383,6 +383,27 @@ def test_one_normalizer_resolution_for_ppo_and_eval(tmp_path):
         resolve_normalizer(recorded, "segment", reward_mean=1.0)
 
 
+def test_a_normalizer_file_of_another_segmentation_is_refused(tmp_path):
+    """`--normalizer FILE` fitted on other segments (another granularity, or another threshold) would
+    scale rewards it was not fitted on; refused as `fit-normalizer --into-rm` refuses it. A file that
+    records no segmentation (made by hand) is taken as it is."""
+    from segppo.normalizer import Normalizer
+    from segppo.rm.scoring import resolve_normalizer
+
+    rm = SegppoMetadata(kind="reward_model", granularity="segment", threshold=2.0)
+    for name, fields in (
+        ("token", dict(granularity="token")),
+        ("other", dict(granularity="segment", threshold=1.5)),
+    ):
+        path = Normalizer((0.0, 0.0, 1.0, 2.0), **fields).save(tmp_path / f"{name}.json")
+        with pytest.raises(ValueError, match=rf"^--normalizer .*{name}.json is fitted for "):
+            resolve_normalizer(rm, "segment", normalizer=str(path))
+    same = Normalizer((0.0, 0.0, 1.0, 2.0), granularity="segment", threshold=2.0).save(tmp_path / "same.json")
+    assert resolve_normalizer(rm, "segment", normalizer=str(same)).params == (0.0, 0.0, 1.0, 2.0)
+    bare = Normalizer((0.0, 0.0, 1.0, 2.0)).save(tmp_path / "bare.json")
+    assert resolve_normalizer(rm, "segment", normalizer=str(bare)).params == (0.0, 0.0, 1.0, 2.0)
+
+
 def test_strict_stops_at_the_first_malformed_row(tiny_lm_dir, tmp_path):
     from tiny import write_preferences
 

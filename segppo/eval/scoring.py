@@ -257,13 +257,12 @@ class RewardModelScorer:
         )
 
     def describe(self) -> dict:
-        meta = self.scorer.metadata
         return {
             "kind": "reward_model",
             "reward_model": self.path,
             "granularity": self.scorer.segmentation.granularity,
             "threshold": self.scorer.segmentation.threshold,
-            "segmenter": meta.segmenter,
+            "segmenter": self.scorer.segmenter_name,
             "normalizer": list(self.params) if self.params is not None else None,
             "normalizer_source": self.normalizer_source,
             "sigma_floor": self.sigma_floor,

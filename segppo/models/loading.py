@@ -6,6 +6,7 @@ run code from the checkpoint by default (one of the paper code's defects, DESIGN
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -88,6 +89,21 @@ def check_not_adapter_only(folder: str | os.PathLike, label: str) -> None:
         )
 
 
+def check_not_a_classifier(folder: str | os.PathLike) -> None:
+    """A reward model folder (a token- or sequence-classification head) holds no LM head:
+    `AutoModelForCausalLM` would load its backbone and start a new random one, without an error."""
+    try:
+        config = json.loads((Path(folder).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # a hub name, or a folder transformers will report on itself
+    heads = [str(a) for a in config.get("architectures") or []]
+    if heads and all(a.endswith(("ForTokenClassification", "ForSequenceClassification")) for a in heads):
+        raise ValueError(
+            f"{folder}: a {heads[0]} (a reward model), not a causal LM; loaded as one its LM head "
+            "would be new random weights"
+        )
+
+
 def load_tokenizer(
     name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, add_pad_token: bool = False
 ) -> PreTrainedTokenizerBase:
@@ -125,6 +141,7 @@ def load_policy(
     With a ZeRO-3 `ds_config` (the DeepSpeed config of the model's engine) the model is built
     partitioned, no rank ever holding it whole (`segppo.models.zero3`)."""
     check_not_adapter_only(name_or_path, "the causal LM")
+    check_not_a_classifier(name_or_path)
     if is_zero3(ds_config):
         from .zero3 import from_pretrained_partitioned
 

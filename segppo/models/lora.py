@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from segppo.io import as_recorded, atomic_folder
+
 from .reward_model import HEAD_NAMES
 
 try:
@@ -239,15 +241,16 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
 
 def export_lora(model: nn.Module, folder: str | os.PathLike, *, merged: bool = True) -> Path:
     """Save `model`'s weights to `folder`: merged into the base weights (a plain transformers
-    model) or, with `merged=False`, the adapter (and trained head) alone. `model` is unchanged."""
+    model) or, with `merged=False`, the adapter (and trained head) alone. `model` is unchanged.
+    The folder is written atomically and replaces an earlier one whole: no weights of an earlier
+    export stay beside the new ones."""
     inner = getattr(model, "module", model)
     if not isinstance(inner, peft.PeftModel):
         raise ValueError(f"{type(inner).__name__} has no LoRA adapters to export")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach() for k, v in inner.state_dict().items()}
-    save_lora(inner, state, folder, merged=merged)
-    return folder
+    with atomic_folder(folder) as tmp:
+        save_lora(inner, state, tmp, merged=merged)
+    return Path(folder)
 
 
 def save_lora(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, *, merged: bool) -> None:
@@ -258,4 +261,9 @@ def save_lora(model: nn.Module, state: dict[str, torch.Tensor], folder: Path, *,
         # requires_grad is not saved; the folder loads like any other transformers model.
         inner.get_base_model().save_pretrained(folder, state_dict=merged_state_dict(inner, state))
     else:
+        # peft records the base as it was given; a relative path would name it only from the run's
+        # working directory (AutoPeftModelForCausalLM loads the base from this record).
+        config = inner.peft_config["default"]
+        if config.base_model_name_or_path:
+            config.base_model_name_or_path = as_recorded(config.base_model_name_or_path)
         inner.save_pretrained(folder, state_dict=state)

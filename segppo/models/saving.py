@@ -6,7 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from segppo.io import atomic_folder
 
@@ -80,7 +80,37 @@ def _save(
             save_lora(model, state, tmp, merged=lora_export == "merged")
         else:
             model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if metadata.kind == "policy" and metadata.stop_token_ids:
+            _record_stop_ids(tmp, metadata.stop_token_ids)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            _save_tokenizer(tokenizer, tmp, metadata.chat_template)
         (tmp / METADATA_FILE).write_text(text, encoding="utf-8")
     return Path(out_dir)
+
+
+def _save_tokenizer(tokenizer, folder: Path, chat_template: str | None) -> None:
+    """Save `tokenizer` with the chat template the model was trained in (a base model's tokenizer
+    has none, or another one, when the run was given `--chat-template`), so that plain transformers'
+    `apply_chat_template` on the folder renders what the model saw. The caller's tokenizer is unchanged."""
+    own = tokenizer.chat_template
+    named = own.values() if isinstance(own, dict) else [own]
+    if chat_template is not None and chat_template not in named:  # (named templates are kept whole)
+        tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(folder)
+    finally:
+        tokenizer.chat_template = own
+
+
+def _record_stop_ids(folder: Path, stop_token_ids: list[int]) -> None:
+    """Make the folder's `generation_config.json` end generation at the ids the policy's rollouts
+    ended at: the tokenizer's EOS and the template's end of turn are stop ids too, which the base
+    model's generation config may lack (a base model trained in ChatML), and plain `generate()`
+    would write past them. A folder without one (a LoRA adapter alone) is left as it is."""
+    if not (folder / "generation_config.json").is_file():
+        return
+    config = GenerationConfig.from_pretrained(folder)
+    own = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    if set(own) != set(stop_token_ids):
+        config.eos_token_id = list(stop_token_ids)
+        config.save_pretrained(folder)

@@ -94,6 +94,13 @@ class Normalizer:
             p = torch.as_tensor(p, device=raw.device)
         return (raw - self.mean(p)) / self.std(p)
 
+    def fits(self, granularity: str | None, threshold: float | None) -> bool:
+        """Whether this was fitted on the segments of a reward model of `granularity` (and, for
+        segments, entropy `threshold`); one that records no granularity (made by hand) fits any."""
+        if self.granularity is None or granularity is None:
+            return True
+        return self.granularity == granularity and (granularity != "segment" or self.threshold == threshold)
+
     def as_kernel_params(self) -> tuple[float, float, float, float]:
         """`(a, b, c, d)` for `segment_rewards(normalizer=..., sigma_floor=self.sigma_floor)`."""
         return self.params

@@ -404,16 +404,17 @@ class PPOTrainer:
                 )
                 if cfg.save_every and done % cfg.save_every == 0 and done < self.total_steps:
                     checkpoint.save_state(cfg, m, self.kl_ctl, done)
-                    self.export(out / "checkpoints" / f"step-{done}")
+                    self.export(out / "checkpoints" / f"step-{done}", steps=done)
                 if step_callback is not None:
                     step_callback(done, metrics)
         checkpoint.save_state(cfg, m, self.kl_ctl, self.total_steps)
-        self.export(out / "policy")
+        self.export(out / "policy", steps=self.total_steps)
         tracker.close()
         if info.is_main:
             console.print(f"[bold green]done[/]: {self.total_steps} PPO steps → {out / 'policy'}")
 
-    def export(self, folder: Path) -> None:
+    def export(self, folder: Path, *, steps: int) -> None:
+        """The policy after `steps` PPO steps (what its segppo.json records) as a folder."""
         checkpoint.export_policy(
             self.cfg,
             self.models.actor,
@@ -421,7 +422,7 @@ class PPOTrainer:
             self.chat,
             self.shaping,
             folder,
-            steps=self.total_steps,
+            steps=steps,
             is_main=self.info.is_main,
         )
 

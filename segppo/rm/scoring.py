@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from segppo.data import ChatFormat, ResponseBatch
+from segppo.io import as_recorded
 from segppo.kernels import sequence_scores
 from segppo.models import SegppoMetadata, load_policy, load_reward_model, load_tokenizer
 from segppo.models.reward_model import reward_values, run_model_folder
@@ -64,6 +65,8 @@ class RewardScorer:
     metadata: SegppoMetadata
     segmentation: Segmentation
     device: torch.device
+    # The model `segmenter` was loaded from (`--segmenter`, else the recorded one); None without one.
+    segmenter_name: str | None = None
 
     def score(self, batch: ResponseBatch) -> ScoredResponses:
         with torch.no_grad():
@@ -92,7 +95,7 @@ def load_scorer(
     folder = run_model_folder(Path(path)) if Path(path).is_dir() else path
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
     segmentation = Segmentation.resolve(metadata.granularity, metadata.threshold or 0.0)
-    segmenter_model = None
+    segmenter_model, name = None, None
     if segmentation.needs_entropy:
         name = segmenter or metadata.segmenter
         if not name:
@@ -117,6 +120,7 @@ def load_scorer(
         metadata=metadata,
         segmentation=segmentation,
         device=device,
+        segmenter_name=as_recorded(name) if name else None,
     )
 
 
@@ -171,6 +175,12 @@ def resolve_normalizer(
         return NormalizerChoice(None, floor(), None)
     if normalizer:
         fitted = Normalizer.load(normalizer)
+        if not fitted.fits(granularity, metadata.threshold):  # as `fit-normalizer --into-rm` refuses it
+            raise ValueError(
+                f"--normalizer {normalizer} is fitted for {fitted.granularity} rewards (threshold "
+                f"{fitted.threshold}), but the reward model gives {granularity} rewards (threshold "
+                f"{metadata.threshold}): it would scale rewards of other segments than it was fitted on"
+            )
         return NormalizerChoice(fitted.as_kernel_params(), floor(fitted.sigma_floor), str(normalizer))
     if reward_mean is not None or reward_std is not None:
         if reward_mean is None or reward_std is None:
