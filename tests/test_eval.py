@@ -787,3 +787,42 @@ def test_chat_template_kwargs_render_the_policys_prompts(tiny_lm_dir, rm_dir, da
     assert not scorer.reads_policy_ids(
         tokenizer, ChatFormat(tokenizer, scorer.chat.template, template_kwargs=no_thinking)
     )
+
+
+def test_a_policy_is_prompted_with_the_template_variables_it_was_trained_with(tiny_lm_dir, data, tmp_path):
+    # A PPO policy's segppo.json records the variables it was trained in (a Qwen3 policy trained with
+    # enable_thinking false); eval with a scorer of its own prompted it without them (thinking mode).
+    from tiny import CHATML_TEMPLATE
+
+    from segppo.models.metadata import SegppoMetadata
+
+    switch = (
+        "{% if enable_thinking is defined and enable_thinking is false %}"
+        "{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    )
+    template = CHATML_TEMPLATE.replace("{% endif %}", switch + "{% endif %}")
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_lm_dir, policy)
+    recorded = {"enable_thinking": False}
+    SegppoMetadata(kind="policy", chat_template=template, chat_template_kwargs=recorded).save(
+        policy / "segppo.json"
+    )
+    cfg = EvalConfig(
+        policy=[str(policy)],
+        prompts=data["prompts"],
+        output=str(tmp_path / "eval"),
+        chat_template=template,
+        **{**GEN, "max_prompt_len": 64},
+    )
+    (result,) = evaluate(cfg, scorer_fn=length_scorer, progress=False).policies.values()
+    assert result.chat_template_kwargs == recorded
+    prompt = result.generations[0].prompt_ids
+    from segppo.models.loading import load_tokenizer
+
+    assert (
+        load_tokenizer(str(policy)).decode(prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    )
+    # the option still wins
+    cfg = dataclasses.replace(cfg, output=str(tmp_path / "eval2"), chat_template_kwargs={})
+    (result,) = evaluate(cfg, scorer_fn=length_scorer, progress=False).policies.values()
+    assert result.chat_template_kwargs is None

@@ -187,14 +187,31 @@ def chat_template_for(cfg: EvalConfig, tokenizer, scorer) -> tuple[str | None, s
     return None, "policy tokenizer"
 
 
-def chat_template_kwargs_for(cfg: EvalConfig, tokenizer, scorer) -> dict | None:
-    """The template variables: `--chat-template-kwargs`, else the RM's recorded ones when the RM
-    shares the policy's tokenizer (they belong to that tokenizer's model family), else none."""
+def chat_template_kwargs_for(
+    cfg: EvalConfig, tokenizer, scorer, policy_folder: str | None = None
+) -> dict | None:
+    """The template variables: `--chat-template-kwargs`, else the ones a segppo PPO policy records
+    it was trained with (its segppo.json), else the RM's recorded ones when the RM shares the
+    policy's tokenizer (they belong to that tokenizer's model family), else none."""
     if cfg.chat_template_kwargs is not None:
         return cfg.chat_template_kwargs
+    trained_with = _recorded_template_kwargs(policy_folder)
+    if trained_with is not None:
+        return trained_with
     if isinstance(scorer, RewardModelScorer) and scorer.shares_tokenizer(tokenizer):
         return scorer.chat.template_kwargs
     return None
+
+
+def _recorded_template_kwargs(policy_folder: str | None) -> dict | None:
+    """The template variables a policy folder's segppo.json records (a PPO policy's), if any."""
+    path = Path(policy_folder) / METADATA_FILE if policy_folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return SegppoMetadata.load(path).chat_template_kwargs
+    except ValueError:  # not segppo's, or damaged: the policy is prompted as any other
+        return None
 
 
 def _summarise(spec: PolicySpec, generations: list[Generation], rm: bool, **extra) -> PolicyResult:
@@ -317,7 +334,9 @@ def evaluate(cfg: EvalConfig, *, scorer_fn: ScorerFn | None = None, progress: bo
             tokenizer = load_tokenizer(spec.folder, trust_remote_code=cfg.trust_remote_code)
             template, source = chat_template_for(cfg, tokenizer, scorer)
             chat = ChatFormat(
-                tokenizer, template, template_kwargs=chat_template_kwargs_for(cfg, tokenizer, scorer)
+                tokenizer,
+                template,
+                template_kwargs=chat_template_kwargs_for(cfg, tokenizer, scorer, spec.folder),
             )
             sampling = SamplingConfig(
                 max_new_tokens=cfg.max_new_tokens,
