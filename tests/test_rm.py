@@ -363,6 +363,9 @@ def test_one_normalizer_resolution_for_ppo_and_eval(tmp_path):
     """`--no-normalize`, `--normalizer`, `--reward-mean/std`, then what the RM records, in that order."""
     from segppo.normalizer import DEFAULT_SIGMA_FLOOR, Normalizer
     from segppo.rm.scoring import resolve_normalizer
+    from segppo.segments import Segmentation
+
+    segment, bandit_cut = Segmentation("segment", 2.0), Segmentation("bandit", 1000.0)
 
     recorded = SegppoMetadata(
         kind="reward_model", normalizer={"params": [0.1, 0.2, 0.3, 0.4], "sigma_floor": 0.05}
@@ -370,38 +373,47 @@ def test_one_normalizer_resolution_for_ppo_and_eval(tmp_path):
     bandit = SegppoMetadata(kind="reward_model", score_mean=1.5, score_std=2.0)
     fitted = Normalizer((1.0, 2.0, 3.0, 4.0), sigma_floor=0.2).save(tmp_path / "normalizer.json")
 
-    choice = resolve_normalizer(recorded, "segment")
+    choice = resolve_normalizer(recorded, segment)
     assert (choice.params, choice.sigma_floor, choice.source) == ((0.1, 0.2, 0.3, 0.4), 0.05, "segppo.json")
-    choice = resolve_normalizer(recorded, "segment", normalizer=str(fitted), sigma_floor=0.5)
+    choice = resolve_normalizer(recorded, segment, normalizer=str(fitted), sigma_floor=0.5)
     assert (choice.params, choice.sigma_floor) == ((1.0, 2.0, 3.0, 4.0), 0.5)
-    choice = resolve_normalizer(recorded, "segment", reward_mean=1.0, reward_std=3.0)
+    choice = resolve_normalizer(recorded, segment, reward_mean=1.0, reward_std=3.0)
     assert choice.params == (0.0, 0.0, 1.0, 3.0) and choice.sigma_floor == DEFAULT_SIGMA_FLOOR
-    assert resolve_normalizer(recorded, "segment", normalize=False).params is None
-    assert resolve_normalizer(bandit, "bandit").params == (0.0, 0.0, 1.5, 2.0)
-    assert resolve_normalizer(bandit, "segment").params is None  # a dense RM: raw segment rewards
+    assert resolve_normalizer(recorded, segment, normalize=False).params is None
+    assert resolve_normalizer(bandit, bandit_cut).params == (0.0, 0.0, 1.5, 2.0)
+    assert resolve_normalizer(bandit, segment).params is None  # a dense RM: raw segment rewards
     with pytest.raises(ValueError, match="go together"):
-        resolve_normalizer(recorded, "segment", reward_mean=1.0)
+        resolve_normalizer(recorded, segment, reward_mean=1.0)
 
 
 def test_a_normalizer_file_of_another_segmentation_is_refused(tmp_path):
-    """`--normalizer FILE` fitted on other segments (another granularity, or another threshold) would
-    scale rewards it was not fitted on; refused as `fit-normalizer --into-rm` refuses it. A file that
-    records no segmentation (made by hand) is taken as it is."""
+    """`--normalizer FILE` fitted on other segments (another granularity, or another threshold) than
+    the run cuts would scale rewards it was not fitted on; refused as `fit-normalizer --into-rm`
+    refuses it. A file that records no segmentation (made by hand) is taken as it is. The run's
+    segments are what counts, not the RM's record: `ppo train --entropy-threshold 1.5` on an RM
+    trained at 2.0 takes a normalizer fitted at 1.5 (it was refused, held to the RM's 2.0)."""
     from segppo.normalizer import Normalizer
     from segppo.rm.scoring import resolve_normalizer
+    from segppo.segments import Segmentation
 
     rm = SegppoMetadata(kind="reward_model", granularity="segment", threshold=2.0)
+    as_trained = Segmentation("segment", 2.0)
     for name, fields in (
         ("token", dict(granularity="token")),
         ("other", dict(granularity="segment", threshold=1.5)),
     ):
         path = Normalizer((0.0, 0.0, 1.0, 2.0), **fields).save(tmp_path / f"{name}.json")
         with pytest.raises(ValueError, match=rf"^--normalizer .*{name}.json is fitted for "):
-            resolve_normalizer(rm, "segment", normalizer=str(path))
+            resolve_normalizer(rm, as_trained, normalizer=str(path))
     same = Normalizer((0.0, 0.0, 1.0, 2.0), granularity="segment", threshold=2.0).save(tmp_path / "same.json")
-    assert resolve_normalizer(rm, "segment", normalizer=str(same)).params == (0.0, 0.0, 1.0, 2.0)
+    assert resolve_normalizer(rm, as_trained, normalizer=str(same)).params == (0.0, 0.0, 1.0, 2.0)
     bare = Normalizer((0.0, 0.0, 1.0, 2.0)).save(tmp_path / "bare.json")
-    assert resolve_normalizer(rm, "segment", normalizer=str(bare)).params == (0.0, 0.0, 1.0, 2.0)
+    assert resolve_normalizer(rm, as_trained, normalizer=str(bare)).params == (0.0, 0.0, 1.0, 2.0)
+    overridden = Segmentation("segment", 1.5)
+    other = tmp_path / "other.json"
+    assert resolve_normalizer(rm, overridden, normalizer=str(other)).params == (0.0, 0.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match=r"fitted for segment rewards \(threshold 2.0\), but the run"):
+        resolve_normalizer(rm, overridden, normalizer=str(same))
 
 
 def test_strict_stops_at_the_first_malformed_row(tiny_lm_dir, tmp_path):

@@ -53,7 +53,7 @@ def phrase_reward_sums(
     the last phrase (a bandit RM's score sits there)."""
     scorer = load_scorer(str(rm_dir), device="cpu")
     seg = scorer.segmentation
-    choice = resolve_normalizer(scorer.metadata, seg.granularity)
+    choice = resolve_normalizer(scorer.metadata, seg)
     points: list[tuple[float, Phrase]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(

@@ -180,7 +180,7 @@ class RewardModelScorer:
         # As PPO picks it, so normalized_reward is the reward PPO would add.
         choice = resolve_normalizer(
             scorer.metadata,
-            scorer.segmentation.granularity,
+            scorer.segmentation,
             normalize=normalize,
             normalizer=normalizer,
             reward_mean=reward_mean,

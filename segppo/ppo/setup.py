@@ -84,7 +84,7 @@ def reward_shaping(cfg: PPOConfig, reward: RewardModelSpec) -> RewardShaping:
     segmentation = reward.segmentation
     choice = resolve_normalizer(
         reward.metadata,
-        segmentation.granularity,
+        segmentation,
         normalize=cfg.normalize,
         normalizer=cfg.normalizer,
         reward_mean=cfg.reward_mean,

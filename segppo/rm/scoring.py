@@ -156,7 +156,7 @@ class NormalizerChoice:
 
 def resolve_normalizer(
     metadata: SegppoMetadata,
-    granularity: str,
+    segmentation: Segmentation,
     *,
     normalize: bool = True,
     normalizer: str | None = None,
@@ -166,7 +166,10 @@ def resolve_normalizer(
 ) -> NormalizerChoice:
     """The normalizer PPO and eval use, in this order: none (`--no-normalize`), `--normalizer FILE`,
     `--reward-mean/--reward-std`, what the RM records (its normalizer, else a bandit RM's global
-    score mean/std), else none. `--sigma-floor` overrides the chosen normalizer's own floor."""
+    score mean/std), else none. `--sigma-floor` overrides the chosen normalizer's own floor.
+    `segmentation` is how the run cuts responses (the RM's, or PPO's --reward-granularity and
+    --entropy-threshold): a normalizer file fitted on other segments is refused."""
+    granularity = segmentation.granularity
 
     def floor(own: float = DEFAULT_SIGMA_FLOOR) -> float:
         return sigma_floor if sigma_floor is not None else float(own)
@@ -175,11 +178,11 @@ def resolve_normalizer(
         return NormalizerChoice(None, floor(), None)
     if normalizer:
         fitted = Normalizer.load(normalizer)
-        if not fitted.fits(granularity, metadata.threshold):  # as `fit-normalizer --into-rm` refuses it
+        if not fitted.fits(granularity, segmentation.threshold):  # as `fit-normalizer --into-rm` refuses it
             raise ValueError(
                 f"--normalizer {normalizer} is fitted for {fitted.granularity} rewards (threshold "
-                f"{fitted.threshold}), but the reward model gives {granularity} rewards (threshold "
-                f"{metadata.threshold}): it would scale rewards of other segments than it was fitted on"
+                f"{fitted.threshold}), but the run gives {granularity} rewards (threshold "
+                f"{segmentation.threshold}): it would scale rewards of other segments than it was fitted on"
             )
         return NormalizerChoice(fitted.as_kernel_params(), floor(fitted.sigma_floor), str(normalizer))
     if reward_mean is not None or reward_std is not None:
