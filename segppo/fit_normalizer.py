@@ -26,9 +26,7 @@ from rich.markup import escape
 from segppo.config import FitNormalizerConfig
 from segppo.data import (
     EncodedPair,
-    LayoutOptions,
     collate_preferences,
-    encode_preferences,
     load_splits,
     pair_tokens,
 )
@@ -240,18 +238,7 @@ def _fit_on_rank(cfg: FitNormalizerConfig, info: DistInfo) -> None:
     start, stop = shard_bounds(len(rows), info.rank, info.world_size)
     pairs, report = [], None
     if stop > start:
-        options = LayoutOptions(
-            prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key
-        )
-        pairs, report = encode_preferences(
-            rows.select(range(start, stop)),
-            scorer.tokenizer,
-            layout_options=options,
-            max_len=cfg.max_len,
-            max_prompt_len=cfg.max_prompt_len,
-            chat_template=scorer.chat.template,
-            template_kwargs=scorer.chat.template_kwargs,
-        )
+        pairs, report = scorer.encode_pairs(rows.select(range(start, stop)), cfg)
     num_batches = -(-len(pairs) // cfg.batch_size)
     with LiveProgress(num_batches, "scoring segments", enabled=info.is_main, unit="batches") as progress:
         collector = collect_points(scorer, pairs, batch_size=cfg.batch_size, progress=progress)

@@ -707,16 +707,15 @@ def test_rm_training_records_the_template_kwargs_and_rm_eval_and_fit_normalizer_
     assert scorer.chat.prompt_ids([user("Hi.")]) == ChatFormat(
         tokenizer, template_kwargs=NO_THINKING
     ).prompt_ids([user("Hi.")])
-    # rm eval and fit-normalizer encode their pairs as the RM was trained.
+    # rm eval and fit-normalizer encode their pairs as the RM was trained (RewardScorer.encode_pairs).
     seen = []
-    for module in (segppo.rm.evaluate, segppo.fit_normalizer):
-        encode = module.encode_preferences
+    encode = segppo.rm.scoring.encode_preferences
 
-        def spy(*args, encode=encode, **kwargs):
-            seen.append(kwargs.get("template_kwargs"))
-            return encode(*args, **kwargs)
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("template_kwargs"))
+        return encode(*args, **kwargs)
 
-        monkeypatch.setattr(module, "encode_preferences", spy)
+    monkeypatch.setattr(segppo.rm.scoring, "encode_preferences", spy)
     model = str(cfg.output_dir / "model")
     segppo.rm.evaluate.evaluate_reward_model(
         RMEvalConfig(model=model, dataset=data, max_len=64, batch_size=8)

@@ -8,10 +8,8 @@ import torch
 
 from segppo.config import RMEvalConfig
 from segppo.data import (
-    LayoutOptions,
     PromptExample,
     collate_responses,
-    encode_preferences,
     load_splits,
     segment_texts,
     select_split,
@@ -54,19 +52,8 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> dict:
         rows = select_split(splits, cfg.split, cfg.dataset)
     if cfg.max_samples is not None:
         rows = rows.select(range(min(cfg.max_samples, len(rows))))
-    options = LayoutOptions(
-        prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key
-    )
     try:
-        pairs, report = encode_preferences(
-            rows,
-            scorer.tokenizer,
-            layout_options=options,
-            max_len=cfg.max_len,
-            max_prompt_len=cfg.max_prompt_len,
-            chat_template=scorer.chat.template,
-            template_kwargs=scorer.chat.template_kwargs,
-        )
+        pairs, report = scorer.encode_pairs(rows, cfg)
     except ValueError as err:  # no usable layout, a --strict row: say which data
         raise ValueError(f"{cfg.dataset}: {err}") from err
     if not pairs:

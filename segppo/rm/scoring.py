@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from segppo.data import ChatFormat, ResponseBatch
+from segppo.data import ChatFormat, EncodedPair, LayoutOptions, ResponseBatch, SkipReport, encode_preferences
 from segppo.io import as_recorded
 from segppo.kernels import sequence_scores
 from segppo.models import SegppoMetadata, load_policy, load_reward_model, load_tokenizer
@@ -67,6 +67,21 @@ class RewardScorer:
     device: torch.device
     # The model `segmenter` was loaded from (`--segmenter`, else the recorded one); None without one.
     segmenter_name: str | None = None
+
+    def encode_pairs(self, rows, cfg) -> tuple[list[EncodedPair], SkipReport]:
+        """Preference `rows` as this reward model was trained on them (its tokenizer, chat template
+        and template variables), with `cfg`'s column keys and length limits (rm eval, fit-normalizer)."""
+        return encode_preferences(
+            rows,
+            self.tokenizer,
+            layout_options=LayoutOptions(
+                prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key
+            ),
+            max_len=cfg.max_len,
+            max_prompt_len=cfg.max_prompt_len,
+            chat_template=self.chat.template,
+            template_kwargs=self.chat.template_kwargs,
+        )
 
     def score(self, batch: ResponseBatch) -> ScoredResponses:
         with torch.no_grad():
