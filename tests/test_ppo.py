@@ -227,8 +227,11 @@ def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
             assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
     wa = load_file(straight.output_dir / "policy" / "model.safetensors")
     wb = load_file(old.output_dir / "policy" / "model.safetensors")
+    # ZeRO-2's flat buffers round differently from stage 0, and Adam divides each gradient by its
+    # running RMS, so an element whose gradient is near 0 carries that rounding into its weight:
+    # up to 2e-6 after these 4 steps (2e-7 when actor and critic updates interleaved).
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=5e-6)
 
 
 def test_a_resume_keeps_the_options_that_decide_the_saved_models(

@@ -273,6 +273,45 @@ def test_float32_rollouts_score_the_actor_while_sampling(phi3_run, tmp_path, mon
     assert not decides(PPOConfig(**base, rollout_engine="vllm"))
 
 
+def test_one_step_epochs_take_the_old_values_from_the_critics_first_pass(phi3_run, tmp_path, monkeypatch):
+    """With one critic optimizer step per epoch, the critic's first training forwards give GAE its
+    values (`values_in_update`): no scoring pass of the critic, and the run (two epochs, so the
+    second one clips against those values) equals one that scores them."""
+    from safetensors.torch import load_file
+
+    import segppo.ppo.rollout as rollout
+    import segppo.ppo.trainer as trainer
+
+    policy, rm, prompts = phi3_run
+    decides = trainer.values_in_update
+    calls = []
+    scoring_pass = rollout.critic_values
+    monkeypatch.setattr(rollout, "critic_values", lambda *a, **k: calls.append(1) or scoring_pass(*a, **k))
+    args = dict(max_steps=2, ppo_epochs=2, actor_lr=1e-3, critic_lr=1e-3, temperature=0.7)
+    in_update = ppo(policy, rm, prompts, tmp_path / "in_update", **args)
+    assert not calls
+    monkeypatch.setattr(trainer, "values_in_update", lambda cfg: False)
+    scored = ppo(policy, rm, prompts, tmp_path / "scored", **args)
+    assert calls  # 2 micro-rollouts of 2 steps
+    keys = (
+        "reward", "kl", "policy_loss", "value_loss", "value_clipfrac", "approx_kl",
+        "explained_variance", "actor_lr", "critic_lr",
+    )  # fmt: skip
+    for got, want in zip(read_metrics(in_update), read_metrics(scored), strict=True):
+        for key in keys:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    a = load_file(in_update / "policy" / "model.safetensors")
+    b = load_file(scored / "policy" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    from segppo.config import PPOConfig
+
+    base = dict(policy="p", reward_model="r", prompts="x", output="o", rollout_batch_size=8)
+    assert decides(PPOConfig(**base, train_batch_size=8))
+    assert not decides(PPOConfig(**base, train_batch_size=4))  # the second step's values are newer
+    assert not decides(PPOConfig(**base, train_batch_size=8, advantage="reinforce++"))  # no critic
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_bf16_trains_with_float32_master_weights(tiny_lm_dir, zero_stage):
     from segppo.config import PPOConfig

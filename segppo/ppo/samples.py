@@ -31,23 +31,26 @@ class RolloutPool:
     attention_mask: torch.Tensor  # [N, P+T]
     response_mask: torch.Tensor  # [N, T]
     has_eos: torch.Tensor  # [N]
-    tensors: dict[str, torch.Tensor]  # TRAINING_TENSORS, [N, T] each (0 past the response)
+    tensors: dict[str, torch.Tensor]  # TRAINING_TENSORS (or the names asked), [N, T], 0 past the response
     prompt_len: int  # P
     prompt_lengths: list[int]  # per row, without padding
     response_lengths: list[int]
 
     @classmethod
-    def of(cls, experiences: list[Experience], pad_token_id: int) -> RolloutPool:
+    def of(
+        cls, experiences: list[Experience], pad_token_id: int, names: tuple[str, ...] = TRAINING_TENSORS
+    ) -> RolloutPool:
+        """The experiences' rows, in order, with their tensors `names` (Experience fields, `[B, T]`)."""
         P = max(e.batch.prompt_len for e in experiences)
         T = max(e.batch.response_mask.shape[1] for e in experiences)
-        ids, attention, response, tensors = [], [], [], {name: [] for name in TRAINING_TENSORS}
+        ids, attention, response, tensors = [], [], [], {name: [] for name in names}
         for e in experiences:
             b = e.batch
             left, right = P - b.prompt_len, T - b.response_mask.shape[1]
             ids.append(_pad_columns(b.input_ids, left, right, pad_token_id))
             attention.append(_pad_columns(b.attention_mask, left, right, 0))
             response.append(_pad_columns(b.response_mask, 0, right, False))
-            for name in TRAINING_TENSORS:  # 0 past each response, as the old per-row records had
+            for name in names:  # 0 past each response, as the old per-row records had
                 masked = torch.where(b.response_mask, getattr(e, name), 0.0)
                 tensors[name].append(_pad_columns(masked, 0, right, 0.0))
         attention_mask = torch.cat(attention)

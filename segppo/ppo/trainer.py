@@ -4,7 +4,9 @@
   1. generate: each rank samples responses to its share of `rollout_batch_size` prompts;
   2. score: policy and reference log-probs, reference entropy (segmentation), critic and RM values;
   3. rewards: dense rewards (`segment_rewards`), clipped, − β·KL, penalties;
-  4. advantages: GAE (`gae`), whitened over the whole rollout on every rank;
+  4. advantages: GAE (`gae`), whitened over the whole rollout on every rank (when the critic's
+     update is one optimizer step per epoch, its first training pass gives GAE the values instead of
+     a scoring pass: `values_in_update`);
   5. update: `ppo_epochs` passes of clipped policy and value losses, `train_batch_size` samples per
      optimizer step, normalised by the update's token count over all ranks (a global token mean;
      `--loss-agg seq-mean`: each response's mean over the update's responses), whatever the
@@ -49,7 +51,7 @@ from segppo.host_memory import release_freed_host_memory
 from segppo.models import load_tokenizer
 from segppo.optim import left_out_note, planned_steps
 from segppo.ppo import checkpoint
-from segppo.ppo.advantages import whitens
+from segppo.ppo.advantages import advantages_and_returns, needs_critic, whitens
 from segppo.ppo.losses import (
     KLController,
     loss_denominator,
@@ -101,6 +103,20 @@ def scores_from_sampling(cfg: PPOConfig) -> bool:
     the first update starts at 1 up to float32 rounding.
     """
     return cfg.rollout_engine == "hf" and not cfg.bf16
+
+
+def values_in_update(cfg: PPOConfig) -> bool:
+    """Whether the critic's old values (GAE's V, the centre of the value clip) come from its first
+    epoch's training forwards rather than a scoring pass over the rollout (one of an update's four).
+
+    With one critic optimizer step per epoch (`--train-batch-size` = the rollout's responses), every
+    micro-batch of the first epoch runs the critic at the weights that would have scored the
+    rollout, so its forward's values, detached, are the old values: the critic trains its first
+    epoch before the actor and hands the values on (`PPOTrainer.fit_critic_first`). Exact in any
+    precision: the old values are then the very values the first value loss starts from. With more
+    steps per epoch the later micro-batches run at updated weights, so the scoring pass stays.
+    """
+    return needs_critic(cfg.advantage) and cfg.train_batch_size == cfg.responses_per_rollout
 
 
 def _train(cfg: PPOConfig, step_callback: StepCallback | None) -> None:
@@ -162,6 +178,7 @@ class PPOTrainer:
         )
         self.engine = build_rollout_engine(cfg, info, self.models.actor, self.tokenizer.pad_token_id)
         self.scores_from_sampling = scores_from_sampling(cfg)
+        self.values_in_update = values_in_update(cfg)
 
     def _prompt_messages(self, batch) -> list[list[dict]]:
         return [self._prompt_of_ids[tuple(batch.prompt_ids(row))] for row in range(batch.input_ids.shape[0])]
@@ -183,7 +200,7 @@ class PPOTrainer:
                 score(
                     b,
                     actor=actor,
-                    critic=critic,
+                    critic=None if self.values_in_update else critic,
                     reference=reference,
                     rm_values_fn=m.rm_values_fn,
                     temperature=cfg.temperature,
@@ -193,20 +210,18 @@ class PPOTrainer:
             ]
             with timed(timing, "rewards"):  # segmentation through GAE
                 experiences = [rewards(e, self.shaping, self.kl_ctl.coef) for e in experiences]
-                whiten_with = global_mean_var if whitens(cfg.advantage, cfg.whiten_advantages) else None
-                experiences = advantages(
-                    experiences,
-                    cfg.advantage,
-                    n_samples_per_prompt=cfg.n_samples_per_prompt,
-                    gamma=cfg.gamma,
-                    lam=cfg.lam,
-                    whiten_with=whiten_with,
-                )
-        metrics = rollout_metrics(experiences, self.info.device, self.kl_ctl.coef)
-        if metrics.pop("nonfinite") > 0:
-            self._stop_non_finite(step, "a reward or advantage", updated=False)
+                if not self.values_in_update:
+                    experiences = self.advantages(experiences)
         with timed(timing, "training"):
-            metrics.update(self.update(RolloutPool.of(experiences, self.tokenizer.pad_token_id), step))
+            critic_first = None
+            if self.values_in_update:  # the critic's first epoch gives GAE its values
+                critic_first = self.fit_critic_first(experiences, step)
+                experiences = self.advantages(experiences)
+            metrics = rollout_metrics(experiences, self.info.device, self.kl_ctl.coef)
+            if metrics.pop("nonfinite") > 0:
+                self._stop_non_finite(step, "a reward or advantage", updated=critic_first is not None)
+            pool = RolloutPool.of(experiences, self.tokenizer.pad_token_id)
+            metrics.update(self.update(pool, step, critic_first))
             self.sync_rollout_engine()  # part of the update: the next rollout samples the new policy
             release_freed_host_memory()  # else glibc keeps the step's freed activations (host_memory)
         # After the update: a step stopped inside it (`_stop_non_finite`) saves a state that must not
@@ -254,22 +269,89 @@ class PPOTrainer:
                 batches.append((self.engine.generate(prompts, self.sampling), None))
         return batches
 
-    def update(self, pool: RolloutPool, step: int) -> dict[str, float]:
-        """`ppo_epochs` passes of clipped policy and value updates over this rank's samples."""
-        cfg, info, m = self.cfg, self.info, self.models
+    def advantages(self, experiences: list[Experience]) -> list[Experience]:
+        """The estimator's advantages and returns (GAE's from the experiences' values), whitened
+        over every rank's rollout when asked."""
+        cfg = self.cfg
+        return advantages(
+            experiences,
+            cfg.advantage,
+            n_samples_per_prompt=cfg.n_samples_per_prompt,
+            gamma=cfg.gamma,
+            lam=cfg.lam,
+            whiten_with=global_mean_var if whitens(cfg.advantage, cfg.whiten_advantages) else None,
+        )
+
+    def update_plan(self, pool: RolloutPool, step: int) -> list[tuple[list[int], float]]:
+        """Each optimizer step's rows over the `ppo_epochs` (a fresh order per epoch) and the loss
+        denominator over all ranks (its tokens, or its responses for seq-mean), in one collective:
+        each micro-batch's loss is divided by it, undoing DeepSpeed's mean over micro-batches and
+        ranks, so the loss does not depend on how rows are split between them."""
+        cfg, info = self.cfg, self.info
         per_update = cfg.train_batch_size // info.world_size
         updates = []
         for epoch in range(cfg.ppo_epochs):
             generator = torch.Generator().manual_seed(seed_for(cfg.seed, step, epoch, info.rank))
             order = torch.randperm(len(pool), generator=generator).tolist()
             updates += [order[u : u + per_update] for u in range(0, len(order), per_update)]
-        # Every update's loss denominator over all ranks (its tokens, or its responses for seq-mean),
-        # in one collective: each micro-batch's loss is divided by it, undoing DeepSpeed's mean over
-        # micro-batches and ranks, so the loss does not depend on how rows are split between them.
         counts = [
             loss_denominator([pool.response_lengths[i] for i in rows], cfg.loss_agg) for rows in updates
         ]
         denominators = all_reduce_sum(torch.tensor(counts, device=info.device)).tolist()
+        return list(zip(updates, denominators, strict=True))
+
+    def micro_batches(self, rows: list[int]) -> list[list[int]]:
+        size = self.cfg.micro_train_batch_size
+        return [rows[k : k + size] for k in range(0, len(rows), size)]
+
+    def fit_critic_first(self, experiences: list[Experience], step: int) -> dict:
+        """The critic's first epoch, one optimizer step (`values_in_update`), before the actor's:
+        each micro-batch's forward runs at the weights the rollout was generated with, so its values
+        are the old values. Their GAE returns are the targets, the critic steps once, and the values
+        go into the experiences for the actor's advantages. Returns what `update` needs of it: the
+        value-loss sums and the lr of the step."""
+        cfg, info, m = self.cfg, self.info, self.models
+        finite = torch.stack([torch.isfinite(e.rewards).all() for e in experiences]).all()
+        if all_reduce_sum((~finite).float()).item() > 0:
+            self._stop_non_finite(step, "a reward or advantage", updated=False)
+        pool = RolloutPool.of(experiences, self.tokenizer.pad_token_id, names=("rewards",))
+        [(rows, total)] = self.update_plan(pool, step)[:1]  # the first epoch is one update
+        scale = self.grad_accum * info.world_size / max(total, 1.0)
+        lr = m.critic_sched.get_last_lr()[0]
+        values = torch.zeros_like(pool.tensors["rewards"])
+        sums = torch.zeros(2, dtype=torch.float64, device=info.device)  # value_loss, value_clipfrac
+        nonfinite = torch.zeros((), device=info.device)
+        m.critic.train()
+        micro = self.micro_batches(rows)
+        for k, micro_rows in enumerate(micro):
+            batch, tensors = pool.micro_batch(micro_rows)
+            mask = batch.response_mask
+            new = self._values(batch)
+            old = torch.where(mask, new.detach(), 0.0)
+            _, returns = advantages_and_returns(
+                "gae", tensors["rewards"], mask, values=old, gamma=cfg.gamma, lam=cfg.lam
+            )
+            v_loss, stats = value_loss(
+                new, old, returns, mask, clip=self.value_clip, scale=scale, agg=cfg.loss_agg
+            )
+            nonfinite += (~torch.isfinite(v_loss)).float()
+            if k == len(micro) - 1 and all_reduce_sum(nonfinite).item() > 0:  # as in `update`
+                self._stop_non_finite(step, "the value loss", updated=False)
+            m.critic.backward(v_loss)
+            m.critic.step()
+            values[torch.as_tensor(micro_rows, device=values.device), : old.shape[1]] = old
+            sums += torch.stack([stats["value_loss"], stats["value_clipfrac"]]).double()
+        start = 0  # the pool's rows are the experiences' rows, in order
+        for e in experiences:
+            rows_here, width = e.values.shape
+            e.values = values[start : start + rows_here, :width].clone()
+            start += rows_here
+        return {"sums": sums, "lr": lr}
+
+    def update(self, pool: RolloutPool, step: int, critic_first: dict | None = None) -> dict[str, float]:
+        """`ppo_epochs` passes of clipped policy and value updates over this rank's samples; with
+        `critic_first` (`fit_critic_first`'s) the critic's first epoch has run already."""
+        info, m = self.info, self.models
         names = (
             "policy_loss",
             "policy_clipfrac",
@@ -280,24 +362,24 @@ class PPOTrainer:
             "tokens",
         )
         sums = torch.zeros(len(names), dtype=torch.float64, device=info.device)
+        if critic_first is not None:
+            sums[4:6] += critic_first["sums"]
         lrs = {}
         m.actor.train()
         if m.critic is not None:
             m.critic.train()
-        for number, (rows, total) in enumerate(zip(updates, denominators, strict=True)):
+        for number, (rows, total) in enumerate(self.update_plan(pool, step)):
             scale = self.grad_accum * info.world_size / max(total, 1.0)
+            trains_critic = m.critic is not None and not (number == 0 and critic_first is not None)
             # The lr this update's optimizer step uses (the schedule steps after it); the step logs
             # its last update's.
             lrs = {"actor_lr": m.actor_sched.get_last_lr()[0]}
             if m.critic_sched is not None:
-                lrs["critic_lr"] = m.critic_sched.get_last_lr()[0]
-            micro = [
-                rows[k : k + cfg.micro_train_batch_size]
-                for k in range(0, len(rows), cfg.micro_train_batch_size)
-            ]
+                lrs["critic_lr"] = m.critic_sched.get_last_lr()[0] if trains_critic else critic_first["lr"]
+            micro = self.micro_batches(rows)
             nonfinite = torch.zeros(2, device=info.device)  # policy, value
             for k, micro_rows in enumerate(micro):
-                (p_loss, v_loss), stats = self._losses(pool, micro_rows, scale)
+                (p_loss, v_loss), stats = self._losses(pool, micro_rows, scale, with_values=trains_critic)
                 nonfinite += torch.stack([~torch.isfinite(p_loss), ~torch.isfinite(v_loss)]).float()
                 if k == len(micro) - 1:
                     # One collective check per update, before the backward that ends its gradient
@@ -306,10 +388,10 @@ class PPOTrainer:
                     bad = all_reduce_sum(nonfinite).tolist()
                     if any(bad):
                         what = "the policy loss" if bad[0] else "the value loss"
-                        self._stop_non_finite(step, what, updated=number > 0)
+                        self._stop_non_finite(step, what, updated=number > 0 or critic_first is not None)
                 m.actor.backward(p_loss)
                 m.actor.step()
-                if m.critic is not None:
+                if trains_critic:
                     m.critic.backward(v_loss)
                     m.critic.step()
                 sums += torch.stack([stats[n] for n in names]).double()
@@ -317,14 +399,26 @@ class PPOTrainer:
         total_tokens = max(s.pop("tokens"), 1.0)
         return {**{k: v / total_tokens for k, v in s.items()}, **lrs}
 
-    def _losses(self, pool: RolloutPool, rows: list[int], scale: float):
+    def _packed(self, batch):
+        """`batch` packed into rows without padding (`--packing`), else None."""
+        if not self.cfg.packing:
+            return None
+        one_row = packs_in_one_row(self.models.actor, self.models.critic)
+        packed = pack_response_batch(batch, self.tokenizer.pad_token_id, one_row=one_row)
+        return packed.to(batch.response_mask.device)
+
+    def _values(self, batch, packed=None) -> torch.Tensor:
+        """The critic's values `[B, T]` on a training micro-batch (with grad)."""
+        packed = self._packed(batch) if packed is None else packed
+        if packed is None:
+            return critic_values(self.models.critic, batch)
+        return packed_critic_values(self.models.critic, packed)
+
+    def _losses(self, pool: RolloutPool, rows: list[int], scale: float, *, with_values: bool = True):
         batch, old = pool.micro_batch(rows)
         mask = batch.response_mask
         cfg = self.cfg
-        packed = None
-        if cfg.packing:
-            one_row = packs_in_one_row(self.models.actor, self.models.critic)
-            packed = pack_response_batch(batch, self.tokenizer.pad_token_id, one_row=one_row).to(mask.device)
+        packed = self._packed(batch)
         # At the sampling temperature, as `score` computed the old log-probs.
         if packed is None:
             args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
@@ -342,16 +436,12 @@ class PPOTrainer:
             agg=cfg.loss_agg,
             scale=scale,
         )
-        if self.models.critic is None:  # a critic-free estimator: no value loss
+        if not with_values:  # no critic, or its epoch ran already (`fit_critic_first`)
             v_loss = torch.zeros((), device=mask.device)
             v_stats = {"value_loss": v_loss, "value_clipfrac": v_loss}
         else:
-            if packed is None:
-                values = critic_values(self.models.critic, batch)
-            else:
-                values = packed_critic_values(self.models.critic, packed)
             v_loss, v_stats = value_loss(
-                values,
+                self._values(batch, packed),
                 old["values"],
                 old["returns"],
                 mask,
