@@ -265,6 +265,47 @@ def test_a_resume_keeps_the_options_that_decide_the_saved_models(
     assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]
 
 
+def test_run_config_records_the_chat_format_the_run_rendered_with(
+    tiny_lm_dir, preferences_file, prompts_file, tmp_path
+):
+    """Without --chat-template(-kwargs) PPO renders prompts with the RM's recorded template and
+    variables; run_config.json recorded the options (null), not what the run used. A resume with the
+    same command line still resumes, and the record stays the same."""
+    from tiny import CHATML_TEMPLATE
+
+    switch = (
+        "{% if enable_thinking is defined and enable_thinking is false %}"
+        "{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    )
+    template = CHATML_TEMPLATE.replace("{% endif %}", switch + "{% endif %}")
+    no_thinking = {"enable_thinking": False}
+    rm = tmp_path / "rm"
+    train_reward_model(
+        tiny_rm_config(
+            tiny_lm_dir,
+            preferences_file,
+            rm,
+            granularity="bandit",
+            max_steps=1,
+            max_samples=40,
+            chat_template=template,
+            chat_template_kwargs=no_thinking,
+        )
+    )
+    run = ppo_config(
+        tiny_lm_dir, str(rm), prompts_file, tmp_path / "ppo", max_steps=1, max_prompt_len=64, ppo_epochs=1
+    )
+    assert run.chat_template is None and run.chat_template_kwargs is None
+    train_ppo(run)
+    recorded = json.loads((run.output_dir / "run_config.json").read_text())
+    assert recorded["chat_template"] == template
+    assert recorded["chat_template_kwargs"] == no_thinking
+    train_ppo(dataclasses.replace(run, resume=True, max_steps=2))  # the same command line resumes
+    assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]
+    resumed = json.loads((run.output_dir / "run_config.json").read_text())
+    assert (resumed["chat_template"], resumed["chat_template_kwargs"]) == (template, no_thinking)
+
+
 # -- DESIGN.md §3.6: defects of the paper's code ----------------------------------------------
 
 
