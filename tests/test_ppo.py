@@ -306,6 +306,28 @@ def test_run_config_records_the_chat_format_the_run_rendered_with(
     assert (resumed["chat_template"], resumed["chat_template_kwargs"]) == (template, no_thinking)
 
 
+def test_the_segmenter_warning_compares_local_folders_by_what_they_hold(
+    tiny_lm_dir, reward_models, prompts_file, tmp_path, capsys
+):
+    """The segment RM was segmented with tiny_lm_dir (its segppo.json); PPO warned that segments may
+    differ when the reference was the same model in another folder (a copy). Another model still warns."""
+    from tiny import save_tiny_lm
+
+    from segppo.ppo.setup import load_reward, warn_on_segmenter_mismatch
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_lm_dir, copy)
+    other = save_tiny_lm(tmp_path / "other", seed=1)  # the same shapes, other weights
+    warned = {}
+    for name, reference in (("same", tiny_lm_dir), ("copy", str(copy)), ("other", other)):
+        cfg = ppo_config(
+            tiny_lm_dir, reward_models["segment"], prompts_file, tmp_path / "run", reference=reference
+        )
+        warn_on_segmenter_mismatch(cfg, load_reward(cfg, load_tokenizer(tiny_lm_dir)))
+        warned[name] = "was segmented with" in " ".join(capsys.readouterr().err.split())
+    assert warned == {"same": False, "copy": False, "other": True}
+
+
 # -- DESIGN.md §3.6: defects of the paper's code ----------------------------------------------
 
 
