@@ -2,7 +2,8 @@
 
 Files go to a temporary sibling and are renamed over the target. Folders are built in a temporary
 sibling; the old folder, if any, is moved aside, the new one renamed in, and only then is the old
-one deleted, so a failure at any point leaves the previous version in place.
+one deleted, so a failure at any point leaves the previous version in place. Both are synced to
+disk before the rename.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,17 +68,68 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `path`, on failure it is removed."""
+    """Yield a temporary folder; on success it is synced and replaces `path`, on failure it is removed.
+
+    The temporary, `.NAME.<pid>@<host>.<random>.tmp`, names its writer: one killed before it could
+    remove it leaves it behind, and a later `atomic_folder(path)` removes it (`_remove_dead_writers`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    _remove_dead_writers(path)
+    writer = f"{os.getpid()}@{_host()}"
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{writer}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; the result is an ordinary one
         yield tmp
+        _sync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_folder(tmp, path)
+
+
+def _host() -> str:
+    """This machine as a temporary's name holds it (letters, digits, '-'): a pid says nothing of a
+    process on another machine, and a folder on a shared file system has writers on several."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+
+
+def _remove_dead_writers(path: Path) -> None:
+    """Remove the temporaries of `path` whose writer, a process of this host, is gone (killed inside
+    `atomic_folder`). A live writer's stays: several processes may write one target at once (the
+    model cache of `segppo.demo.smollm2`); so does another host's, and one of an older segppo (no pid)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@([A-Za-z0-9-]+)\.[^.]+\.tmp")
+    for entry in path.parent.iterdir():
+        found = pattern.fullmatch(entry.name)
+        if found and found[2] == _host() and not _alive(int(found[1])):
+            shutil.rmtree(entry, ignore_errors=True)  # ignore: another writer may be removing it too
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return True
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder (their entries) bottom-up, so that after the
+    rename a crash cannot leave the target with empty or half-written files. The cost is the
+    write-back of what was just written, which any crash-safe write pays; nothing is read."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            if os.path.islink(os.path.join(root, name)):
+                continue  # a link holds no data written here (and may point nowhere)
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def replace_folder(src: Path, dst: Path) -> None:

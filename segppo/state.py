@@ -172,11 +172,18 @@ def check_run_folder(output_dir: Path, *, resume: bool) -> None:
         )
 
 
+def _as_started(value: Any) -> Any:
+    """An option's value as a resume compares it: an empty mapping is none (`--chat-template-kwargs
+    '{}'` renders with no variables, as leaving the option out does). Only here: where an option falls
+    back to a recorded value (PPO's and eval's template variables), `{}` is a choice of its own."""
+    return None if isinstance(value, dict) and not value else value
+
+
 def check_resumed_options(cfg: Any, names: tuple[str, ...] = (), changed_since: Any = None) -> None:
     """`--resume` goes on from the saved step with the run's own rows and models, as its
     `run_config.json` records them (a resume rewrites it only after loading the state):
     - an option of `names` (a trainer's rows, their order, its segmentation) given another value than
-      the run's is an error (paths compare as the files they name);
+      the run's is an error (paths compare as the files they name, an empty mapping as none);
     - so is another LoRA rank or targets, or what `changed_since(started) -> [flag value, ...]` names
       (PPO's critic): a state holds the models its run built, and a resume builds its models from its
       own options and loads the state into them, which DeepSpeed fails deep inside the load."""
@@ -187,7 +194,7 @@ def check_resumed_options(cfg: Any, names: tuple[str, ...] = (), changed_since: 
     for name in names:
         if name not in started:
             continue
-        was, now = started[name], getattr(cfg, name)
+        was, now = _as_started(started[name]), _as_started(getattr(cfg, name))
         if was == now or (isinstance(was, str) and isinstance(now, str) and same_source(was, now)):
             continue
         flag = "--" + name.replace("_", "-")

@@ -1,7 +1,11 @@
 """Atomic writes (`segppo.io`): what appears at the path has the permissions a plain write gives."""
 
 import os
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 from segppo.eval.plots import have_matplotlib, plot_score_distributions
 from segppo.io import atomic_folder, atomic_write_json, atomic_write_text
@@ -57,3 +61,53 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
         png = plot_score_distributions(tmp_path / "scores.png", {"gold": {"sft": [0.0, 1.0]}})
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "scores.png"]
+
+
+def test_an_atomic_folder_is_synced_before_it_is_renamed_in(tmp_path, monkeypatch):
+    """A crash just after the rename must not leave a folder of empty or half-written files at the
+    path: every file and folder written is on disk (fsync) before the rename makes it the target's.
+    `os.fsync` is the real one, watched: which paths it syncs, and whether the target exists yet."""
+    target, synced = tmp_path / "model", []
+    real_fsync = os.fsync
+
+    def watched_fsync(fd):
+        synced.append((Path(os.readlink(f"/proc/self/fd/{fd}")), target.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watched_fsync)
+    with atomic_folder(target) as tmp:
+        (tmp / "config.json").write_text("{}")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "weights").write_bytes(b"w" * 10)
+    paths = {path.relative_to(tmp) if path != tmp else Path(".") for path, _ in synced}
+    assert paths >= {Path("config.json"), Path("sub/weights"), Path("sub"), Path(".")}
+    assert not any(existed for _, existed in synced)  # all before the rename
+    assert (target / "sub" / "weights").read_bytes() == b"w" * 10
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from segppo.io import atomic_folder
+with atomic_folder(sys.argv[1]) as tmp:
+    (tmp / "weights").write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_writers_temporary_is_removed_and_a_live_writers_kept(tmp_path):
+    """A writer killed inside `atomic_folder` leaves its hidden temporary; the next write of the same
+    target removes it (its writer is dead), never the temporary of a live writer (concurrent writers
+    of one target exist: the model cache). The last writer to finish wins."""
+    target = tmp_path / "model"
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".model.") and (left / "weights").read_text() == "half"
+    with atomic_folder(target) as live:  # a live writer: this process
+        (live / "weights").write_text("first")
+        with atomic_folder(target) as second:  # a concurrent writer of the same target starts
+            assert not left.exists() and live.exists()
+            (second / "weights").write_text("second")
+        assert live.exists()
+    assert (target / "weights").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

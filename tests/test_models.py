@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import shutil
 
 import pytest
 import torch
@@ -536,3 +538,34 @@ def test_bf16_checkpoint_loads_for_training_in_float32_unless_bf16_is_asked(tmp_
     assert {p.dtype for p in create_reward_model(tmp_path).parameters()} == {torch.float32}
     assert next(load_policy(tmp_path, dtype="bf16").parameters()).dtype == torch.bfloat16
     assert next(load_policy(tmp_path, dtype="auto").parameters()).dtype == torch.bfloat16
+
+
+def test_same_model_compares_local_folders_by_config_and_weights(tmp_path):
+    """A copy of a model folder is the same model; a checkpoint of the same size whose weights differ
+    at the start or the end of the file, or whose config differs, is another. Hub names compare as names."""
+    from segppo.models.loading import same_model
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    weights = random.Random(0).randbytes(4 << 20)  # 4 MiB: sampled, not hashed whole
+    (a / "model.safetensors").write_bytes(weights)
+
+    def variant(name, config=None, flip=None):
+        """A copy of `a`, with another config or the byte at `flip` of its weights changed."""
+        folder = tmp_path / name
+        shutil.copytree(a, folder)
+        if flip is not None:
+            data = bytearray(weights)
+            data[flip] ^= 0xFF
+            (folder / "model.safetensors").write_bytes(data)
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps(config))
+        return str(folder)
+
+    assert same_model(str(a), variant("copy"))
+    assert same_model(str(a), variant("same_config", {"hidden_size": 8, "model_type": "llama"}))
+    assert not same_model(str(a), variant("first", flip=0))
+    assert not same_model(str(a), variant("last", flip=len(weights) - 1))
+    assert not same_model(str(a), variant("config", {"model_type": "llama", "hidden_size": 16}))
+    assert same_model("org/model", "org/model") and not same_model("org/model", "org/other")

@@ -268,6 +268,69 @@ def test_a_resume_keeps_the_options_that_decide_the_saved_models(
     assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]
 
 
+def test_run_config_records_the_chat_format_the_run_rendered_with(
+    tiny_lm_dir, preferences_file, prompts_file, tmp_path
+):
+    """Without --chat-template(-kwargs) PPO renders prompts with the RM's recorded template and
+    variables; run_config.json recorded the options (null), not what the run used. A resume with the
+    same command line still resumes, and the record stays the same."""
+    from tiny import CHATML_TEMPLATE
+
+    switch = (
+        "{% if enable_thinking is defined and enable_thinking is false %}"
+        "{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    )
+    template = CHATML_TEMPLATE.replace("{% endif %}", switch + "{% endif %}")
+    no_thinking = {"enable_thinking": False}
+    rm = tmp_path / "rm"
+    train_reward_model(
+        tiny_rm_config(
+            tiny_lm_dir,
+            preferences_file,
+            rm,
+            granularity="bandit",
+            max_steps=1,
+            max_samples=40,
+            chat_template=template,
+            chat_template_kwargs=no_thinking,
+        )
+    )
+    run = ppo_config(
+        tiny_lm_dir, str(rm), prompts_file, tmp_path / "ppo", max_steps=1, max_prompt_len=64, ppo_epochs=1
+    )
+    assert run.chat_template is None and run.chat_template_kwargs is None
+    train_ppo(run)
+    recorded = json.loads((run.output_dir / "run_config.json").read_text())
+    assert recorded["chat_template"] == template
+    assert recorded["chat_template_kwargs"] == no_thinking
+    train_ppo(dataclasses.replace(run, resume=True, max_steps=2))  # the same command line resumes
+    assert [r["step"] for r in read_metrics(run.output_dir)] == [1, 2]
+    resumed = json.loads((run.output_dir / "run_config.json").read_text())
+    assert (resumed["chat_template"], resumed["chat_template_kwargs"]) == (template, no_thinking)
+
+
+def test_the_segmenter_warning_compares_local_folders_by_what_they_hold(
+    tiny_lm_dir, reward_models, prompts_file, tmp_path, capsys
+):
+    """The segment RM was segmented with tiny_lm_dir (its segppo.json); PPO warned that segments may
+    differ when the reference was the same model in another folder (a copy). Another model still warns."""
+    from tiny import save_tiny_lm
+
+    from segppo.ppo.setup import load_reward, warn_on_segmenter_mismatch
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_lm_dir, copy)
+    other = save_tiny_lm(tmp_path / "other", seed=1)  # the same shapes, other weights
+    warned = {}
+    for name, reference in (("same", tiny_lm_dir), ("copy", str(copy)), ("other", other)):
+        cfg = ppo_config(
+            tiny_lm_dir, reward_models["segment"], prompts_file, tmp_path / "run", reference=reference
+        )
+        warn_on_segmenter_mismatch(cfg, load_reward(cfg, load_tokenizer(tiny_lm_dir)))
+        warned[name] = "was segmented with" in " ".join(capsys.readouterr().err.split())
+    assert warned == {"same": False, "copy": False, "other": True}
+
+
 # -- DESIGN.md §3.6: defects of the paper's code ----------------------------------------------
 
 

@@ -215,8 +215,11 @@ def test_ppo_records(tiny_lm_dir, segment_run, prompts_file, tmp_path):
         "stop_token_ids": chat.stop_token_ids,
         "checkpoint_generation_config": "not applied",
     }
+    # What the prompts were rendered with: the RM's recorded template (no option was given).
+    rendered = {k: chat.metadata_fields()[k] for k in ("chat_template", "chat_template_kwargs")}
     run_config = _json(cfg.output_dir / "run_config.json")
-    _check_every_field(run_config, _run_config_expected(cfg, {"sampling": sampling}), "ppo run_config.json")
+    expected = _run_config_expected(cfg, {"sampling": sampling, **rendered})
+    _check_every_field(run_config, expected, "ppo run_config.json")
 
 
 def _metadata(rm_run):

@@ -246,6 +246,22 @@ def test_resume_refuses_other_data_or_another_model(tiny_lm_dir, preferences_fil
     train_reward_model(dataclasses.replace(cfg, resume=True, max_steps=2, dataset=str(copy)))
 
 
+@pytest.mark.parametrize(("started", "resumed"), [(None, "{}"), ("{}", None)])
+def test_a_resume_takes_empty_template_variables_as_none(
+    tiny_lm_dir, preferences_file, tmp_path, started, resumed
+):
+    # --chat-template-kwargs '{}' renders as no variables at all; a run started without the option
+    # and resumed with '{}' (or the reverse) was refused: "--chat-template-kwargs {}, but the run was
+    # started with None".
+    run = tmp_path / "run"
+    cfg = rm_config(
+        tiny_lm_dir, preferences_file, run, max_steps=1, max_samples=40, chat_template_kwargs=started
+    )
+    train_reward_model(cfg)
+    train_reward_model(dataclasses.replace(cfg, resume=True, max_steps=2, chat_template_kwargs=resumed))
+    assert [r["step"] for r in read_metrics(cfg.output_dir, split="train")] == [1, 2]
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
     tiny_lm_dir, preferences_file, tmp_path, monkeypatch, bf16

@@ -6,12 +6,15 @@ run code from the checkpoint by default (one of the paper code's defects, DESIGN
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from segppo.io import same_source
 
 from .zero3 import is_zero3
 
@@ -76,6 +79,49 @@ def local_model_folder(name_or_path: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
+
+
+def same_model(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    """Whether two model names denote the same model: `same_source` (equal names, one path), or two
+    local folders that hold the same model (a copy): the same config.json and the same weight files
+    (`_weights_fingerprint`). Hub names compare as names."""
+    if same_source(a, b):
+        return True
+    if a is None or b is None or not (Path(a).is_dir() and Path(b).is_dir()):
+        return False
+    fingerprints = [_weights_fingerprint(Path(folder)) for folder in (a, b)]
+    return fingerprints[0] is not None and fingerprints[0] == fingerprints[1]
+
+
+# Blocks read of each weight file by `_weights_fingerprint`: 16 of 64 KiB, 1 MiB per file.
+_SAMPLED_BLOCKS, _BLOCK_BYTES = 16, 1 << 16
+
+
+def _weights_fingerprint(folder: Path) -> tuple | None:
+    """config.json's content and, per weight file, its name, size and a hash of blocks spread evenly
+    from its first byte to its last (None without a config or weights). A full hash would read
+    gigabytes for what is only a warning; the size and the safetensors header (in the first block)
+    pin names and shapes, and blocks spread over the file meet every part of the model, so two
+    checkpoints of one architecture (a base and its fine-tune) differ in some block."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern) if p.is_file())
+    if not files:
+        return None
+    weights = []
+    for file in files:
+        size, digest = file.stat().st_size, hashlib.sha256()
+        with file.open("rb") as f:
+            if size <= _SAMPLED_BLOCKS * _BLOCK_BYTES:
+                digest.update(f.read())
+            else:
+                for i in range(_SAMPLED_BLOCKS):
+                    f.seek(i * (size - _BLOCK_BYTES) // (_SAMPLED_BLOCKS - 1))
+                    digest.update(f.read(_BLOCK_BYTES))
+        weights.append((file.name, size, digest.hexdigest()))
+    return json.dumps(config, sort_keys=True), weights
 
 
 def check_not_adapter_only(folder: str | os.PathLike, label: str) -> None:

@@ -24,6 +24,7 @@ from segppo.models import (
     load_reward_model,
     load_tokenizer,
 )
+from segppo.models.loading import same_model
 from segppo.models.reward_model import run_model_folder
 from segppo.models.zero3 import keep_partitioned_loading
 from segppo.optim import training_engine
@@ -115,7 +116,7 @@ def warn_on_segmenter_mismatch(cfg: PPOConfig, reward: RewardModelSpec) -> None:
     if (
         reward.segmentation.needs_entropy
         and meta.segmenter
-        and not same_source(meta.segmenter, reference_name)
+        and not same_model(meta.segmenter, reference_name)  # a copy of the segmenter is the segmenter
     ):
         console.print(
             f"[yellow]warning:[/] the reward model was segmented with {meta.segmenter}, but PPO takes "

@@ -464,17 +464,16 @@ class PPOTrainer:
                 truncate_metrics(out, start_step)
                 truncate_metrics(out, start_step, name="samples.jsonl")
                 console.print(f"resumed from step {start_step} of {self.total_steps}")
+        record = self.run_record()
         tracker = Tracker(
             out,
             enabled=info.is_main,
             tensorboard=cfg.tensorboard,
             wandb_project=cfg.wandb_project,
             run_name=out.name,
-            config=cfg,
+            config=record,
         )
         if info.is_main:
-            # With the sampling as drawn: log-probs, ratios and KL are at this temperature.
-            record = {**dataclasses.asdict(cfg), "sampling": self.sampling.describe()}
             write_config(record, out, "run_config.json")
         with LiveProgress(self.total_steps, "ppo", enabled=info.is_main, completed=start_step) as progress:
             for step in range(start_step, self.total_steps):
@@ -502,6 +501,19 @@ class PPOTrainer:
         tracker.close()
         if info.is_main:
             console.print(f"[bold green]done[/]: {self.total_steps} PPO steps → {out / 'policy'}")
+
+    def run_record(self) -> dict:
+        """What run_config.json records: the options, with the chat template and its variables the
+        prompts were rendered with (without --chat-template(-kwargs), the RM's recorded ones; null
+        there said nothing of them), and the sampling as drawn (log-probs, ratios and KL are at its
+        temperature)."""
+        chat = self.chat.metadata_fields()
+        return {
+            **dataclasses.asdict(self.cfg),
+            "chat_template": chat["chat_template"],
+            "chat_template_kwargs": chat["chat_template_kwargs"],
+            "sampling": self.sampling.describe(),
+        }
 
     def export(self, folder: Path, *, steps: int) -> None:
         """The policy after `steps` PPO steps (what its segppo.json records) as a folder."""
