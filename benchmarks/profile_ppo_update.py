@@ -80,6 +80,8 @@ def instrument(times: OpTimes, trainer) -> None:
     times.wrap(trainer_module, "rewards", "rewards (segments, KL, penalties)", phase="rewards")
     times.wrap(trainer_module, "advantages", "advantages (GAE, whitening)", phase="rewards")
     times.wrap(trainer, "update", "training (all of it)", phase="training")
+    if hasattr(trainer, "fit_critic_first"):  # one critic step per epoch: it runs before `update`
+        times.wrap(trainer, "fit_critic_first", "training: the critic's first epoch", phase="training")
     # Scoring passes (no grad).
     times.wrap(rollout, "sampled_logprobs_and_entropy", "  actor log-probs + entropy")
     for name in ("reference_logprobs_and_entropy", "logprobs_and_entropy", "segmenter_entropy"):
