@@ -97,7 +97,9 @@ def instrument(times: OpTimes, trainer) -> None:
     if hasattr(segments, "last_hidden"):
         times.wrap(segments, "last_hidden", "    model forward up to the fused head")
     # Training.
-    times.wrap(trainer, "_losses", "  forwards and losses")
+    for name in ("_losses", "_policy_loss", "_value_loss"):  # one function before issue 22's end
+        if hasattr(trainer, name):
+            times.wrap(trainer, name, f"  forward and loss ({name})")
     times.wrap(trainer_module, "logprobs_and_entropy", "    actor forward (log-probs)")
     times.wrap(trainer_module, "critic_values", "    critic forward (values)")
     times.wrap(trainer_module, "policy_loss", "    policy loss")

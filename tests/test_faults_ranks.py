@@ -138,18 +138,21 @@ def _second_update_row(run: dict) -> int:
 
 
 # Step 2's first update of rank 1 pads (rows of 2 prompts of different lengths): nothing of the step
-# was applied, so the state after step 1 is saved. With two updates a step and the LONG prompt in
-# the second one, the first update has run: nothing is saved, the regular save of step 1 is resumed.
+# was applied, so the state after step 1 is saved. The critic (a copy of the policy, NaN when padded
+# too) is the first to fail there: one update a step, so it trains its epoch before the actor
+# (`values_in_update`). With two updates a step and the LONG prompt in the second one, the first
+# update has run: nothing is saved, the regular save of step 1 is resumed; each update runs the
+# actor first.
 STOPS = {
     "before_any_update": (
         NAN_LOSS_RUN,
-        "the last good state (after step 1) is saved in {state} "
+        "the value loss is not finite; the last good state (after step 1) is saved in {state} "
         "(resume with --resume after fixing the cause)",
     ),
     "after_an_update": (
         {**NAN_LOSS_RUN, "rollout_batch_size": 8, "save_every": 1},
-        "updates of this step had run, so no state was saved; after fixing the cause, --resume continues "
-        "from {state}/step-1",
+        "the policy loss is not finite; updates of this step had run, so no state was saved; after "
+        "fixing the cause, --resume continues from {state}/step-1",
     ),
 }
 
@@ -178,7 +181,7 @@ def test_a_nan_loss_on_one_rank_stops_both_and_resume_continues(tiny_lm_dir, rew
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr[-3000:]  # one line, naming the rank that reported first
     state = out / "state"
-    expected = f"step 2: the policy loss is not finite; {saved.format(state=state)}"
+    expected = f"step 2: {saved.format(state=state)}"
     assert lines[0].startswith("error: rank ") and expected in lines[0], lines[0]
     for rank in (0, 1):  # both ranks raised it themselves (neither was stopped by the other's failure)
         log = (out / f"rank{rank}.error.log").read_text()

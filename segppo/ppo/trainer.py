@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -317,30 +318,22 @@ class PPOTrainer:
         pool = RolloutPool.of(experiences, self.tokenizer.pad_token_id, names=("rewards",))
         [(rows, total)] = self.update_plan(pool, step)[:1]  # the first epoch is one update
         scale = self.grad_accum * info.world_size / max(total, 1.0)
-        lr = m.critic_sched.get_last_lr()[0]
         values = torch.zeros_like(pool.tensors["rewards"])
-        sums = torch.zeros(2, dtype=torch.float64, device=info.device)  # value_loss, value_clipfrac
-        nonfinite = torch.zeros((), device=info.device)
-        m.critic.train()
-        micro = self.micro_batches(rows)
-        for k, micro_rows in enumerate(micro):
+
+        def loss(micro_rows: list[int]):
             batch, tensors = pool.micro_batch(micro_rows)
             mask = batch.response_mask
             new = self._values(batch)
             old = torch.where(mask, new.detach(), 0.0)
+            values[torch.as_tensor(micro_rows, device=values.device), : old.shape[1]] = old
             _, returns = advantages_and_returns(
                 "gae", tensors["rewards"], mask, values=old, gamma=cfg.gamma, lam=cfg.lam
             )
-            v_loss, stats = value_loss(
-                new, old, returns, mask, clip=self.value_clip, scale=scale, agg=cfg.loss_agg
-            )
-            nonfinite += (~torch.isfinite(v_loss)).float()
-            if k == len(micro) - 1 and all_reduce_sum(nonfinite).item() > 0:  # as in `update`
-                self._stop_non_finite(step, "the value loss", updated=False)
-            m.critic.backward(v_loss)
-            m.critic.step()
-            values[torch.as_tensor(micro_rows, device=values.device), : old.shape[1]] = old
-            sums += torch.stack([stats["value_loss"], stats["value_clipfrac"]]).double()
+            return value_loss(new, old, returns, mask, clip=self.value_clip, scale=scale, agg=cfg.loss_agg)
+
+        lr = m.critic_sched.get_last_lr()[0]
+        m.critic.train()
+        sums = self.optimizer_step(m.critic, loss, rows, step, "the value loss", updated=False)
         start = 0  # the pool's rows are the experiences' rows, in order
         for e in experiences:
             rows_here, width = e.values.shape
@@ -348,9 +341,38 @@ class PPOTrainer:
             start += rows_here
         return {"sums": sums, "lr": lr}
 
+    def optimizer_step(
+        self, engine, loss_of, rows: list[int], step: int, what: str, *, updated: bool
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer step of `engine` over `rows` in micro-batches, `loss_of(micro_rows) ->
+        (loss, stats)` each; returns the stats summed.
+
+        One collective check of the losses before the backward that ends the gradient accumulation:
+        no optimizer step ever runs on non-finite gradients, and every rank stops together
+        (`updated`: whether an update of this step has been applied before this one).
+        """
+        sums: dict[str, torch.Tensor] = {}
+        nonfinite = torch.zeros((), device=self.info.device)
+        micro = self.micro_batches(rows)
+        for k, micro_rows in enumerate(micro):
+            loss, stats = loss_of(micro_rows)
+            nonfinite += (~torch.isfinite(loss)).float()
+            if k == len(micro) - 1 and all_reduce_sum(nonfinite).item() > 0:
+                self._stop_non_finite(step, what, updated=updated)
+            engine.backward(loss)
+            engine.step()
+            for name, value in stats.items():
+                sums[name] = sums.get(name, 0.0) + value.double()
+        return sums
+
     def update(self, pool: RolloutPool, step: int, critic_first: dict | None = None) -> dict[str, float]:
         """`ppo_epochs` passes of clipped policy and value updates over this rank's samples; with
-        `critic_first` (`fit_critic_first`'s) the critic's first epoch has run already."""
+        `critic_first` (`fit_critic_first`'s) the critic's first epoch has run already.
+
+        Each optimizer step runs one model over its micro-batches, then the other: a model's
+        gradients and activations are freed before the other's are made (interleaving them per
+        micro-batch held both models' gradients at once; on CPU it measured 16-19% slower).
+        """
         info, m = self.info, self.models
         names = (
             "policy_loss",
@@ -361,9 +383,10 @@ class PPOTrainer:
             "value_clipfrac",
             "tokens",
         )
-        sums = torch.zeros(len(names), dtype=torch.float64, device=info.device)
+        sums = {name: torch.zeros((), dtype=torch.float64, device=info.device) for name in names}
         if critic_first is not None:
-            sums[4:6] += critic_first["sums"]
+            for name, value in critic_first["sums"].items():
+                sums[name] += value
         lrs = {}
         m.actor.train()
         if m.critic is not None:
@@ -376,26 +399,18 @@ class PPOTrainer:
             lrs = {"actor_lr": m.actor_sched.get_last_lr()[0]}
             if m.critic_sched is not None:
                 lrs["critic_lr"] = m.critic_sched.get_last_lr()[0] if trains_critic else critic_first["lr"]
-            micro = self.micro_batches(rows)
-            nonfinite = torch.zeros(2, device=info.device)  # policy, value
-            for k, micro_rows in enumerate(micro):
-                (p_loss, v_loss), stats = self._losses(pool, micro_rows, scale, with_values=trains_critic)
-                nonfinite += torch.stack([~torch.isfinite(p_loss), ~torch.isfinite(v_loss)]).float()
-                if k == len(micro) - 1:
-                    # One collective check per update, before the backward that ends its gradient
-                    # accumulation: no optimizer step ever runs on non-finite gradients, and every
-                    # rank stops together.
-                    bad = all_reduce_sum(nonfinite).tolist()
-                    if any(bad):
-                        what = "the policy loss" if bad[0] else "the value loss"
-                        self._stop_non_finite(step, what, updated=number > 0 or critic_first is not None)
-                m.actor.backward(p_loss)
-                m.actor.step()
-                if trains_critic:
-                    m.critic.backward(v_loss)
-                    m.critic.step()
-                sums += torch.stack([stats[n] for n in names]).double()
-        s = dict(zip(names, all_reduce_sum(sums).tolist(), strict=True))
+            applied = number > 0 or critic_first is not None
+            passes = [(m.actor, self._policy_loss, "the policy loss")]
+            if trains_critic:
+                passes.append((m.critic, self._value_loss, "the value loss"))
+            for engine, loss, what in passes:
+                stats = self.optimizer_step(
+                    engine, partial(loss, pool, scale=scale), rows, step, what, updated=applied
+                )
+                applied = True
+                for name, value in stats.items():
+                    sums[name] += value
+        s = dict(zip(names, all_reduce_sum(torch.stack([sums[n] for n in names])).tolist(), strict=True))
         total_tokens = max(s.pop("tokens"), 1.0)
         return {**{k: v / total_tokens for k, v in s.items()}, **lrs}
 
@@ -407,14 +422,14 @@ class PPOTrainer:
         packed = pack_response_batch(batch, self.tokenizer.pad_token_id, one_row=one_row)
         return packed.to(batch.response_mask.device)
 
-    def _values(self, batch, packed=None) -> torch.Tensor:
+    def _values(self, batch) -> torch.Tensor:
         """The critic's values `[B, T]` on a training micro-batch (with grad)."""
-        packed = self._packed(batch) if packed is None else packed
+        packed = self._packed(batch)
         if packed is None:
             return critic_values(self.models.critic, batch)
         return packed_critic_values(self.models.critic, packed)
 
-    def _losses(self, pool: RolloutPool, rows: list[int], scale: float, *, with_values: bool = True):
+    def _policy_loss(self, pool: RolloutPool, rows: list[int], scale: float):
         batch, old = pool.micro_batch(rows)
         mask = batch.response_mask
         cfg = self.cfg
@@ -425,7 +440,7 @@ class PPOTrainer:
             logprobs, _ = logprobs_and_entropy(self.models.actor, *args, temperature=cfg.temperature)
         else:
             logprobs, _ = packed_logprobs_and_entropy(self.models.actor, packed, temperature=cfg.temperature)
-        p_loss, p_stats = policy_loss(
+        loss, stats = policy_loss(
             logprobs,
             old["logprobs"],
             old["advantages"],
@@ -436,20 +451,19 @@ class PPOTrainer:
             agg=cfg.loss_agg,
             scale=scale,
         )
-        if not with_values:  # no critic, or its epoch ran already (`fit_critic_first`)
-            v_loss = torch.zeros((), device=mask.device)
-            v_stats = {"value_loss": v_loss, "value_clipfrac": v_loss}
-        else:
-            v_loss, v_stats = value_loss(
-                self._values(batch, packed),
-                old["values"],
-                old["returns"],
-                mask,
-                clip=self.value_clip,
-                scale=scale,
-                agg=cfg.loss_agg,
-            )
-        return (p_loss, v_loss), {**p_stats, **v_stats, "tokens": mask.sum().float()}
+        return loss, {**stats, "tokens": mask.sum().float()}
+
+    def _value_loss(self, pool: RolloutPool, rows: list[int], scale: float):
+        batch, old = pool.micro_batch(rows)
+        return value_loss(
+            self._values(batch),
+            old["values"],
+            old["returns"],
+            batch.response_mask,
+            clip=self.value_clip,
+            scale=scale,
+            agg=self.cfg.loss_agg,
+        )
 
     # -- the run --------------------------------------------------------------------------------
 
