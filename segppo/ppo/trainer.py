@@ -370,8 +370,9 @@ class PPOTrainer:
         `critic_first` (`fit_critic_first`'s) the critic's first epoch has run already.
 
         Each optimizer step runs one model over its micro-batches, then the other: a model's
-        gradients and activations are freed before the other's are made (interleaving them per
-        micro-batch held both models' gradients at once; on CPU it measured 16-19% slower).
+        gradients and activations are freed before the other's are made. Interleaving them per
+        micro-batch held both models' gradients at once; with SmolLM2 on CPU (two micro-batches a
+        step) the training phase took 1.16-1.31x as long (benchmarks/RESULTS.md, issue 22).
         """
         info, m = self.info, self.models
         names = (
