@@ -15,6 +15,7 @@ import torch
 
 from segppo.kernels import entropy_logprobs, resolve_granularity
 from segppo.kernels.linear_entropy import linear_entropy_logprobs
+from segppo.models.shared_prefix import forward_logits
 
 # Model types whose causal-LM forward is `logits = lm_head(last_hidden_state[:, kept])` and nothing
 # more (read in transformers' modeling files). Others (Gemma-2's softcapping, Cohere's logit_scale,
@@ -72,14 +73,14 @@ def last_logits(model, input_ids, attention_mask, position_ids, keep: int) -> to
     if position_ids is not None and _accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids
     if not _accepts(model, "logits_to_keep"):
-        return model(**kwargs).logits[:, -keep:]
+        return forward_logits(model, kwargs, keep)[:, -keep:]
     kwargs["logits_to_keep"] = keep
     # The kept hidden states are a strided slice; a plain matmul over it falls back to a batched
     # product that holds a second logits-sized buffer (bf16 on CPU). A contiguous input avoids that.
     head = getattr(model, "module", model).get_output_embeddings()
     hook = head.register_forward_pre_hook(_contiguous_first_input) if head is not None else None
     try:
-        logits = model(**kwargs).logits
+        logits = forward_logits(model, kwargs, keep)
     finally:
         if hook is not None:
             hook.remove()

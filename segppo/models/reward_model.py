@@ -31,6 +31,7 @@ from .loading import (
     resolve_dtype,
 )
 from .metadata import METADATA_FILE, MetadataError, SegppoMetadata
+from .shared_prefix import forward_logits
 from .zero3 import gathered_for_edit, is_zero3
 
 HEAD_NAMES = ("score", "classifier")
@@ -182,7 +183,7 @@ def reward_values(
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         kwargs["position_ids"] = position_ids
-    values = model(**kwargs).logits[..., 0].float()
+    values = forward_logits(model, kwargs)[..., 0].float()
     return values.masked_fill(attention_mask == 0, 0.0)
 
 
