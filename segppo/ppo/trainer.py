@@ -310,13 +310,16 @@ class PPOTrainer:
         each micro-batch's forward runs at the weights the rollout was generated with, so its values
         are the old values. Their GAE returns are the targets, the critic steps once, and the values
         go into the experiences for the actor's advantages. Returns what `update` needs of it: the
-        value-loss sums and the lr of the step."""
+        value-loss sums, the lr of the step and the step's plan (`update_plan`: its pool has the
+        update's rows in the same order, and the plan depends only on the rows' count and response
+        lengths, so `update` reuses it instead of a second shuffle and collective)."""
         cfg, info, m = self.cfg, self.info, self.models
         finite = torch.stack([torch.isfinite(e.rewards).all() for e in experiences]).all()
         if all_reduce_sum((~finite).float()).item() > 0:
             self._stop_non_finite(step, "a reward or advantage", updated=False)
         pool = RolloutPool.of(experiences, self.tokenizer.pad_token_id, names=("rewards",))
-        [(rows, total)] = self.update_plan(pool, step)[:1]  # the first epoch is one update
+        plan = self.update_plan(pool, step)
+        [(rows, total)] = plan[:1]  # the first epoch is one update
         scale = self.grad_accum * info.world_size / max(total, 1.0)
         values = torch.zeros_like(pool.tensors["rewards"])
 
@@ -339,7 +342,7 @@ class PPOTrainer:
             rows_here, width = e.values.shape
             e.values = values[start : start + rows_here, :width].clone()
             start += rows_here
-        return {"sums": sums, "lr": lr}
+        return {"sums": sums, "lr": lr, "plan": plan}
 
     def optimizer_step(
         self, engine, loss_of, rows: list[int], step: int, what: str, *, updated: bool
@@ -367,7 +370,8 @@ class PPOTrainer:
 
     def update(self, pool: RolloutPool, step: int, critic_first: dict | None = None) -> dict[str, float]:
         """`ppo_epochs` passes of clipped policy and value updates over this rank's samples; with
-        `critic_first` (`fit_critic_first`'s) the critic's first epoch has run already.
+        `critic_first` (`fit_critic_first`'s) the critic's first epoch has run already, on the first
+        update of its plan, which this one follows.
 
         Each optimizer step runs one model over its micro-batches, then the other: a model's
         gradients and activations are freed before the other's are made. Interleaving them per
@@ -392,7 +396,8 @@ class PPOTrainer:
         m.actor.train()
         if m.critic is not None:
             m.critic.train()
-        for number, (rows, total) in enumerate(self.update_plan(pool, step)):
+        plan = self.update_plan(pool, step) if critic_first is None else critic_first["plan"]
+        for number, (rows, total) in enumerate(plan):
             scale = self.grad_accum * info.world_size / max(total, 1.0)
             trains_critic = m.critic is not None and not (number == 0 and critic_first is not None)
             # The lr this update's optimizer step uses (the schedule steps after it); the step logs
