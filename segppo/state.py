@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,11 +180,18 @@ def _as_started(value: Any) -> Any:
     return None if isinstance(value, dict) and not value else value
 
 
-def check_resumed_options(cfg: Any, names: tuple[str, ...] = (), changed_since: Any = None) -> None:
+def check_resumed_options(
+    cfg: Any,
+    names: tuple[str, ...] = (),
+    changed_since: Any = None,
+    same: dict[str, Callable[[str, str], bool]] | None = None,
+) -> None:
     """`--resume` goes on from the saved step with the run's own rows and models, as its
     `run_config.json` records them (a resume rewrites it only after loading the state):
     - an option of `names` (a trainer's rows, their order, its segmentation) given another value than
-      the run's is an error (paths compare as the files they name, an empty mapping as none);
+      the run's is an error (paths compare as the files they name, or as `same[name](was, now)`
+      says where given: a model option as the model its folder holds, so that a copy resumes; an
+      empty mapping as none);
     - so is another LoRA rank or targets, or what `changed_since(started) -> [flag value, ...]` names
       (PPO's critic): a state holds the models its run built, and a resume builds its models from its
       own options and loads the state into them, which DeepSpeed fails deep inside the load."""
@@ -191,11 +199,12 @@ def check_resumed_options(cfg: Any, names: tuple[str, ...] = (), changed_since: 
     if not cfg.resume or not recorded_file.is_file():
         return
     started = json.loads(recorded_file.read_text())
+    compare = {name: same_source for name in names} | (same or {})
     for name in names:
         if name not in started:
             continue
         was, now = _as_started(started[name]), _as_started(getattr(cfg, name))
-        if was == now or (isinstance(was, str) and isinstance(now, str) and same_source(was, now)):
+        if was == now or (isinstance(was, str) and isinstance(now, str) and compare[name](was, now)):
             continue
         flag = "--" + name.replace("_", "-")
         raise ValueError(f"--resume with {flag} {now}, but the run was started with {was}")

@@ -130,3 +130,26 @@ def test_ppo_update_packing_matches_padded(tiny_lm_dir, ppo_inputs, tmp_path):
     # Eight Adam steps at lr 1e-2 turn float rounding in the gradients into ~1e-5 weight changes.
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("train_batch_size", [16, 8])  # one optimizer step per epoch (values_in_update), two
+def test_ppo_packs_each_micro_batch_once(tiny_lm_dir, ppo_inputs, tmp_path, monkeypatch, train_batch_size):
+    """The actor's and the critic's passes of an optimizer step run over the same micro-batches,
+    and with one step per epoch the critic's first epoch runs over the first update's: each is
+    packed once, not once per model."""
+    from test_ppo import ppo_config
+
+    import segppo.ppo.trainer as trainer
+
+    packs = []
+    pack = trainer.pack_response_batch
+    monkeypatch.setattr(trainer, "pack_response_batch", lambda *a, **k: packs.append(1) or pack(*a, **k))
+    reward_model, prompts = ppo_inputs
+    cfg = ppo_config(
+        tiny_lm_dir, reward_model, prompts, tmp_path / "packed", max_new_tokens=16, max_prompt_len=96,
+        packing=True, train_batch_size=train_batch_size, max_steps=1,
+    )  # fmt: skip
+    assert trainer.values_in_update(cfg) == (train_batch_size == 16)
+    trainer.train_ppo(cfg)
+    # 16 responses in micro-batches of 8, over 2 epochs: 4 micro-batches, whatever the updates.
+    assert len(packs) == cfg.ppo_epochs * 16 // cfg.micro_train_batch_size == 4

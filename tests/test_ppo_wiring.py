@@ -312,6 +312,21 @@ def test_one_step_epochs_take_the_old_values_from_the_critics_first_pass(phi3_ru
     assert not decides(PPOConfig(**base, train_batch_size=8, advantage="reinforce++"))  # no critic
 
 
+def test_one_step_epochs_plan_the_update_once_per_step(phi3_run, tmp_path, monkeypatch):
+    """With one optimizer step per epoch (`values_in_update`), the critic's first epoch and the
+    update share the step's plan: its rows' order and the denominators' all_reduce run once a step."""
+    import segppo.ppo.trainer as trainer
+
+    policy, rm, prompts = phi3_run
+    calls = []
+    plan = trainer.PPOTrainer.update_plan
+    monkeypatch.setattr(
+        trainer.PPOTrainer, "update_plan", lambda self, *a: calls.append(a[1]) or plan(self, *a)
+    )
+    ppo(policy, rm, prompts, tmp_path / "run", max_steps=2, ppo_epochs=2)  # train_batch_size = rollout
+    assert calls == [0, 1]
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_bf16_trains_with_float32_master_weights(tiny_lm_dir, zero_stage):
     from segppo.config import PPOConfig

@@ -246,6 +246,28 @@ def test_resume_refuses_other_data_or_another_model(tiny_lm_dir, preferences_fil
     train_reward_model(dataclasses.replace(cfg, resume=True, max_steps=2, dataset=str(copy)))
 
 
+def test_resume_takes_the_same_model_given_another_way(tiny_lm_dir, preferences_file, tmp_path, monkeypatch):
+    # --model compares as the model it names (`same_model`), not as a string: the same folder by a
+    # relative path or with a trailing slash, or a copy of it (a run moved to another machine),
+    # resumes; a copy was refused as another model. Another model of the same shape, which the
+    # state would load into silently, is still refused.
+    import shutil
+
+    from tiny import save_tiny_lm
+
+    cfg = rm_config(tiny_lm_dir, preferences_file, tmp_path / "run", max_steps=1, max_samples=40)
+    train_reward_model(cfg)
+    copy = shutil.copytree(tiny_lm_dir, tmp_path / "copy")
+    monkeypatch.chdir(Path(tiny_lm_dir).parent)
+    for steps, model in enumerate((Path(tiny_lm_dir).name, tiny_lm_dir + "/", str(copy)), start=2):
+        train_reward_model(dataclasses.replace(cfg, resume=True, max_steps=steps, model=model))
+    assert [r["step"] for r in read_metrics(cfg.output_dir, split="train")] == [1, 2, 3, 4]
+    other = save_tiny_lm(tmp_path / "other", seed=1)
+    message = f"--model {other}, but the run was started with {copy}"
+    with pytest.raises(ValueError, match=f"^--resume with {re.escape(message)}$"):
+        train_reward_model(dataclasses.replace(cfg, resume=True, max_steps=5, model=other))
+
+
 @pytest.mark.parametrize(("started", "resumed"), [(None, "{}"), ("{}", None)])
 def test_a_resume_takes_empty_template_variables_as_none(
     tiny_lm_dir, preferences_file, tmp_path, started, resumed

@@ -33,6 +33,7 @@ import torch
 
 from segppo.config import PPOConfig
 from segppo.data.packing import (
+    PackedBatch,
     pack_response_batch,
     packed_critic_values,
     packed_logprobs_and_entropy,
@@ -180,6 +181,8 @@ class PPOTrainer:
         self.engine = build_rollout_engine(cfg, info, self.models.actor, self.tokenizer.pad_token_id)
         self.scores_from_sampling = scores_from_sampling(cfg)
         self.values_in_update = values_in_update(cfg)
+        # One optimizer step's packed micro-batches by their rows (`_packed`), emptied at each step.
+        self._packs: dict[tuple[int, ...], PackedBatch] = {}
 
     def _prompt_messages(self, batch) -> list[list[dict]]:
         return [self._prompt_of_ids[tuple(batch.prompt_ids(row))] for row in range(batch.input_ids.shape[0])]
@@ -310,20 +313,24 @@ class PPOTrainer:
         each micro-batch's forward runs at the weights the rollout was generated with, so its values
         are the old values. Their GAE returns are the targets, the critic steps once, and the values
         go into the experiences for the actor's advantages. Returns what `update` needs of it: the
-        value-loss sums and the lr of the step."""
+        value-loss sums, the lr of the step, the step's plan (`update_plan`: its pool has the
+        update's rows in the same order, and the plan depends only on the rows' count and response
+        lengths, so `update` reuses it instead of a second shuffle and collective) and the packed
+        micro-batches (`--packing`), which the actor's first optimizer step runs over too."""
         cfg, info, m = self.cfg, self.info, self.models
         finite = torch.stack([torch.isfinite(e.rewards).all() for e in experiences]).all()
         if all_reduce_sum((~finite).float()).item() > 0:
             self._stop_non_finite(step, "a reward or advantage", updated=False)
         pool = RolloutPool.of(experiences, self.tokenizer.pad_token_id, names=("rewards",))
-        [(rows, total)] = self.update_plan(pool, step)[:1]  # the first epoch is one update
+        plan = self.update_plan(pool, step)
+        [(rows, total)] = plan[:1]  # the first epoch is one update
         scale = self.grad_accum * info.world_size / max(total, 1.0)
         values = torch.zeros_like(pool.tensors["rewards"])
 
         def loss(micro_rows: list[int]):
             batch, tensors = pool.micro_batch(micro_rows)
             mask = batch.response_mask
-            new = self._values(batch)
+            new = self._values(batch, micro_rows)
             old = torch.where(mask, new.detach(), 0.0)
             values[torch.as_tensor(micro_rows, device=values.device), : old.shape[1]] = old
             _, returns = advantages_and_returns(
@@ -333,13 +340,14 @@ class PPOTrainer:
 
         lr = m.critic_sched.get_last_lr()[0]
         m.critic.train()
+        self._packs = {}
         sums = self.optimizer_step(m.critic, loss, rows, step, "the value loss", updated=False)
         start = 0  # the pool's rows are the experiences' rows, in order
         for e in experiences:
             rows_here, width = e.values.shape
             e.values = values[start : start + rows_here, :width].clone()
             start += rows_here
-        return {"sums": sums, "lr": lr}
+        return {"sums": sums, "lr": lr, "plan": plan, "packs": self._packs}
 
     def optimizer_step(
         self, engine, loss_of, rows: list[int], step: int, what: str, *, updated: bool
@@ -367,7 +375,8 @@ class PPOTrainer:
 
     def update(self, pool: RolloutPool, step: int, critic_first: dict | None = None) -> dict[str, float]:
         """`ppo_epochs` passes of clipped policy and value updates over this rank's samples; with
-        `critic_first` (`fit_critic_first`'s) the critic's first epoch has run already.
+        `critic_first` (`fit_critic_first`'s) the critic's first epoch has run already, on the first
+        update of its plan, which this one follows.
 
         Each optimizer step runs one model over its micro-batches, then the other: a model's
         gradients and activations are freed before the other's are made. Interleaving them per
@@ -392,9 +401,13 @@ class PPOTrainer:
         m.actor.train()
         if m.critic is not None:
             m.critic.train()
-        for number, (rows, total) in enumerate(self.update_plan(pool, step)):
+        plan = self.update_plan(pool, step) if critic_first is None else critic_first["plan"]
+        for number, (rows, total) in enumerate(plan):
             scale = self.grad_accum * info.world_size / max(total, 1.0)
             trains_critic = m.critic is not None and not (number == 0 and critic_first is not None)
+            # The actor packs this step's micro-batches and the critic reuses them; the critic's
+            # first epoch packed the first step's already.
+            self._packs = critic_first["packs"] if number == 0 and critic_first is not None else {}
             # The lr this update's optimizer step uses (the schedule steps after it); the step logs
             # its last update's.
             lrs = {"actor_lr": m.actor_sched.get_last_lr()[0]}
@@ -411,21 +424,27 @@ class PPOTrainer:
                 applied = True
                 for name, value in stats.items():
                     sums[name] += value
+        self._packs = {}
         s = dict(zip(names, all_reduce_sum(torch.stack([sums[n] for n in names])).tolist(), strict=True))
         total_tokens = max(s.pop("tokens"), 1.0)
         return {**{k: v / total_tokens for k, v in s.items()}, **lrs}
 
-    def _packed(self, batch):
-        """`batch` packed into rows without padding (`--packing`), else None."""
+    def _packed(self, batch, rows: list[int]) -> PackedBatch | None:
+        """`batch`, the pool's rows `rows`, packed into rows without padding (`--packing`), else
+        None. Packed once per optimizer step (`_packs`): both models' passes run over its
+        micro-batches, and packing is host work (the rows as token lists)."""
         if not self.cfg.packing:
             return None
-        one_row = packs_in_one_row(self.models.actor, self.models.critic)
-        packed = pack_response_batch(batch, self.tokenizer.pad_token_id, one_row=one_row)
-        return packed.to(batch.response_mask.device)
+        key = tuple(rows)
+        if key not in self._packs:
+            one_row = packs_in_one_row(self.models.actor, self.models.critic)
+            packed = pack_response_batch(batch, self.tokenizer.pad_token_id, one_row=one_row)
+            self._packs[key] = packed.to(batch.response_mask.device)
+        return self._packs[key]
 
-    def _values(self, batch) -> torch.Tensor:
-        """The critic's values `[B, T]` on a training micro-batch (with grad)."""
-        packed = self._packed(batch)
+    def _values(self, batch, rows: list[int]) -> torch.Tensor:
+        """The critic's values `[B, T]` on a training micro-batch, the pool's rows `rows` (with grad)."""
+        packed = self._packed(batch, rows)
         if packed is None:
             return critic_values(self.models.critic, batch)
         return packed_critic_values(self.models.critic, packed)
@@ -434,7 +453,7 @@ class PPOTrainer:
         batch, old = pool.micro_batch(rows)
         mask = batch.response_mask
         cfg = self.cfg
-        packed = self._packed(batch)
+        packed = self._packed(batch, rows)
         # At the sampling temperature, as `score` computed the old log-probs.
         if packed is None:
             args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_len)
@@ -457,7 +476,7 @@ class PPOTrainer:
     def _value_loss(self, pool: RolloutPool, rows: list[int], scale: float):
         batch, old = pool.micro_batch(rows)
         return value_loss(
-            self._values(batch),
+            self._values(batch, rows),
             old["values"],
             old["returns"],
             batch.response_mask,

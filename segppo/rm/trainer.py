@@ -61,6 +61,7 @@ from segppo.models import (
     load_tokenizer,
     save_reward_model,
 )
+from segppo.models.loading import same_model
 from segppo.models.zero3 import keep_partitioned_loading
 from segppo.optim import left_out_note, planned_steps, training_engine
 from segppo.preflight import check_rm_train
@@ -237,7 +238,9 @@ def train_reward_model(cfg: RMConfig, *, step_callback: StepCallback | None = No
     """Train on `cfg.nproc` local ranks (or the ranks of an outer launcher); returns the model folder."""
     check_rm_train(cfg)
     check_run_folder(cfg.output_dir, resume=cfg.resume)
-    check_resumed_options(cfg, RESUMED_AS_STARTED)
+    # A copy of the model (or segmenter) folder is the model: the state loads into it as into the
+    # original, and it segments the same.
+    check_resumed_options(cfg, RESUMED_AS_STARTED, same={"model": same_model, "segmenter": same_model})
     launch(_train, cfg, step_callback, nproc=cfg.nproc, log_dir=cfg.output_dir)
     return cfg.output_dir / "model"
 
