@@ -11,7 +11,8 @@ one torch thread; it checks that both give the same logits and gradients to floa
 
     python benchmarks/shared_prefix_probe.py --rounds 5
 
-It is a measurement, not a segppo feature: nothing in `segppo` shares prefixes.
+It measured the idea before segppo built it (`segppo/models/shared_prefix.py`, used by every
+forward pass and by generation's prefill).
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from transformers import (
 
 from segppo.context import Context, config_context
 from segppo.data import EncodedPrompt, ResponseBatch, collate_prompts, collate_responses
+from segppo.models.shared_prefix import prefilled_prompts
 
 
 @dataclass
@@ -262,13 +263,18 @@ class HFEngine:
             pad_token_id=self.pad_token_id,
             **draw,
         )
+        input_ids, attention_mask, cached = batch.input_ids, batch.attention_mask, {}
+        prefilled = prefilled_prompts(module, input_ids, attention_mask)  # the prompts' common prefix
+        if prefilled is not None:
+            input_ids, attention_mask, cached = prefilled
         with _only_generation_config(module, config):
             out = module.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 generation_config=config,
                 logits_processor=processors,
                 synced_gpus=sampling.synced_gpus,
+                **cached,
             )
         generated = out[:, width:]
         return responses_batch(prompt_ids, generated, sampling, self.pad_token_id).to(self.device), generated

@@ -222,16 +222,19 @@ def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
     train_ppo(dataclasses.replace(old, resume=True))
     want, got = read_metrics(straight.output_dir), read_metrics(old.output_dir)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
-    for w, g in zip(want, got, strict=True):
-        for key in ("reward", "policy_loss", "value_loss"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), (w["step"], key)
-    wa = load_file(straight.output_dir / "policy" / "model.safetensors")
-    wb = load_file(old.output_dir / "policy" / "model.safetensors")
     # ZeRO-2's flat buffers round differently from stage 0, and Adam divides each gradient by its
     # running RMS, so an element whose gradient is near 0 carries that rounding into its weight:
-    # up to 2e-6 after these 4 steps (2e-7 when actor and critic updates interleaved).
+    # up to 2e-6 after these 4 steps (2e-7 when actor and critic updates interleaved; 3.2e-5 in one
+    # of 12288 head weights since the prompts' shared prefix runs once, which rounds differently
+    # again), and the losses differ by about 1e-5 relative (1.01e-5 at step 2, before any resume).
+    # A resume that lost its optimizer state would differ by orders of magnitude more.
+    for w, g in zip(want, got, strict=True):
+        for key in ("reward", "policy_loss", "value_loss"):
+            assert g[key] == pytest.approx(w[key], rel=5e-5, abs=1e-7), (w["step"], key)
+    wa = load_file(straight.output_dir / "policy" / "model.safetensors")
+    wb = load_file(old.output_dir / "policy" / "model.safetensors")
     for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=5e-6)
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=5e-5)
 
 
 def test_a_resume_keeps_the_options_that_decide_the_saved_models(

@@ -314,8 +314,11 @@ def test_a_one_rank_zero2_state_of_an_older_segppo_resumes(
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-5, abs=1e-7), w["step"]
     a = load_file(straight.output_dir / "model" / "model.safetensors")
     b = load_file(old.output_dir / "model" / "model.safetensors")
+    # ZeRO-2 and stage 0 round differently; a bf16 model's saved weights may then differ by one
+    # bf16 step (2^-8 to 2^-7 relative) where a float32 master weight sits near a rounding boundary.
+    rtol = 2**-7 if bf16 else 1e-5
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=1e-6)
 
 
 def test_two_ranks_match_one_rank(tiny_lm_dir, preferences_file, tmp_path):

@@ -162,3 +162,34 @@ def test_models_that_run_whole_rows(monkeypatch):
     calls = Calls(checkpointed)
     forward_logits(checkpointed, dict(input_ids=ids, attention_mask=mask, position_ids=positions))
     assert calls.count == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generation_prefills_the_common_prefix_once_and_draws_the_same(arch, monkeypatch):
+    """Seeded sampling draws from the logits alone, so the same responses come back with the
+    prefix prefilled once; the prompts' forward in generate then runs only each row's rest."""
+    from segppo.generation import SamplingConfig, generate_seeded
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    prompts = [PREFIX + t for t in TAILS]
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0)
+    widths = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    batches = []
+    for minimum in (2.0, shared_prefix.MIN_SHARED_COLUMNS):
+        monkeypatch.setattr(shared_prefix, "MIN_SHARED_COLUMNS", minimum)
+        widths.clear()
+        batches.append(
+            generate_seeded(model, prompts, sampling, [11, 12, 13, 14], pad_token_id=0, device="cpu")
+        )
+        if minimum == 2.0:
+            assert widths[0] == (4, len(PREFIX) + 3)  # whole prompts
+        else:
+            assert widths[:2] == [(1, len(PREFIX)), (4, 3)]  # the prefix once, then the rest
+    whole, shared = batches
+    assert torch.equal(shared.input_ids, whole.input_ids)
+    assert torch.equal(shared.attention_mask, whole.attention_mask)
+    assert torch.equal(shared.response_mask, whole.response_mask)

@@ -135,6 +135,54 @@ def forward_logits(model: torch.nn.Module, kwargs: dict, keep: int | None = None
     return _forward_shared(model, kwargs, *shared, keep)
 
 
+def rest_columns(starts: torch.Tensor, c: int, width: int) -> torch.Tensor:
+    """`[B, width - c]` each row's original columns without its prefix's: its padding
+    `0 .. starts[i]`, then `starts[i] + c .. width`."""
+    column = torch.arange(width - c, device=starts.device)[None, :]
+    return torch.where(column < starts[:, None], column, column + c)
+
+
+def _after_prefix(rest_mask: torch.Tensor, c: int) -> torch.Tensor:
+    """The attention mask over the cached prefix's `c` columns and the rest's."""
+    ones = torch.ones(rest_mask.shape[0], c, dtype=rest_mask.dtype, device=rest_mask.device)
+    return torch.cat([ones, rest_mask], 1)
+
+
+def prefilled_prompts(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+    """Generation's prompts with their common prefix prefilled once, or None where that is not
+    exact or would not pay (as `forward_logits`).
+
+    Returns the prompts laid out as the cache holds them, `[prefix | row i's padding and rest]`
+    (the same width; positions from the mask count real tokens, as before), their attention mask,
+    and the `generate` keyword holding the prefix's cache for every row: `generate` then runs
+    only the rest of each prompt before sampling. `model` is the transformers model (no engine).
+    """
+    B, L = input_ids.shape
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if not can_share_prefix(model, L):
+        return None
+    shared = prefix_to_share(input_ids, attention_mask, positions, keep=1)  # the last column samples
+    if shared is None:
+        return None
+    starts, prefix_ids = shared
+    c, name = prefix_ids.shape[0], cache_argument(model)
+    cache = DynamicCache()
+    model(
+        input_ids=prefix_ids[None],
+        attention_mask=torch.ones(1, c, dtype=attention_mask.dtype, device=input_ids.device),
+        position_ids=torch.arange(c, device=input_ids.device)[None],
+        use_cache=True,
+        logits_to_keep=1,
+        **{name: cache},
+    )
+    cache.batch_repeat_interleave(B)
+    rest = rest_columns(starts, c, L)
+    ids = torch.cat([prefix_ids[None].expand(B, -1), input_ids.gather(1, rest)], 1)
+    return ids, _after_prefix(attention_mask.gather(1, rest), c), {name: cache}
+
+
 def _forward_shared(
     model, kwargs: dict, starts: torch.Tensor, prefix_ids: torch.Tensor, keep: int | None
 ) -> torch.Tensor:
@@ -157,20 +205,15 @@ def _forward_shared(
     if keep is not None and "logits_to_keep" in kwargs:
         prefix_kwargs["logits_to_keep"] = 1  # the prefix's logits are not read
     prefix = model(**prefix_kwargs)
-    # Every row reads the prefix's keys and values: expanded, not copied, so the backward sums the
-    # rows' gradients into the one prefix pass. (The next update concatenates them per row.)
     cache = prefix_kwargs[name]
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(B, -1, -1, -1)
-        layer.values = layer.values.expand(B, -1, -1, -1)
-    column = torch.arange(L - c, device=device)[None, :]
-    rest = torch.where(column < starts[:, None], column, column + c)  # [B, L-c] original columns
+    # Every row reads the prefix's keys and values; the backward of the repeat sums the rows'
+    # gradients into the one prefix pass.
+    cache.batch_repeat_interleave(B)
+    rest = rest_columns(starts, c, L)
     rest_kwargs = {
         **kwargs,
         "input_ids": input_ids.gather(1, rest),
-        "attention_mask": torch.cat(
-            [torch.ones(B, c, dtype=attention_mask.dtype, device=device), attention_mask.gather(1, rest)], 1
-        ),
+        "attention_mask": _after_prefix(attention_mask.gather(1, rest), c),
         "position_ids": position_ids.gather(1, rest),
         "use_cache": True,
         name: cache,
