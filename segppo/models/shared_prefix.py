@@ -70,10 +70,12 @@ def can_share_prefix(model: torch.nn.Module, width: int) -> bool:
         return False
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
         return False
-    checkpointing = getattr(type(inner), "is_activation_checkpointing", None)  # transformers >= 5.2x
-    if getattr(inner, "is_activation_checkpointing" if checkpointing else "is_gradient_checkpointing", False):
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)  # its name from 5.25 on
+    if checkpointing is None:
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    if checkpointing:
         return False
-    if any(hasattr(p, "ds_id") for p in inner.parameters()):  # ZeRO-3 partitioned
+    if hasattr(next(inner.parameters(), None), "ds_id"):  # ZeRO-3 partitions every parameter
         return False
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) and window < width:
@@ -100,7 +102,7 @@ def prefix_to_share(
     limit = real.sum(-1) - 1
     if keep is not None:
         limit = torch.minimum(limit, L - keep - starts)
-    most = int(limit.min().clamp(min=0))  # the one host sync
+    most = int(limit.min().clamp(min=0))  # host syncs: this and the prefix's length
     if (B - 1) * most < MIN_SHARED_COLUMNS * B * L:
         return None
     offsets = torch.arange(most, device=input_ids.device)
