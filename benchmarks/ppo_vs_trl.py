@@ -17,7 +17,8 @@ systems alternate, round after round, so that the machine's load falls on all of
     floor           the bare passes an update cannot avoid, in plain transformers/torch: generation
                     with a KV cache, one forward of each frozen model (reference, reward model), and
                     forward + backward of policy and value model on the same tokens, with their
-                    AdamW steps
+                    AdamW steps; every row runs whole (segppo runs the prompts' common prefix
+                    once, `segppo/models/shared_prefix.py`, which is how it goes under this floor)
 
 An update's time is the interval between two consecutive per-update callbacks (segppo's
 `step_callback`, TRL's `on_step_end`): everything its training loop does, logging included. The
