@@ -7,7 +7,7 @@ those once, as a batch of one whose keys and values every row reads as a cache, 
 rest of each row computes the same outputs with `(B - 1)·c` fewer tokens; in the backward the rows'
 gradients of that cache sum into the one prefix pass.
 
-    rows [B, L]  ──►  prefix [1, c] (positions 0..c-1)  ──cache, expanded to B──►  rest [B, L - c]
+    rows [B, L]  ──►  prefix [1, c] (positions 0..c-1)  ──its cache, once per row──►  rest [B, L - c]
 
 Row `i`'s rest is its columns `0..s_i` (padding) and `s_i + c .. L`: the prefix's columns drop out
 and everything after them keeps its column minus `c`, so the last `keep` columns (`logits_to_keep`,
