@@ -169,20 +169,31 @@ def prefilled_prompts(
     if shared is None:
         return None
     starts, prefix_ids = shared
-    c, name = prefix_ids.shape[0], cache_argument(model)
-    cache = DynamicCache()
-    model(
-        input_ids=prefix_ids[None],
-        attention_mask=torch.ones(1, c, dtype=attention_mask.dtype, device=input_ids.device),
-        position_ids=torch.arange(c, device=input_ids.device)[None],
-        use_cache=True,
-        logits_to_keep=1,
-        **{name: cache},
-    )
-    cache.batch_repeat_interleave(B)
+    c = prefix_ids.shape[0]
+    _, cached = _prefix_cache(model, prefix_ids, B, attention_mask.dtype, logits_to_keep=1)
     rest = rest_columns(starts, c, L)
     ids = torch.cat([prefix_ids[None].expand(B, -1), input_ids.gather(1, rest)], 1)
-    return ids, _after_prefix(attention_mask.gather(1, rest), c), {name: cache}
+    return ids, _after_prefix(attention_mask.gather(1, rest), c), cached
+
+
+def _prefix_cache(model, prefix_ids: torch.Tensor, rows: int, mask_dtype, **kwargs) -> tuple[object, dict]:
+    """The prefix's forward (a batch of one at positions `0 .. c-1`; `kwargs` go with it) and the
+    forward keyword holding its cache, repeated for `rows` rows. The backward of the repeat sums
+    the rows' gradients into the one prefix pass."""
+    c, device = prefix_ids.shape[0], prefix_ids.device
+    name, cache = cache_argument(model), DynamicCache()
+    outputs = model(
+        **{
+            **kwargs,
+            "input_ids": prefix_ids[None],
+            "attention_mask": torch.ones(1, c, dtype=mask_dtype, device=device),
+            "position_ids": torch.arange(c, device=device)[None],
+            "use_cache": True,
+            name: cache,
+        }
+    )
+    cache.batch_repeat_interleave(rows)
+    return outputs, {name: cache}
 
 
 def _forward_shared(
@@ -195,22 +206,10 @@ def _forward_shared(
     )
     (B, L), c = input_ids.shape, prefix_ids.shape[0]
     device = input_ids.device
-    name = cache_argument(model)
-    prefix_kwargs = {
-        **kwargs,
-        "input_ids": prefix_ids[None],
-        "attention_mask": torch.ones(1, c, dtype=attention_mask.dtype, device=device),
-        "position_ids": torch.arange(c, device=device)[None],
-        "use_cache": True,
-        name: DynamicCache(),
-    }
+    prefix_kwargs = dict(kwargs)
     if keep is not None and "logits_to_keep" in kwargs:
         prefix_kwargs["logits_to_keep"] = 1  # the prefix's logits are not read
-    prefix = model(**prefix_kwargs)
-    cache = prefix_kwargs[name]
-    # Every row reads the prefix's keys and values; the backward of the repeat sums the rows'
-    # gradients into the one prefix pass.
-    cache.batch_repeat_interleave(B)
+    prefix, cached = _prefix_cache(model, prefix_ids, B, attention_mask.dtype, **prefix_kwargs)
     rest = rest_columns(starts, c, L)
     rest_kwargs = {
         **kwargs,
@@ -218,7 +217,7 @@ def _forward_shared(
         "attention_mask": _after_prefix(attention_mask.gather(1, rest), c),
         "position_ids": position_ids.gather(1, rest),
         "use_cache": True,
-        name: cache,
+        **cached,
     }
     logits = model(**rest_kwargs).logits
     if keep is not None:
