@@ -42,7 +42,7 @@ def _visible(text: str) -> str:
 def _facts(report) -> Table:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold", no_wrap=True)
-    table.add_column()
+    table.add_column(overflow="fold")  # a path is one word: folded over lines, never cut to "…"
     splits = ", ".join(f"{name} {rows:,} rows" for name, rows in report.splits.items())
     table.add_row("data", report.source)
     table.add_row("splits", splits)

@@ -67,6 +67,21 @@ def test_lengths_are_untruncated_and_counted_against_the_limits(tiny_lm_dir):
     assert report.measured_rows == len(kept)
 
 
+def test_a_long_data_path_folds_instead_of_being_cut(tiny_lm_dir, tmp_path):
+    # The data path is one unbreakable word: at 80 columns it was cut to "…/bad_rows.j…", so the
+    # report hid which file it read (and test_cli_output_at_80_columns failed in a clone whose path
+    # was long enough).
+    folder = tmp_path / ("a-long-folder-name-" * 4) / "data"
+    folder.mkdir(parents=True)
+    data = folder / DATA.name
+    data.write_text(DATA.read_text())
+    args = ["data", "inspect", str(data), "--model", tiny_lm_dir, "--max-len", "64"]
+    result = runner.invoke(app, args, env={"COLUMNS": "80"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output and max(len(line) for line in result.output.splitlines()) <= 80
+    assert str(data) in "".join(line.strip() for line in result.output.splitlines())
+
+
 def test_cli_output_at_80_columns(tiny_lm_dir):
     args = ["data", "inspect", str(DATA), "--model", tiny_lm_dir, "--max-len", "64"]
     args += ["--eval-fraction", "0.25", "--seed", "3"]
